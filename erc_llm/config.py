@@ -1,0 +1,152 @@
+"""One typed configuration schema. YAML files in ``configs/`` are instances of it; the CLI is
+generated from it; unknown keys are errors; validation reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from erc_llm.backbone import DEFAULT_MODEL
+from erc_llm.data import DATASETS
+from erc_llm.decoding import HISTORY_MODES
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _f(default, help: str, choices: tuple | None = None):
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class EvalConfig:
+    """Batch evaluation of a dialogue set with the constrained decoder."""
+
+    dataset: str = _f("meld", "dataset format", DATASETS)
+    split: str = _f("test", "split to evaluate", ("train", "dev", "test"))
+    data_dir: str = _f("", "folder with the dataset files (MELD csvs, IEMOCAP_full_release, or {split}.jsonl)")
+    labels: list = _f([], "label set for the jsonl format (default: inferred from train and printed)")
+    model: str = _f(DEFAULT_MODEL, "backbone: a packaged name, a local Hugging Face dir, or a hub id")
+    run: str = _f("", "trained run directory (adapter + its config); empty = zero-shot backbone")
+    out: str = _f("eval/out", "output directory for metrics.json, predictions.jsonl, confusion.png, report.md")
+    history: str = _f("predicted", "labels written for earlier turns: the model's own ('predicted') or "
+                      "'gold' (diagnostic only: leaks gold labels of earlier turns)", HISTORY_MODES)
+    max_tokens: int = _f(2048, "token budget of a transcript; oldest turns are dropped beyond it")
+    max_utterance_tokens: int = _f(96, "longest utterance text in tokens; longer ones are cut")
+    limit: int = _f(0, "evaluate only the first N dialogues (0 = all)")
+    dtype: str = _f("float32", "model dtype", ("float32", "bfloat16"))
+    threads: int = _f(0, "torch CPU threads (0 = all cores)")
+    prompts: str = _f("", "folder with prompt templates (default: the packaged prompts/)")
+
+    def problems(self) -> list[str]:
+        p = _check_choices(self)
+        if not self.data_dir:
+            p.append("data_dir: required — the folder holding the dataset files")
+        elif not Path(self.data_dir).exists():
+            p.append(f"data_dir: {self.data_dir!r} does not exist")
+        if self.run and not Path(self.run).is_dir():
+            p.append(f"run: {self.run!r} is not a directory")
+        if self.labels and self.dataset != "jsonl":
+            p.append(f"labels: only the jsonl format takes a label set; {self.dataset} has a fixed one")
+        if self.max_utterance_tokens < 8:
+            p.append(f"max_utterance_tokens: {self.max_utterance_tokens} is too small (need >= 8)")
+        if self.max_tokens < 4 * self.max_utterance_tokens:
+            p.append(f"max_tokens: {self.max_tokens} must be at least 4 x max_utterance_tokens "
+                     f"({4 * self.max_utterance_tokens}) to hold the header and a few turns")
+        if self.limit < 0 or self.threads < 0:
+            p.append("limit/threads: must be >= 0")
+        return p
+
+
+def _check_choices(cfg) -> list[str]:
+    out = []
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value not in choices:
+            out.append(f"{f.name}: {value!r} is not valid; expected one of {list(choices)}")
+    return out
+
+
+def _coerce(name: str, tp, value):
+    tp = {"str": str, "int": int, "float": float, "bool": bool, "list": list}.get(tp, tp) if isinstance(tp, str) else tp
+    if tp is bool and isinstance(value, str):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    if tp is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return value
+    try:
+        return tp(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
+
+
+def build(cls, yaml_path: str | None = None, overrides: dict | None = None):
+    """Instance of ``cls`` from a YAML file plus overrides; raises ConfigError listing all problems."""
+    values: dict = {}
+    problems: list[str] = []
+    if yaml_path:
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"config {yaml_path}: cannot read ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {yaml_path}: expected a mapping of keys to values")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in sorted(set(values) - known):
+        problems.append(f"{key}: unknown key; available keys = {sorted(known)}")
+    kwargs = {}
+    for key in sorted(set(values) & known):
+        try:
+            kwargs[key] = _coerce(key, hints[key], values[key])
+        except ConfigError as e:
+            problems.append(str(e))
+    cfg = cls(**kwargs) if not problems else None
+    if cfg is not None:
+        problems.extend(cfg.problems())
+    if problems:
+        src = f" ({yaml_path})" if yaml_path else ""
+        raise ConfigError(f"{len(problems)} config problem(s){src}:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--flag`` per field (defaults left to the dataclass so YAML values are not overridden)."""
+    parser.add_argument("--config", help="YAML config file (an instance of this schema)")
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+            choices=f.metadata.get("choices"), help=f"{f.metadata['help']} (default: {default!r})",
+        )
+
+
+def from_args(cls, args: argparse.Namespace):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return build(cls, args.config, {k: v for k, v in vars(args).items() if k in names})
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

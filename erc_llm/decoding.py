@@ -1,0 +1,148 @@
+"""Constrained label decoding: at every emotion slot, score only the valid labels.
+
+There is no free-text generation and no parsing: each label is a token sequence; its score is the
+model's log-probability of that sequence at the slot (a trie shares common prefixes, so multi-token
+labels are exact). A softmax over the label scores gives a probability for every label.
+
+The :class:`StreamingTagger` walks a dialogue turn by turn over one KV cache: every turn costs
+only its own tokens. What is written into an earlier turn's slot is the model's own prediction
+(``history="predicted"``, the default and the honest setting) or, as a clearly marked diagnostic,
+the gold label (``history="gold"``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from erc_llm.data.schema import Dialogue, Utterance
+from erc_llm.prompting import PromptBuilder, fit_window
+
+HISTORY_MODES = ("predicted", "gold")
+
+
+class LabelTrie:
+    """Label token sequences organised by shared prefixes."""
+
+    def __init__(self, label_ids: list[list[int]]):
+        if len({tuple(ids) for ids in label_ids}) != len(label_ids):
+            raise ValueError("two labels tokenize to the same token sequence; they cannot be told apart")
+        for a in label_ids:
+            for b in label_ids:
+                if a is not b and len(a) < len(b) and b[: len(a)] == a:
+                    raise ValueError(f"label tokens {a} are a prefix of {b}; the labels are ambiguous at the slot")
+        self.label_ids = label_ids
+        # proper, non-empty prefixes after which another token must be scored
+        self.inner = sorted({tuple(ids[:j]) for ids in label_ids for j in range(1, len(ids))}, key=len)
+
+    @property
+    def single_token(self) -> bool:
+        return not self.inner
+
+    def sequence_scores(self, logprobs: dict[tuple[int, ...], torch.Tensor]) -> torch.Tensor:
+        """Sum of per-token log-probs of every label; ``logprobs[prefix]`` is the distribution after prefix."""
+        out = []
+        for ids in self.label_ids:
+            out.append(sum(logprobs[tuple(ids[:j])][t] for j, t in enumerate(ids)))
+        return torch.stack(out)
+
+
+@dataclass
+class TurnPrediction:
+    utterance_id: str
+    label: str
+    probs: list[float]
+
+
+def _last_logprobs(model, ids: list[int], cache):
+    """Feed ``ids`` after ``cache``; return (log-softmax of the last position's logits, updated cache)."""
+    x = torch.tensor([ids], dtype=torch.long, device=model.device)
+    out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return torch.log_softmax(out.logits[0, -1].float(), dim=-1), out.past_key_values
+
+
+def score_slot(model, trie: LabelTrie, slot_logprobs: torch.Tensor, cache) -> torch.Tensor:
+    """Label log-probabilities at a slot. Multi-token labels extend a copy of the cache, never the original."""
+    logprobs = {(): slot_logprobs}
+    for prefix in trie.inner:
+        lp, _ = _last_logprobs(model, list(prefix), copy.deepcopy(cache))
+        logprobs[prefix] = lp
+    return trie.sequence_scores(logprobs)
+
+
+class StreamState:
+    """One dialogue in progress: the KV cache of the transcript so far and what is still to feed.
+
+    ``score(utt)`` returns the label probabilities for a new turn; ``commit(label)`` writes the label
+    chosen for that turn into the transcript. Used by batch evaluation and by chat sessions.
+    """
+
+    def __init__(self, model, builder: PromptBuilder, trie: LabelTrie, header: list[int]):
+        self.model, self.builder, self.trie = model, builder, trie
+        self.header = header
+        self.segments: list[list[int]] = []  # per committed turn: turn tokens + answer tokens
+        self.first_kept = 0  # index into segments of the oldest turn still in the cache
+        self.cache = None
+        self.cache_len = 0
+        self.pending: list[int] = list(header)
+        self._turn: list[int] | None = None
+        self.max_answer = max(len(ids) for ids in builder.label_ids) + len(builder.suffix_ids)
+
+    @torch.inference_mode()
+    def score(self, utt: Utterance) -> torch.Tensor:
+        if self._turn is not None:
+            raise RuntimeError("score() called twice without commit(); commit a label for the previous turn first")
+        turn = self.builder.turn_ids(utt)
+        feed = self.pending + turn
+        if self.cache_len + len(feed) + self.max_answer > self.builder.max_tokens:
+            feed = self._rebuild(turn)
+        slot_lp, self.cache = _last_logprobs(self.model, feed, self.cache)
+        self.cache_len += len(feed)
+        self._turn = turn
+        return torch.softmax(score_slot(self.model, self.trie, slot_lp, self.cache), dim=0)
+
+    def _rebuild(self, turn: list[int]) -> list[int]:
+        """Drop the oldest turns (keeping the header) so the cache refills to ~3/4 of the budget."""
+        kept = self.segments[self.first_kept:]
+        lens = [len(s) for s in kept] + [len(turn) + self.max_answer]
+        self.first_kept += fit_window(len(self.header), lens, self.builder.max_tokens * 3 // 4)
+        self.cache, self.cache_len = None, 0
+        return self.header + [t for s in self.segments[self.first_kept:] for t in s] + turn
+
+    def commit(self, label: str) -> None:
+        if self._turn is None:
+            raise RuntimeError("commit() without a scored turn")
+        answer = self.builder.answer_ids(label)
+        self.segments.append(self._turn + answer)
+        self.pending, self._turn = answer, None
+
+
+class StreamingTagger:
+    """Label every turn of a dialogue with the constrained decoder over one KV cache."""
+
+    def __init__(self, model, builder: PromptBuilder, history: str = "predicted"):
+        if history not in HISTORY_MODES:
+            raise ValueError(f"history {history!r} not supported; available = {list(HISTORY_MODES)}")
+        self.model, self.builder, self.history = model, builder, history
+        self.trie = LabelTrie(builder.label_ids)
+        self.labels = builder.labels
+
+    def new_state(self, dialogue: Dialogue) -> StreamState:
+        return StreamState(self.model, self.builder, self.trie, self.builder.header_ids(dialogue))
+
+    def tag(self, dialogue: Dialogue) -> list[TurnPrediction]:
+        state = self.new_state(dialogue)
+        preds = []
+        for utt in dialogue.utterances:
+            probs = state.score(utt)
+            label = self.labels.labels[int(probs.argmax())]
+            if self.history == "gold":
+                if utt.emotion is None:
+                    raise ValueError(f"history='gold' needs gold labels; utterance {utt.utterance_id} has none")
+                state.commit(utt.emotion)
+            else:
+                state.commit(label)
+            preds.append(TurnPrediction(utt.utterance_id, label, probs.tolist()))
+        return preds

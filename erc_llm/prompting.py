@@ -1,0 +1,136 @@
+"""Streaming-transcript prompts: a dialogue -> token ids + emotion-slot positions. Pure; runs no model.
+
+A dialogue is one transcript: the header, then per turn ``prefix(turn) + label + suffix``. The
+builder tokenizes these segments separately and concatenates them, so the full-transcript view
+(used for training) and the turn-by-turn view (used by the KV-cached decoder) are the same token
+sequence by construction. A label at turn *i* can only see turns ``<= i`` (causal).
+
+Truncation: when a transcript exceeds ``max_tokens``, the header is kept and the oldest turns are
+dropped first; the turn being labelled is never dropped (its text is capped at
+``max_utterance_tokens``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from erc_llm.data.schema import Dialogue, LabelSet, Utterance
+
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+LABEL_FIELD = "{label}"
+
+
+@dataclass(frozen=True)
+class Templates:
+    header: str
+    turn_prefix: str
+    turn_suffix: str
+    version: str
+
+    @classmethod
+    def load(cls, directory: str | Path = PROMPTS_DIR) -> "Templates":
+        directory = Path(directory)
+        files = {name: directory / f"{name}.txt" for name in ("header", "turn")}
+        missing = [str(p) for p in files.values() if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"prompt template(s) {missing} not found; expected header.txt and turn.txt in {directory}")
+        header = files["header"].read_text(encoding="utf-8")
+        turn = files["turn"].read_text(encoding="utf-8")
+        if turn.count(LABEL_FIELD) != 1:
+            raise ValueError(f"{files['turn']}: must contain exactly one {LABEL_FIELD} slot, found {turn.count(LABEL_FIELD)}")
+        prefix, suffix = turn.split(LABEL_FIELD)
+        version = hashlib.sha256((header + "\0" + turn).encode()).hexdigest()[:12]
+        return cls(header, prefix, suffix, version)
+
+
+@dataclass
+class Transcript:
+    """A whole dialogue as one token sequence.
+
+    ``slots[i]`` is the position whose next-token distribution predicts turn *i*'s label;
+    ``label_positions[i]`` are the positions of turn *i*'s label tokens (teacher forcing targets).
+    ``first_turn`` is the index of the first turn kept after truncation.
+    """
+
+    input_ids: list[int]
+    slots: list[int] = field(default_factory=list)
+    label_positions: list[list[int]] = field(default_factory=list)
+    turn_index: list[int] = field(default_factory=list)
+    first_turn: int = 0
+
+
+def fit_window(header_len: int, seg_lens: list[int], budget: int) -> int:
+    """Smallest ``k`` such that ``header_len + sum(seg_lens[k:]) <= budget``; the last segment always stays."""
+    total = header_len + sum(seg_lens)
+    k = 0
+    while total > budget and k < len(seg_lens) - 1:
+        total -= seg_lens[k]
+        k += 1
+    return k
+
+
+class PromptBuilder:
+    """Renders templates and tokenizes segments; caches the label token ids."""
+
+    def __init__(self, tokenizer, labels: LabelSet, templates: Templates | None = None,
+                 max_tokens: int = 2048, max_utterance_tokens: int = 96):
+        self.tokenizer = tokenizer
+        self.labels = labels
+        self.templates = templates or Templates.load()
+        self.max_tokens = max_tokens
+        self.max_utterance_tokens = max_utterance_tokens
+        space = self.templates.turn_prefix.endswith(" ")
+        self._prefix = self.templates.turn_prefix[:-1] if space else self.templates.turn_prefix
+        self.label_ids: list[list[int]] = [self._encode((" " if space else "") + lab) for lab in labels.labels]
+        empty = [lab for lab, ids in zip(labels.labels, self.label_ids) if not ids]
+        if empty:
+            raise ValueError(f"labels {empty} tokenize to nothing with this tokenizer")
+        self.suffix_ids = self._encode(self.templates.turn_suffix)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        self.bos = [bos] if bos is not None else []
+        longest_label = max(len(ids) for ids in self.label_ids)
+        self.max_turn_tokens = max_utterance_tokens + 32 + longest_label + len(self.suffix_ids)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def header_ids(self, dialogue: Dialogue) -> list[int]:
+        text = self.templates.header.format(labels=", ".join(self.labels.labels), speakers=", ".join(dialogue.speakers))
+        return self.bos + self._encode(text)
+
+    def turn_ids(self, utt: Utterance) -> list[int]:
+        """Tokens of a turn up to (not including) its label: the last one is the emotion slot."""
+        text_ids = self._encode(utt.text)
+        if len(text_ids) > self.max_utterance_tokens:
+            text = self.tokenizer.decode(text_ids[: self.max_utterance_tokens]) + " ..."
+        else:
+            text = utt.text
+        return self._encode(self._prefix.format(speaker=utt.speaker, text=text))
+
+    def answer_ids(self, label: str) -> list[int]:
+        """Label tokens plus the turn suffix: what follows a turn's slot in the transcript."""
+        return self.label_ids[self.labels.index(label)] + self.suffix_ids
+
+    def build(self, dialogue: Dialogue, history: list[str]) -> Transcript:
+        """Full transcript with ``history[i]`` written in turn *i*'s slot (gold labels in training).
+
+        Dialogues longer than ``max_tokens`` keep the header and their most recent turns.
+        """
+        if len(history) != len(dialogue.utterances):
+            raise ValueError(f"dialogue {dialogue.id}: {len(dialogue.utterances)} turns but {len(history)} labels")
+        header = self.header_ids(dialogue)
+        turns = [self.turn_ids(u) for u in dialogue.utterances]
+        answers = [self.answer_ids(lab) for lab in history]
+        k = fit_window(len(header), [len(t) + len(a) for t, a in zip(turns, answers)], self.max_tokens)
+        ids = list(header)
+        out = Transcript(ids, first_turn=k)
+        for i in range(k, len(turns)):
+            ids.extend(turns[i])
+            out.slots.append(len(ids) - 1)
+            n_label = len(self.label_ids[self.labels.index(history[i])])
+            out.label_positions.append(list(range(len(ids), len(ids) + n_label)))
+            out.turn_index.append(i)
+            ids.extend(answers[i])
+        return out

@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny tokenizers and randomly initialised models we build ourselves, real MELD."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from erc_llm.data.schema import Dialogue, LabelSet, Utterance
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("ERC_LLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+MELD_DIR = SHARED / "meld"
+
+CORPUS = [
+    "Task: label the emotion of each turn of this conversation.",
+    "After every turn, write the speaker's emotion as exactly one of the labels.",
+    "Participants: Ross, Rachel, Monica, Joey. Emotion: neutral joy sadness anger fear disgust surprise",
+    "Ross: I can't believe you did that! Rachel: Oh, that's great. Monica: Why?",
+    "happy sad angry excited frustrated calm bored",
+]
+
+
+def make_tokenizer(vocab_size: int = 300, corpus: list[str] | None = None):
+    """A real BPE tokenizer (SentencePiece-style ▁ spaces) trained on a few lines; small vocab splits words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
+                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"-()\n "))
+    tok.train_from_iterator((corpus or CORPUS) * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def make_model(vocab_size: int, arch: str = "llama", seed: int = 0):
+    """Randomly initialised causal LM of a real architecture, small enough for unit tests."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+    torch.manual_seed(seed)
+    if arch == "gemma3":
+        cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=24,
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                               max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    else:
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    # random init gives near-uniform outputs; scale the head so label probabilities differ clearly
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer):
+    return make_model(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer, tiny_model):
+    """A local Hugging Face checkpoint directory (what users pass as --model DIR)."""
+    d = tmp_path_factory.mktemp("tiny_llm")
+    tiny_model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def meld_dir():
+    if not (MELD_DIR / "train_sent_emo.csv").is_file():
+        pytest.fail(f"MELD not found at {MELD_DIR}; tests read it from ../shared/data/meld (or $ERC_LLM_SHARED_DATA/meld)")
+    return MELD_DIR
+
+
+LABELS = LabelSet("toy", ("neutral", "joy", "anger", "surprise"))
+
+
+def toy_dialogue(n: int = 4, did: str = "d1") -> Dialogue:
+    lines = [("Ross", "I can't believe you did that!", "surprise"), ("Rachel", "Oh, that's great.", "joy"),
+             ("Monica", "Why?", "neutral"), ("Ross", "Because I said so!", "anger")]
+    return Dialogue(did, [Utterance(s, t, e, f"{did}_{i}") for i, (s, t, e) in enumerate((lines * 20)[:n])])
+
+
+def write_jsonl_dataset(directory: Path, n_dialogues: int = 3) -> Path:
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "dev", "test"):
+        with open(directory / f"{split}.jsonl", "w") as f:
+            for k in range(n_dialogues):
+                d = toy_dialogue(3 + k, f"{split}{k}")
+                f.write(json.dumps({"dialogue_id": d.id, "utterances": [
+                    {"speaker": u.speaker, "text": u.text, "emotion": u.emotion} for u in d.utterances]}) + "\n")
+    return directory

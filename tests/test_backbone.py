@@ -1,0 +1,50 @@
+import json
+
+import pytest
+
+from erc_llm.backbone import ModelNotFound, prepare_model
+
+
+def test_unknown_model_lists_available():
+    with pytest.raises(ModelNotFound, match=r"model 'gpt-5' not found; available models = \['gemma-3-270m', 'smollm2-135m-instruct'\]"):
+        prepare_model("gpt-5")
+
+
+def test_local_dir_and_hub_id(tmp_path, tiny_model_dir):
+    path, manifest = prepare_model(str(tiny_model_dir))
+    assert path == str(tiny_model_dir) and "source" in manifest
+    with pytest.raises(ModelNotFound, match="no config.json"):
+        prepare_model(str(tmp_path))
+    assert prepare_model("google/gemma-3-270m-it") == ("google/gemma-3-270m-it", {"source": "hub:google/gemma-3-270m-it"})
+
+
+def test_half_written_cache_is_rebuilt_not_used(tmp_path, monkeypatch):
+    """A cache dir without manifest (killed conversion) triggers a fresh conversion."""
+    import erc_llm.backbone as bb
+
+    broken = tmp_path / "models" / "gemma-3-270m"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text("{}")
+    converted = []
+
+    def fake_convert(name, spec, target):
+        converted.append(target)
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "manifest.json").write_text(json.dumps({"name": name}))
+        return {"name": name}
+
+    monkeypatch.setattr(bb, "_convert", fake_convert)
+    path, manifest = prepare_model("gemma-3-270m", tmp_path)
+    assert converted == [broken] and manifest == {"name": "gemma-3-270m"}
+    prepare_model("gemma-3-270m", tmp_path)
+    assert len(converted) == 1  # second call uses the now-complete cache
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    from erc_llm.io import atomic_dir
+
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "final") as d:
+            (d / "weights").write_text("half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []

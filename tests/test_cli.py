@@ -1,0 +1,51 @@
+import json
+
+from erc_llm.cli import main
+from tests.conftest import write_jsonl_dataset
+
+
+def test_evaluate_command_end_to_end(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    rc = main(["evaluate", "--dataset", "jsonl", "--split", "dev", "--data-dir", str(data), "--model", str(tiny_model_dir),
+               "--out", str(out), "--history", "gold"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "jsonl/dev (gold history): weighted F1" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["history"] == "gold" and metrics["command"].startswith("erc-llm ")
+    assert "DIAGNOSTIC" in (out / "report.md").read_text()
+    for name in ("predictions.jsonl", "confusion.png", "report.md"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_bad_config_exits_2_with_every_problem(tmp_path, capsys):
+    rc = main(["evaluate", "--dataset", "jsonl", "--data-dir", str(tmp_path / "missing"), "--max-tokens", "abc"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "max_tokens: expected int, got 'abc'" in err
+
+
+def test_bad_data_exits_2_naming_the_file(tmp_path, capsys):
+    (tmp_path / "train.jsonl").write_text('{"dialogue_id": 1}\n')
+    rc = main(["data", "stats", "--dataset", "jsonl", "--split", "train", "--data-dir", str(tmp_path)])
+    assert rc == 2
+    assert "train.jsonl, line 1: missing field(s) ['utterances']" in capsys.readouterr().err
+
+
+def test_data_stats_on_meld(meld_dir, capsys):
+    assert main(["data", "stats", "--dataset", "meld", "--split", "test", "--data-dir", str(meld_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "280 dialogues, 2610 utterances" in out and "neutral" in out and "1256" in out
+
+
+def test_download_offline_message(tmp_path, capsys, monkeypatch):
+    import urllib.request
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert main(["data", "download", "meld", "--out", str(tmp_path)]) == 2
+    assert "seems to be offline" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,115 @@
+import functools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from erc_llm.data.schema import Dialogue, LabelSet, Utterance
+from erc_llm.decoding import LabelTrie, StreamingTagger
+from erc_llm.prompting import PromptBuilder
+from tests.conftest import LABELS, make_model, make_tokenizer, toy_dialogue
+
+
+@torch.inference_mode()
+def brute_force_probs(model, builder: PromptBuilder, dialogue: Dialogue, history: list[str]) -> list[list[float]]:
+    """Reference: for every turn and every label, one full forward of the whole prefix (no cache)."""
+    out = []
+    prefix = builder.header_ids(dialogue)
+    for utt, written in zip(dialogue.utterances, history):
+        prefix = prefix + builder.turn_ids(utt)
+        scores = []
+        for ids in builder.label_ids:
+            x = torch.tensor([prefix + ids])
+            lp = torch.log_softmax(model(input_ids=x).logits[0].float(), -1)
+            scores.append(sum(lp[len(prefix) - 1 + j, t] for j, t in enumerate(ids)))
+        out.append(torch.softmax(torch.stack(scores), 0).tolist())
+        prefix = prefix + builder.answer_ids(written)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("history", ["predicted", "gold"])
+def test_streaming_equals_full_forward(tiny_tokenizer, arch, history):
+    """The KV-cached tagger gives the same probabilities as re-reading the whole prefix each turn.
+
+    The gemma3 model has a 24-token sliding window, shorter than the dialogue: the cache handles it.
+    """
+    model = make_model(len(tiny_tokenizer), arch)
+    builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=4096)
+    d = toy_dialogue(6)
+    preds = StreamingTagger(model, builder, history).tag(d)
+    written = [u.emotion for u in d.utterances] if history == "gold" else [p.label for p in preds]
+    ref = brute_force_probs(model, builder, d, written)
+    for p, r in zip(preds, ref):
+        assert p.probs == pytest.approx(r, abs=1e-4)
+        assert sum(p.probs) == pytest.approx(1.0, abs=1e-5)
+        assert p.label == LABELS.labels[max(range(len(r)), key=r.__getitem__)]
+
+
+def test_predicted_history_writes_predictions_not_gold(tiny_tokenizer, tiny_model):
+    """With predicted history, changing the gold labels changes nothing."""
+    builder = PromptBuilder(tiny_tokenizer, LABELS)
+    tagger = StreamingTagger(tiny_model, builder, "predicted")
+    d1, d2 = toy_dialogue(5), toy_dialogue(5)
+    for u in d2.utterances:
+        u.emotion = "neutral"
+    assert [p.probs for p in tagger.tag(d1)] == [p.probs for p in tagger.tag(d2)]
+    gold = StreamingTagger(tiny_model, builder, "gold")
+    assert [p.probs for p in gold.tag(d1)] != [p.probs for p in gold.tag(d2)]
+
+
+def test_unknown_history_mode(tiny_tokenizer, tiny_model):
+    with pytest.raises(ValueError, match=r"available = \['predicted', 'gold'\]"):
+        StreamingTagger(tiny_model, PromptBuilder(tiny_tokenizer, LABELS), "oracle")
+
+
+def test_truncation_keeps_cache_within_budget(tiny_tokenizer, tiny_model):
+    builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=200, max_utterance_tokens=24)
+    tagger = StreamingTagger(tiny_model, builder)
+    d = toy_dialogue(40)
+    state = tagger.new_state(d)
+    for u in d.utterances:
+        probs = state.score(u)
+        assert state.cache_len + state.max_answer <= 200
+        assert torch.isclose(probs.sum(), torch.tensor(1.0))
+        state.commit(LABELS.labels[int(probs.argmax())])
+    assert state.first_kept > 0 and len(state.segments) == 40
+
+
+def test_trie_rejects_ambiguous_labels():
+    with pytest.raises(ValueError, match="prefix"):
+        LabelTrie([[5], [5, 6]])
+    with pytest.raises(ValueError, match="same token sequence"):
+        LabelTrie([[5, 6], [5, 6]])
+    assert LabelTrie([[5], [6]]).single_token and not LabelTrie([[5, 7], [6]]).single_token
+
+
+@functools.lru_cache(maxsize=None)
+def _tok_and_model(vocab_size: int):
+    tok = make_tokenizer(vocab_size)
+    return tok, make_model(len(tok), seed=vocab_size)
+
+
+words = st.text(alphabet="abcdefghijklmnoprstu", min_size=2, max_size=9)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(labels=st.lists(words, min_size=2, max_size=6, unique=True), vocab=st.sampled_from([40, 60, 120, 300]),
+       n_turns=st.integers(1, 4))
+def test_only_valid_labels_with_exact_probabilities(labels, vocab, n_turns):
+    """Random label sets under tokenizers that split them differently (often into several tokens):
+    every prediction is a label of the set, probabilities sum to 1 and equal the exact sequence
+    probabilities of a full forward pass."""
+    tok, model = _tok_and_model(vocab)
+    label_set = LabelSet("random", tuple(labels))
+    ids = [tok(" " + lab, add_special_tokens=False)["input_ids"] for lab in labels]
+    assume(all(not (a is not b and b[: len(a)] == a) for a in ids for b in ids))  # trie precondition
+    builder = PromptBuilder(tok, label_set)
+    d = Dialogue("r", [Utterance(f"S{i % 2}", f"turn number {i}", None, f"r{i}") for i in range(n_turns)])
+    preds = StreamingTagger(model, builder).tag(d)
+    ref = brute_force_probs(model, builder, d, [p.label for p in preds])
+    for p, r in zip(preds, ref):
+        assert p.label in label_set.labels
+        assert len(p.probs) == len(labels) and sum(p.probs) == pytest.approx(1.0, abs=1e-5)
+        assert p.probs == pytest.approx(r, abs=1e-4)

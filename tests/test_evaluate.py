@@ -1,0 +1,111 @@
+import json
+
+import pytest
+
+from erc_llm.config import EvalConfig, build
+from erc_llm.data.schema import LabelSet
+from erc_llm.evaluate import compute_metrics, evaluate
+from tests.conftest import write_jsonl_dataset
+
+TOY = LabelSet("toy", ("a", "b", "c"))
+
+
+def test_metrics_hand_computed():
+    gold = ["a", "a", "a", "b", "b", "c"]
+    pred = ["a", "a", "b", "b", "c", "c"]
+    m = compute_metrics(gold, pred, TOY)
+    # per class: a P=1 R=2/3 F=.8 ; b P=.5 R=.5 F=.5 ; c P=.5 R=1 F=2/3
+    assert m["accuracy"] == pytest.approx(100 * 4 / 6)
+    assert m["unweighted_accuracy"] == pytest.approx(100 * (2 / 3 + 1 / 2 + 1) / 3)
+    assert m["macro_f1"] == pytest.approx(100 * (0.8 + 0.5 + 2 / 3) / 3)
+    assert m["weighted_f1"] == pytest.approx(100 * (3 * 0.8 + 2 * 0.5 + 1 * 2 / 3) / 6)
+    assert m["per_class"]["c"] == pytest.approx({"precision": 50.0, "recall": 100.0, "f1": 100 * 2 / 3, "support": 1})
+
+
+def test_metrics_include_classes_never_seen():
+    m = compute_metrics(["a", "a"], ["a", "b"], TOY)
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def _cfg(tmp_path, model_dir, **kw):
+    data = write_jsonl_dataset(tmp_path / "data")
+    return build(EvalConfig, None, {"dataset": "jsonl", "split": "test", "data_dir": str(data), "model": str(model_dir),
+                                    "out": str(tmp_path / "out"), **kw})
+
+
+def test_evaluate_end_to_end_writes_artifacts(tmp_path, tiny_model_dir):
+    m = evaluate(_cfg(tmp_path, tiny_model_dir), command="erc-llm evaluate ...")
+    out = tmp_path / "out"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["weighted_f1"] == pytest.approx(m["weighted_f1"])
+    assert saved["dialogues"] == 3 and saved["utterances"] == 3 + 4 + 5 and saved["history"] == "predicted"
+    assert set(saved["per_class"]) == set(saved["labels"])
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 12
+    for r in rows:
+        assert r["predicted"] in saved["labels"] and set(r["probabilities"]) == set(saved["labels"])
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert "weighted F1" in (out / "report.md").read_text()
+    assert not (out / "predictions.partial.jsonl").exists()
+
+
+def test_evaluate_resumes_after_interruption(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    full = evaluate(cfg)
+    rows_full = (tmp_path / "out" / "predictions.jsonl").read_text()
+    # simulate a kill after the first dialogue: partial file with a header and one finished dialogue
+    import erc_llm.evaluate as ev
+
+    calls = []
+    real_tag = ev.predict
+
+    def crash_after_one(tagger, dialogues, partial, fingerprint):
+        original = tagger.tag
+
+        def tag(d):
+            if calls:
+                raise KeyboardInterrupt
+            calls.append(d.id)
+            return original(d)
+
+        tagger.tag = tag
+        return real_tag(tagger, dialogues, partial, fingerprint)
+
+    monkeypatch.setattr(ev, "predict", crash_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(cfg)
+    partial = tmp_path / "out" / "predictions.partial.jsonl"
+    assert len(partial.read_text().splitlines()) == 2  # fingerprint + one dialogue
+    monkeypatch.setattr(ev, "predict", real_tag)
+    seen = []
+    from erc_llm.decoding import StreamingTagger
+
+    orig = StreamingTagger.tag
+    monkeypatch.setattr(StreamingTagger, "tag", lambda self, d: seen.append(d.id) or orig(self, d))
+    resumed = evaluate(cfg)
+    assert seen == ["test1", "test2"]  # the finished dialogue was not redone
+    assert resumed["weighted_f1"] == pytest.approx(full["weighted_f1"])
+    assert (tmp_path / "out" / "predictions.jsonl").read_text() == rows_full
+
+
+def test_evaluate_with_run_dir_merges_adapter(tmp_path, tiny_model_dir, tiny_model):
+    """A run dir (adapter/ + run.json) is loaded and merged; a non-zero LoRA changes the predictions."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    torch.manual_seed(1)
+    run = tmp_path / "run"
+    peft_model.save_pretrained(run / "adapter")
+    (run / "run.json").write_text(json.dumps({"model": str(tiny_model_dir), "prompt_version": "x"}))
+    base = evaluate(_cfg(tmp_path, tiny_model_dir, out=str(tmp_path / "o1")))
+    tuned = evaluate(_cfg(tmp_path, tiny_model_dir, out=str(tmp_path / "o2"), run=str(run)))
+    p1 = (tmp_path / "o1" / "predictions.jsonl").read_text()
+    p2 = (tmp_path / "o2" / "predictions.jsonl").read_text()
+    assert p1 != p2 and tuned["run"] == str(run) and base["run"] is None
+    (run / "run.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no run.json"):
+        evaluate(_cfg(tmp_path, tiny_model_dir, out=str(tmp_path / "o3"), run=str(run)))

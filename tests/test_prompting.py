@@ -1,0 +1,81 @@
+import pytest
+
+from erc_llm.data.schema import Utterance
+from erc_llm.prompting import PromptBuilder, Templates, fit_window
+from tests.conftest import LABELS, toy_dialogue
+
+
+@pytest.fixture
+def builder(tiny_tokenizer):
+    return PromptBuilder(tiny_tokenizer, LABELS, max_tokens=4096, max_utterance_tokens=32)
+
+
+def test_templates_are_files_with_one_label_slot(tmp_path):
+    t = Templates.load()
+    assert "{speaker}" in t.turn_prefix and "{text}" in t.turn_prefix and len(t.version) == 12
+    (tmp_path / "header.txt").write_text("H {labels}\n")
+    (tmp_path / "turn.txt").write_text("{speaker}: {text}\n")
+    with pytest.raises(ValueError, match=r"exactly one \{label\} slot, found 0"):
+        Templates.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="header.txt and turn.txt"):
+        Templates.load(tmp_path / "nowhere")
+
+
+def test_header_names_labels_and_participants(builder, tiny_tokenizer):
+    text = tiny_tokenizer.decode(builder.header_ids(toy_dialogue(3)))
+    assert "neutral, joy, anger, surprise" in text and "Ross, Rachel, Monica" in text
+
+
+def test_slots_are_causal(builder):
+    """Tokens up to slot i do not depend on turn i's label or on any later turn."""
+    d = toy_dialogue(4)
+    gold = [u.emotion for u in d.utterances]
+    a = builder.build(d, gold)
+    d2 = toy_dialogue(4)
+    d2.utterances[3] = Utterance("Ross", "Something else entirely.", "joy", "x")
+    b = builder.build(d2, gold[:2] + ["joy", "joy"])
+    for i in range(3):
+        assert a.input_ids[: a.slots[i] + 1] == b.input_ids[: b.slots[i] + 1]
+    assert a.input_ids[: a.slots[3]] != b.input_ids[: b.slots[3]] or a.slots[3] != b.slots[3]
+    # the label tokens sit right after each slot and are the label's own tokens
+    for i, lab in enumerate(gold):
+        assert a.label_positions[i][0] == a.slots[i] + 1
+        assert [a.input_ids[p] for p in a.label_positions[i]] == builder.label_ids[LABELS.index(lab)]
+
+
+def test_full_transcript_equals_streaming_segments(builder):
+    d = toy_dialogue(5)
+    gold = [u.emotion for u in d.utterances]
+    t = builder.build(d, gold)
+    stream = builder.header_ids(d)
+    for u, lab in zip(d.utterances, gold):
+        stream += builder.turn_ids(u) + builder.answer_ids(lab)
+    assert t.input_ids == stream
+
+
+def test_truncation_keeps_header_and_latest_turns(tiny_tokenizer):
+    big = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=100_000)
+    d = toy_dialogue(40)
+    gold = [u.emotion for u in d.utterances]
+    full = big.build(d, gold)
+    budget = len(full.input_ids) // 3
+    small = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=budget)
+    t = small.build(d, gold)
+    header = small.header_ids(d)
+    assert len(t.input_ids) <= budget
+    assert t.input_ids[: len(header)] == header
+    assert t.first_turn > 0 and t.turn_index[-1] == 39  # the last turn is always kept
+    assert t.input_ids[len(header):] == full.input_ids[len(full.input_ids) - (len(t.input_ids) - len(header)):]
+
+
+def test_long_utterance_is_capped(tiny_tokenizer):
+    b = PromptBuilder(tiny_tokenizer, LABELS, max_utterance_tokens=8)
+    long = Utterance("Ross", "I can't believe you did that! " * 30, "joy", "u")
+    assert len(b.turn_ids(long)) < 8 + 30
+
+
+@pytest.mark.parametrize("header,segs,budget,k", [
+    (10, [5, 5, 5], 100, 0), (10, [5, 5, 5], 20, 1), (10, [5, 5, 5], 19, 2), (10, [5, 5, 5], 25, 0), (10, [50], 20, 0), (0, [], 5, 0),
+])
+def test_fit_window(header, segs, budget, k):
+    assert fit_window(header, segs, budget) == k
