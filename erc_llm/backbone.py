@@ -141,3 +141,34 @@ def load_backbone(name: str = DEFAULT_MODEL, dtype: str = "float32", cache: Path
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     model.eval()
     return model, tok, {**manifest, "name": name, "path": path}
+
+
+def load_for_training(name: str, dtype: str = "float32", quant: str = "none", cache: Path | None = None):
+    """Backbone for LoRA training: ``quant='4bit'`` loads NF4 weights through bitsandbytes (QLoRA).
+
+    Where bitsandbytes is missing or cannot quantize on this device, warns and loads unquantized.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, manifest = prepare_model(name, cache)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tok = AutoTokenizer.from_pretrained(path)
+    kwargs: dict = {"dtype": torch_dtype}
+    if quant == "4bit":
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except Exception as e:  # bitsandbytes raises many kinds of errors on unsupported setups
+            log.warning("quant=4bit unavailable here (%s: %s); loading %s unquantized instead",
+                        type(e).__name__, e, name)
+            kwargs.pop("quantization_config", None)
+            quant = "none"
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model, tok, {**manifest, "name": name, "path": path, "quant": quant}

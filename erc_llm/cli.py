@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="erc-llm", description="Emotion recognition in conversation with a small LLM.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="LoRA training (see `erc-llm train --help`; same as erc_llm/train.py)")
 
     pm = sub.add_parser("prepare-model", help="convert a packaged GGUF backbone into the cache (once)")
     pm.add_argument("name", nargs="?", default="gemma-3-270m", help="gemma-3-270m (default) or smollm2-135m-instruct")
@@ -75,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # the training entry point owns its CLI (generated from TrainConfig)
+        from erc_llm.train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:

@@ -150,3 +150,80 @@ def from_args(cls, args: argparse.Namespace):
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+QUANT_MODES = ("none", "4bit")
+
+
+@dataclass
+class TrainConfig:
+    """LoRA fine-tuning on whole-dialogue transcripts (``erc_llm/train.py``)."""
+
+    # data
+    dataset: str = _f("meld", "dataset format", DATASETS)
+    data_dir: str = _f("", "folder with the dataset files")
+    labels: list = _f([], "label set for the jsonl format (default: inferred from train)")
+    limit_train: int = _f(0, "use only the first N training dialogues (0 = all)")
+    # model and prompt
+    model: str = _f(DEFAULT_MODEL, "backbone: a packaged name, a local Hugging Face dir, or a hub id")
+    prompts: str = _f("", "folder with prompt templates (default: the packaged prompts/); copied into the run")
+    max_tokens: int = _f(2048, "token budget of a transcript; oldest turns are dropped beyond it")
+    max_utterance_tokens: int = _f(96, "longest utterance text in tokens; longer ones are cut")
+    dtype: str = _f("float32", "weights dtype", ("float32", "bfloat16"))
+    autocast_bf16: bool = _f(False, "bf16 autocast for matmuls (fast on CPUs with AMX/avx512_bf16 and on GPUs)")
+    quant: str = _f("none", "QLoRA: '4bit' loads the backbone in bitsandbytes NF4 (falls back with a warning "
+                    "where bitsandbytes cannot run)", QUANT_MODES)
+    # LoRA
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA input")
+    lora_targets: list = _f(["all-linear"], "module names to adapt, or all-linear")
+    lora_layers: list = _f([], "indices of transformer layers to adapt (empty = all)")
+    # optimisation
+    epochs: float = _f(1.0, "passes over the training dialogues (fractions allowed)")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0 = run all epochs)")
+    batch_dialogues: int = _f(4, "dialogues per optimizer step per process (gradient accumulation)")
+    lr: float = _f(2e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.05, "linear warm-up fraction of all steps; then linear decay to 0")
+    max_grad_norm: float = _f(1.0, "gradient clipping")
+    class_weights: str = _f("sqrt_inverse", "class weighting of the loss", ("none", "inverse", "sqrt_inverse"))
+    focal_gamma: float = _f(0.0, "focal loss gamma (0 = plain cross-entropy)")
+    history_noise: float = _f(0.2, "probability that an earlier turn's written label is replaced by one drawn from "
+                              "the training prior (label corruption against exposure bias)")
+    seed: int = _f(0, "seed for init, data order and corruption")
+    # selection, checkpoints, output
+    out: str = _f("runs/meld", "run directory")
+    eval_every: int = _f(100, "evaluate on dev every N optimizer steps (and at the end); keep the best")
+    eval_dialogues: int = _f(0, "dev dialogues used for selection (0 = all)")
+    save_every: int = _f(50, "write a resumable checkpoint every N optimizer steps")
+    resume: bool = _f(False, "continue from the run directory's last checkpoint")
+    test_eval: bool = _f(True, "after training, evaluate the best adapter on test (predicted and gold history)")
+    threads: int = _f(0, "torch CPU threads per process (0 = cores / processes)")
+
+    def problems(self) -> list[str]:
+        p = _check_choices(self)
+        if not self.data_dir:
+            p.append("data_dir: required — the folder holding the dataset files")
+        elif not Path(self.data_dir).exists():
+            p.append(f"data_dir: {self.data_dir!r} does not exist")
+        if self.labels and self.dataset != "jsonl":
+            p.append(f"labels: only the jsonl format takes a label set; {self.dataset} has a fixed one")
+        for name in ("lora_r", "lora_alpha", "batch_dialogues", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                p.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.history_noise <= 1:
+            p.append(f"history_noise: {self.history_noise} must be in [0, 1]")
+        if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1:
+            p.append("lora_dropout/warmup_ratio: must be in [0, 1)")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            p.append("epochs/max_steps: one of them must be > 0")
+        if self.lr <= 0 or self.focal_gamma < 0:
+            p.append("lr must be > 0 and focal_gamma >= 0")
+        if self.max_tokens < 4 * self.max_utterance_tokens:
+            p.append(f"max_tokens: {self.max_tokens} must be at least 4 x max_utterance_tokens")
+        if self.resume and not (Path(self.out) / "checkpoint" / "state.json").is_file():
+            p.append(f"resume: no checkpoint in {self.out}/checkpoint to resume from")
+        if self.prompts and not Path(self.prompts).is_dir():
+            p.append(f"prompts: {self.prompts!r} is not a directory")
+        return p

@@ -178,7 +178,12 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     if cfg.limit:
         dialogues = dialogues[: cfg.limit]
     model, tok, manifest = load_model_for_eval(cfg)
-    templates = Templates.load(cfg.prompts) if cfg.prompts else Templates.load()
+    if cfg.prompts:
+        templates = Templates.load(cfg.prompts)
+    elif cfg.run and (Path(cfg.run) / "prompts").is_dir():  # the templates the adapter was trained with
+        templates = Templates.load(Path(cfg.run) / "prompts")
+    else:
+        templates = Templates.load()
     builder = PromptBuilder(tok, labels, templates, cfg.max_tokens, cfg.max_utterance_tokens)
     tagger = StreamingTagger(model, builder, cfg.history)
     out = Path(cfg.out)

@@ -39,21 +39,32 @@ def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 
 @contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temp directory beside ``final``; rename it to ``final`` only if the block succeeds.
+    """Yield a fresh directory; publish it as ``final`` only if the block succeeds.
 
-    A killed process leaves at most a ``.tmp-*`` sibling, never a partial ``final``.
+    ``final`` is a symlink to a versioned sibling (``.NAME.XXXX``) swapped with one atomic
+    ``os.replace``: a reader (or a process killed at any instant) sees the old complete directory or
+    the new complete one, never a half-written or missing one. The old version is removed afterwards.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = final.resolve() if final.is_symlink() else None
+    if final.exists() and not final.is_symlink():  # a plain directory from elsewhere: move it aside first
+        legacy = final.with_name(f".{final.name}.legacy")
+        shutil.rmtree(legacy, ignore_errors=True)
+        os.replace(final, legacy)
+        old = legacy
+    link = final.with_name(f".{final.name}.link")
+    link.unlink(missing_ok=True)
+    os.symlink(tmp.name, link)
+    os.replace(link, final)
+    if old is not None and old != tmp.resolve():
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: str | Path, block: int = 1 << 20) -> str:

@@ -113,24 +113,37 @@ class PromptBuilder:
         """Label tokens plus the turn suffix: what follows a turn's slot in the transcript."""
         return self.label_ids[self.labels.index(label)] + self.suffix_ids
 
-    def build(self, dialogue: Dialogue, history: list[str]) -> Transcript:
-        """Full transcript with ``history[i]`` written in turn *i*'s slot (gold labels in training).
+    def encode(self, dialogue: Dialogue) -> dict:
+        """Tokenized segments of a dialogue (cacheable): header, per-turn prefixes, gold label indices (-1 = none)."""
+        return {
+            "dialogue_id": dialogue.id,
+            "header": self.header_ids(dialogue),
+            "turns": [self.turn_ids(u) for u in dialogue.utterances],
+            "labels": [self.labels.index(u.emotion) if u.emotion is not None else -1 for u in dialogue.utterances],
+        }
 
-        Dialogues longer than ``max_tokens`` keep the header and their most recent turns.
+    def assemble(self, header: list[int], turns: list[list[int]], written: list[int]) -> Transcript:
+        """Concatenate segments with label ``written[i]`` (an index) in turn *i*'s slot.
+
+        Transcripts longer than ``max_tokens`` keep the header and the most recent turns.
         """
-        if len(history) != len(dialogue.utterances):
-            raise ValueError(f"dialogue {dialogue.id}: {len(dialogue.utterances)} turns but {len(history)} labels")
-        header = self.header_ids(dialogue)
-        turns = [self.turn_ids(u) for u in dialogue.utterances]
-        answers = [self.answer_ids(lab) for lab in history]
+        if len(written) != len(turns):
+            raise ValueError(f"{len(turns)} turns but {len(written)} labels")
+        answers = [self.label_ids[w] + self.suffix_ids for w in written]
         k = fit_window(len(header), [len(t) + len(a) for t, a in zip(turns, answers)], self.max_tokens)
         ids = list(header)
         out = Transcript(ids, first_turn=k)
         for i in range(k, len(turns)):
             ids.extend(turns[i])
             out.slots.append(len(ids) - 1)
-            n_label = len(self.label_ids[self.labels.index(history[i])])
-            out.label_positions.append(list(range(len(ids), len(ids) + n_label)))
+            out.label_positions.append(list(range(len(ids), len(ids) + len(self.label_ids[written[i]]))))
             out.turn_index.append(i)
             ids.extend(answers[i])
         return out
+
+    def build(self, dialogue: Dialogue, history: list[str]) -> Transcript:
+        """Full transcript with ``history[i]`` written in turn *i*'s slot (gold labels in training)."""
+        if len(history) != len(dialogue.utterances):
+            raise ValueError(f"dialogue {dialogue.id}: {len(dialogue.utterances)} turns but {len(history)} labels")
+        enc = self.encode(dialogue)
+        return self.assemble(enc["header"], enc["turns"], [self.labels.index(h) for h in history])

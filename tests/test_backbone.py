@@ -48,3 +48,14 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
             (d / "weights").write_text("half")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_replaces_whole_versions(tmp_path):
+    from erc_llm.io import atomic_dir
+
+    for v in ("one", "two"):
+        with atomic_dir(tmp_path / "final") as d:
+            (d / "f").write_text(v)
+    assert (tmp_path / "final" / "f").read_text() == "two"
+    assert (tmp_path / "final").is_symlink()
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".final.")]) == 1  # old version removed

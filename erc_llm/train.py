@@ -1,0 +1,368 @@
+"""LoRA fine-tuning of a small LLM on whole-dialogue transcripts, selected on dev.
+
+    accelerate launch --config_file configs/accelerate/cpu.yaml erc_llm/train.py --config configs/meld.yaml \
+        --data-dir ../shared/data/meld --out runs/meld
+    erc-llm train --config configs/meld.yaml --data-dir ../shared/data/meld       # same, one process
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 erc_llm/train.py --config ...   # 2 CPU processes (DDP)
+
+Flow: config -> data (tokenized once, cached with `datasets`) -> backbone + LoRA -> loop (one forward
+per dialogue, loss at the emotion slots only) -> dev selection -> run dir -> test evaluation.
+
+Run directory: ``adapter/`` (best on dev), ``run.json`` (backbone manifest, label set, prompt version),
+``config.yaml``, ``prompts/``, ``log.jsonl`` (loss, dev metrics, tokens/s), ``best.json``,
+``checkpoint/`` (adapter, optimizer, scheduler, RNG and data position; ``--resume true`` continues
+from it), and ``eval/test_predicted``, ``eval/test_gold`` with the final test evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python erc_llm/train.py` / `accelerate launch erc_llm/train.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from erc_llm.config import TrainConfig, build, to_dict
+from erc_llm.data import LabelSet, label_counts, load_split
+from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text
+from erc_llm.objective import class_weights, corrupt_history, first_token_ids, label_loss, slot_logits
+from erc_llm.prompting import PROMPTS_DIR, PromptBuilder, Templates
+
+log = logging.getLogger("erc_llm.train")
+
+
+# ----------------------------------------------------------------------------------------- data
+
+def tokenized(builder: PromptBuilder, dialogues, source_digest: str):
+    """Tokenized segments of every dialogue as a ``datasets.Dataset``, cached on disk by content."""
+    import datasets
+
+    from erc_llm.backbone import cache_root
+
+    key = hashlib.sha256(json.dumps([
+        source_digest, builder.templates.version, builder.max_utterance_tokens, builder.labels.labels,
+        builder.tokenizer.name_or_path, len(builder.tokenizer), builder.label_ids,
+    ]).encode()).hexdigest()[:16]
+    path = cache_root() / "tokenized" / key
+    if path.is_dir():
+        return datasets.load_from_disk(str(path))
+    ds = datasets.Dataset.from_list([builder.encode(d) for d in dialogues])
+    with atomic_dir(path) as tmp:
+        ds.save_to_disk(str(tmp))
+    return datasets.load_from_disk(str(path))
+
+
+def digest_dialogues(dialogues) -> str:
+    h = hashlib.sha256()
+    for d in dialogues:
+        for u in d.utterances:
+            h.update(f"{d.id}\0{u.utterance_id}\0{u.speaker}\0{u.text}\0{u.emotion}\n".encode())
+    return h.hexdigest()
+
+
+def epoch_order(n: int, seed: int, epoch: int, world: int, per_step: int) -> list[int]:
+    """Deterministic shuffled order, cut to a whole number of optimizer steps over all processes."""
+    order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
+    usable = len(order) - len(order) % (world * per_step)
+    return order[:usable]
+
+
+# ---------------------------------------------------------------------------------------- model
+
+def wrap_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = "all-linear" if cfg.lora_targets == ["all-linear"] else list(cfg.lora_targets)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                      layers_to_transform=[int(i) for i in cfg.lora_layers] or None, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run: Path, model, optimizer, scheduler, state: dict) -> None:
+    from peft import get_peft_model_state_dict
+
+    with atomic_dir(run / "checkpoint") as tmp:
+        torch.save(get_peft_model_state_dict(model), tmp / "adapter.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                   tmp / "rng.pt")
+        atomic_write_json(tmp / "state.json", state)
+
+
+def load_checkpoint(run: Path, model, optimizer, scheduler) -> dict:
+    from peft import set_peft_model_state_dict
+
+    ck = run / "checkpoint"
+    set_peft_model_state_dict(model, torch.load(ck / "adapter.pt", weights_only=False))
+    optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=False))
+    rng = torch.load(ck / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return json.loads((ck / "state.json").read_text())
+
+
+# ------------------------------------------------------------------------------------ selection
+
+@torch.no_grad()
+def dev_metrics(model, builder: PromptBuilder, dialogues, history: str) -> dict:
+    from erc_llm.decoding import StreamingTagger
+    from erc_llm.evaluate import compute_metrics
+
+    was_training = model.training
+    model.eval()
+    tagger = StreamingTagger(model, builder, history)
+    gold, pred = [], []
+    for d in dialogues:
+        for u, p in zip(d.utterances, tagger.tag(d)):
+            if u.emotion is not None:
+                gold.append(u.emotion)
+                pred.append(p.label)
+    model.train(was_training)
+    m = compute_metrics(gold, pred, builder.labels)
+    return {k: m[k] for k in ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1")}
+
+
+def write_run_files(run: Path, cfg: TrainConfig, labels: LabelSet, templates: Templates, manifest: dict) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    src = Path(cfg.prompts) if cfg.prompts else PROMPTS_DIR
+    with atomic_dir(run / "prompts") as tmp:
+        for name in ("header.txt", "turn.txt"):
+            shutil.copy(src / name, tmp / name)
+    atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_json(run / "run.json", {
+        "model": cfg.model, "backbone": manifest, "dataset": cfg.dataset, "labels": list(labels.labels),
+        "prompt_version": templates.version, "max_tokens": cfg.max_tokens,
+        "max_utterance_tokens": cfg.max_utterance_tokens,
+    })
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint we resume from (they will be written again)."""
+    if path.is_file():
+        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
+        atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+def append_log(run: Path, row: dict) -> None:
+    with open(run / "log.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------- main
+
+def train(cfg: TrainConfig) -> dict:
+    from accelerate import Accelerator
+    from transformers import get_linear_schedule_with_warmup
+
+    from erc_llm.backbone import load_for_training
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+    torch.manual_seed(cfg.seed)
+    run = Path(cfg.out)
+
+    # data
+    train_d, labels, report = load_split(cfg.dataset, "train", cfg.data_dir, tuple(cfg.labels) or None)
+    dev_d, _, dev_report = load_split(cfg.dataset, "dev", cfg.data_dir, labels.labels)
+    if cfg.limit_train:
+        train_d = train_d[: cfg.limit_train]
+    if cfg.eval_dialogues:
+        dev_d = dev_d[: cfg.eval_dialogues]
+    if main:
+        log.info("%s | %s | label set %s", report.summary(), dev_report.summary(), list(labels.labels))
+
+    # model
+    model, tok, manifest = load_for_training(cfg.model, cfg.dtype, cfg.quant)
+    templates = Templates.load(cfg.prompts) if cfg.prompts else Templates.load()
+    builder = PromptBuilder(tok, labels, templates, cfg.max_tokens, cfg.max_utterance_tokens)
+    label_tokens = first_token_ids(builder)
+    with accelerator.main_process_first():
+        data = tokenized(builder, train_d, digest_dialogues(train_d))
+    counts = label_counts(train_d)
+    weights = class_weights([counts.get(lab, 0) for lab in labels.labels], cfg.class_weights)
+    prior = np.array([counts.get(lab, 0) for lab in labels.labels], dtype=np.float64)
+    prior /= prior.sum()
+    model = wrap_lora(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = len(epoch_order(len(data), cfg.seed, 0, world, cfg.batch_dialogues)) // (world * cfg.batch_dialogues)
+    if per_epoch == 0:
+        raise ValueError(f"{len(data)} training dialogues are fewer than one step needs "
+                         f"({world} processes x batch_dialogues {cfg.batch_dialogues}); lower batch_dialogues")
+    total = cfg.max_steps or math.ceil(per_epoch * cfg.epochs)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    state = {"step": 0, "epoch": 0, "position": 0, "best": None, "tokens": 0, "labels_seen": 0, "train_seconds": 0.0}
+    if cfg.resume:
+        state = load_checkpoint(run, unwrapped, optimizer, scheduler)
+        if main:
+            log.info("resumed from %s/checkpoint at step %d", run, state["step"])
+            _truncate_log(run / "log.jsonl", state["step"])
+    elif main:
+        for stale in ("log.jsonl", "best.json"):
+            (run / stale).unlink(missing_ok=True)
+    if main:
+        write_run_files(run, cfg, labels, templates, manifest)
+
+    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if cfg.autocast_bf16 else contextlib.nullcontext()
+    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", disable=not main, dynamic_ncols=True)
+    model.train()
+    while state["step"] < total:
+        order = epoch_order(len(data), cfg.seed, state["epoch"], world, cfg.batch_dialogues)[rank::world]
+        if state["position"] >= len(order):
+            state["epoch"] += 1
+            state["position"] = 0
+            continue
+        batch = order[state["position"]: state["position"] + cfg.batch_dialogues]
+        t_step = time.time()
+        step_loss, step_tokens, step_labels = 0.0, 0, 0
+        for i, idx in enumerate(batch):
+            row = data[idx]
+            rng = np.random.default_rng([cfg.seed, state["epoch"], idx])
+            written = corrupt_history(row["labels"], cfg.history_noise, prior, rng)
+            tr = builder.assemble(row["header"], row["turns"], written)
+            targets = torch.tensor([row["labels"][j] for j in tr.turn_index], device=accelerator.device)
+            keep = targets >= 0
+            sync = contextlib.nullcontext() if i == len(batch) - 1 else accelerator.no_sync(model)
+            with sync:
+                with autocast:
+                    logits = slot_logits(model, tr, label_tokens)
+                loss = label_loss(logits[keep], targets[keep], weights, cfg.focal_gamma) / len(batch)
+                accelerator.backward(loss)
+            step_loss += loss.item()
+            step_tokens += len(tr.input_ids)
+            step_labels += int(keep.sum())
+        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["position"] += len(batch)
+        state["tokens"] += step_tokens * world
+        state["labels_seen"] += step_labels * world
+        state["train_seconds"] += time.time() - t_step  # optimisation only; dev evaluation is timed apart
+        tps = state["tokens"] / max(state["train_seconds"], 1e-9)
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:.0f}", epoch=state["epoch"])
+        bar.update(1)
+        if main:
+            append_log(run, {"step": state["step"], "epoch": state["epoch"], "loss": step_loss,
+                             "lr": scheduler.get_last_lr()[0], "tokens_per_second": tps,
+                             "labels_per_second": state["labels_seen"] / max(state["train_seconds"], 1e-9)})
+        if state["step"] % cfg.eval_every == 0 or state["step"] == total:
+            evaluate_and_select(cfg, run, accelerator, unwrapped, builder, dev_d, state)
+        if state["step"] % cfg.save_every == 0 or state["step"] == total:
+            if main:
+                save_checkpoint(run, unwrapped, optimizer, scheduler, state)
+            accelerator.wait_for_everyone()
+    bar.close()
+    result = {"best": state["best"], "steps": state["step"], "train_seconds": state["train_seconds"],
+              "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
+              "labels_per_second": state["labels_seen"] / max(state["train_seconds"], 1e-9)}
+    if main:
+        atomic_write_json(run / "train_summary.json", result)
+    accelerator.wait_for_everyone()
+    if main and cfg.test_eval:
+        result["test"] = test_evaluation(cfg, run)
+        atomic_write_json(run / "train_summary.json", result)
+    accelerator.end_training()
+    return result
+
+
+def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state) -> None:
+    """Dev evaluation on the main process with predicted history; the best adapter goes to ``run/adapter``."""
+    if accelerator.is_main_process:
+        t0 = time.time()
+        m = dev_metrics(model, builder, dev_d, "predicted")
+        row = {"step": state["step"], "dev_predicted": m, "eval_seconds": time.time() - t0}
+        if state["best"] is None or m["weighted_f1"] > state["best"]["dev_predicted"]["weighted_f1"]:
+            state["best"] = {"step": state["step"], "dev_predicted": m}
+            with atomic_dir(run / "adapter") as tmp:
+                model.save_pretrained(tmp)
+            atomic_write_json(run / "best.json", state["best"])
+        append_log(run, row)
+        log.info("step %d dev weighted F1 %.2f (best %.2f at step %d)", state["step"], m["weighted_f1"],
+                 state["best"]["dev_predicted"]["weighted_f1"], state["best"]["step"])
+    accelerator.wait_for_everyone()
+    state["best"] = _broadcast(accelerator, state["best"])
+    # the main process's RNG advanced during evaluation only through dropout-free inference; nothing to sync
+
+
+def _broadcast(accelerator, obj):
+    from accelerate.utils import broadcast_object_list
+
+    if accelerator.num_processes == 1:
+        return obj
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def test_evaluation(cfg: TrainConfig, run: Path) -> dict:
+    """The best adapter on the test split, with predicted history (the figure) and gold (diagnostic)."""
+    from erc_llm.config import EvalConfig
+    from erc_llm.evaluate import evaluate
+
+    out = {}
+    for history in ("predicted", "gold"):
+        ecfg = build(EvalConfig, None, {
+            "dataset": cfg.dataset, "split": "test", "data_dir": cfg.data_dir, "labels": cfg.labels, "run": str(run),
+            "out": str(run / "eval" / f"test_{history}"), "history": history, "max_tokens": cfg.max_tokens,
+            "max_utterance_tokens": cfg.max_utterance_tokens, "dtype": cfg.dtype, "threads": cfg.threads})
+        m = evaluate(ecfg, command=f"erc-llm evaluate --dataset {cfg.dataset} --split test --data-dir {cfg.data_dir} "
+                                   f"--run {run} --history {history} --out {ecfg.out}")
+        out[history] = {k: m[k] for k in ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1")}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from erc_llm.config import ConfigError, add_arguments, from_args
+    from erc_llm.data import DataError
+
+    parser = argparse.ArgumentParser(prog="erc_llm/train.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, TrainConfig)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        cfg = from_args(TrainConfig, args)
+        result = train(cfg)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    if result.get("best"):
+        print(f"best dev weighted F1 {result['best']['dev_predicted']['weighted_f1']:.2f} at step {result['best']['step']}")
+    if result.get("test"):
+        t = result["test"]
+        print(f"test weighted F1 {t['predicted']['weighted_f1']:.2f} (predicted history), "
+              f"{t['gold']['weighted_f1']:.2f} (gold history, diagnostic)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from erc_llm.objective import class_weights, corrupt_history, first_token_ids, label_loss, slot_logits
+from erc_llm.prompting import PromptBuilder
+from tests.conftest import LABELS, toy_dialogue
+
+
+def test_class_weights_normalised_and_ordered():
+    counts = [470, 163, 40, 22]
+    for mode in ("inverse", "sqrt_inverse"):
+        w = class_weights(counts, mode)
+        assert float((w * torch.tensor(counts, dtype=torch.float)).sum() / sum(counts)) == pytest.approx(1.0, rel=1e-5)
+        assert torch.all(w[:-1] < w[1:])  # rarer classes weigh more
+    assert torch.allclose(class_weights(counts, "none"), torch.ones(4))
+    with pytest.raises(ValueError, match="available"):
+        class_weights(counts, "balanced")
+
+
+def test_label_loss_matches_cross_entropy_and_focal_downweights_easy():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    w = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    assert label_loss(logits, targets, None, 0.0) == pytest.approx(float(F.cross_entropy(logits, targets)), rel=1e-5)
+    assert label_loss(logits, targets, w, 0.0) == pytest.approx(float(F.cross_entropy(logits, targets, weight=w)), rel=1e-5)
+    easy = torch.tensor([[5.0, 0, 0, 0]])
+    hard = torch.tensor([[0.0, 0, 0, 0]])
+    t = torch.tensor([0])
+    ratio_ce = label_loss(easy, t, None, 0) / label_loss(hard, t, None, 0)
+    ratio_focal = label_loss(easy, t, None, 2.0) / label_loss(hard, t, None, 2.0)
+    assert ratio_focal < ratio_ce / 10
+
+
+def test_corrupt_history():
+    rng = np.random.default_rng(0)
+    gold = [0, 1, 2, 3] * 250
+    assert corrupt_history(gold, 0.0, np.array([0.25] * 4), rng) == gold
+    prior = np.array([0.0, 0.0, 1.0, 0.0])
+    assert corrupt_history(gold, 1.0, prior, rng) == [2] * 1000
+    noisy = corrupt_history(gold, 0.3, np.array([1.0, 0, 0, 0]), rng)
+    changed = sum(a != b for a, b in zip(noisy, gold)) / len(gold)
+    assert 0.17 < changed < 0.28  # 30% replaced, a quarter of those by the same label
+    assert corrupt_history([-1, -1], 0.0, prior, rng) == [2, 2]  # unlabelled turns still get a label
+
+
+def test_slot_logits_equal_full_forward(tiny_tokenizer, tiny_model):
+    b = PromptBuilder(tiny_tokenizer, LABELS)
+    d = toy_dialogue(4)
+    tr = b.build(d, [u.emotion for u in d.utterances])
+    firsts = first_token_ids(b)
+    got = slot_logits(tiny_model, tr, firsts)
+    full = tiny_model(input_ids=torch.tensor([tr.input_ids])).logits[0]
+    assert torch.allclose(got, full[tr.slots][:, firsts], atol=1e-5)
+
+
+def test_first_token_clash_is_reported(tiny_tokenizer):
+    from erc_llm.data.schema import LabelSet
+
+    b = PromptBuilder(tiny_tokenizer, LabelSet("x", ("excited", "excitedly")))
+    if b.label_ids[0][0] == b.label_ids[1][0]:
+        with pytest.raises(ValueError, match="start with the same token"):
+            first_token_ids(b)
+    else:
+        assert len(set(first_token_ids(b))) == 2

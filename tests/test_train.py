@@ -1,0 +1,159 @@
+"""The training entry point: LoRA mechanics, accelerate launch, 2-process torchrun, kill -9 and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import LABELS, REPO, toy_dialogue, write_jsonl_dataset
+
+BIN = Path(sys.executable).parent
+
+
+def _args(data, model_dir, out, **kw):
+    base = {"dataset": "jsonl", "data-dir": str(data), "model": str(model_dir), "out": str(out), "batch-dialogues": "2",
+            "eval-every": "2", "save-every": "1", "lr": "0.01", "epochs": "1", "history-noise": "0.3",
+            "test-eval": "false"}
+    base.update({k.replace("_", "-"): str(v) for k, v in kw.items()})
+    return [a for k, v in base.items() for a in (f"--{k}", v)]
+
+
+def _env(tmp_path):
+    env = dict(os.environ, ERC_LLM_CACHE=str(tmp_path / "cache"), TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    return env
+
+
+def _adapter(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def _checkpoint(run: Path) -> dict:
+    return torch.load(run / "checkpoint" / "adapter.pt", weights_only=False)
+
+
+def test_lora_changes_adapter_only(tiny_model_dir):
+    """A few optimizer steps: base weights bit-identical, LoRA weights moved."""
+    from erc_llm.backbone import load_for_training
+    from erc_llm.config import TrainConfig
+    from erc_llm.objective import first_token_ids, label_loss, slot_logits
+    from erc_llm.prompting import PromptBuilder
+    from erc_llm.train import wrap_lora
+
+    model, tok, _ = load_for_training(str(tiny_model_dir))
+    model = wrap_lora(model, TrainConfig(data_dir=".", lora_r=4))
+    base0 = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    lora0 = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    assert lora0 and all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    assert any(".mlp." in n for n in lora0) and any("self_attn" in n for n in lora0)  # all linear layers
+    b = PromptBuilder(tok, LABELS)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    d = toy_dialogue(4)
+    tr = b.build(d, [u.emotion for u in d.utterances])
+    targets = torch.tensor([LABELS.index(u.emotion) for u in d.utterances])
+    losses = []
+    for _ in range(10):
+        loss = label_loss(slot_logits(model, tr, first_token_ids(b)), targets, None, 0.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        if n in base0:
+            assert torch.equal(p, base0[n]), n
+    assert any(not torch.equal(p, lora0[n]) for n, p in model.named_parameters() if n in lora0)
+
+
+def test_accelerate_launch_two_steps_writes_run_dir(tmp_path, tiny_model_dir):
+    data = write_jsonl_dataset(tmp_path / "data", 4)
+    run = tmp_path / "run"
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
+           str(REPO / "erc_llm/train.py"), *_args(data, tiny_model_dir, run, max_steps=2, test_eval="true")]
+    r = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "test weighted F1" in r.stdout
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["labels"] and meta["prompt_version"] and meta["model"] == str(tiny_model_dir)
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log if "loss" in x] == [1, 2]
+    assert any("dev_predicted" in x for x in log) and json.loads((run / "best.json").read_text())["step"] == 2
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert (run / "adapter" / "adapter_config.json").is_file() and (run / "prompts" / "turn.txt").is_file()
+    for h in ("predicted", "gold"):
+        m = json.loads((run / "eval" / f"test_{h}" / "metrics.json").read_text())
+        assert m["history"] == h and m["run"] == str(run)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["tokens_per_second"] > 0
+
+
+def test_torchrun_two_processes(tmp_path, tiny_model_dir):
+    data = write_jsonl_dataset(tmp_path / "data", 8)
+    run = tmp_path / "run"
+    env = dict(_env(tmp_path), ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517", str(REPO / "erc_llm/train.py"),
+           *_args(data, tiny_model_dir, run, max_steps=2)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    # 2 steps x 2 processes x 2 dialogues: each step consumed 4 distinct dialogues, position counts per rank
+    assert state["step"] == 2 and state["position"] == 4
+    single = tmp_path / "single"
+    r1 = subprocess.run([sys.executable, str(REPO / "erc_llm/train.py"), *_args(data, tiny_model_dir, single, max_steps=2)],
+                        env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert json.loads((single / "checkpoint" / "state.json").read_text())["tokens"] < state["tokens"]
+
+
+def test_resume_after_kill_9_ends_where_uninterrupted_run_ends(tmp_path, tiny_model_dir):
+    data = write_jsonl_dataset(tmp_path / "data", 40)
+    args = dict(epochs=2, eval_every=1000, save_every=1, batch_dialogues=1)
+    ref = tmp_path / "ref"
+    r = subprocess.run([sys.executable, str(REPO / "erc_llm/train.py"), *_args(data, tiny_model_dir, ref, **args)],
+                       env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, str(REPO / "erc_llm/train.py"), *_args(data, tiny_model_dir, run, **args)],
+                         env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 5:
+            break
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = json.loads(state.read_text())["step"]
+    assert 5 <= killed_at < 80, "the run should have been killed mid-way"
+    r = subprocess.run([sys.executable, str(REPO / "erc_llm/train.py"), *_args(data, tiny_model_dir, run, resume="true", **args)],
+                       env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _checkpoint(ref), _checkpoint(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
+    assert steps == list(range(1, 81))  # no step lost, none logged twice
+
+
+def test_resume_without_checkpoint_is_a_config_error(tmp_path, tiny_model_dir):
+    from erc_llm.train import main
+
+    data = write_jsonl_dataset(tmp_path / "data", 2)
+    assert main(_args(data, tiny_model_dir, tmp_path / "nothing", resume="true")) == 2
+
+
+def test_qlora_4bit_loads_or_falls_back_with_warning(tiny_model_dir, caplog):
+    from erc_llm.backbone import load_for_training
+
+    model, _, manifest = load_for_training(str(tiny_model_dir), quant="4bit")
+    if manifest["quant"] == "4bit":
+        assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    else:
+        assert "quant=4bit unavailable here" in caplog.text
