@@ -7,7 +7,7 @@ import logging
 import shlex
 import sys
 
-from erc_llm.config import ConfigError, EvalConfig, add_arguments, from_args
+from erc_llm.config import BaselineConfig, ConfigError, EvalConfig, add_arguments, from_args
 from erc_llm.data import DataError
 
 
@@ -28,6 +28,25 @@ def _evaluate(args) -> None:
     print(f"{m['dataset']}/{m['split']} ({m['history']} history): weighted F1 {m['weighted_f1']:.2f}, "
           f"WA {m['accuracy']:.2f}, UA {m['unweighted_accuracy']:.2f}, macro F1 {m['macro_f1']:.2f}; "
           f"{m['utterances']} utterances in {m['seconds']:.0f}s ({m['utterances_per_second']:.2f} utt/s) -> {cfg.out}")
+
+
+def _baseline_train(args) -> None:
+    from erc_llm.baseline.train import run
+    from erc_llm.config import BaselineConfig
+
+    cfg = from_args(BaselineConfig, args)
+    s = run(cfg, command="erc-llm " + shlex.join(sys.argv[1:]))
+    f1 = s["weighted_f1"]
+    print(f"{s['model']}: test weighted F1 {f1['mean']:.2f} +- {f1['std']:.2f} over seeds {s['seeds']} -> {cfg.out}")
+    if "gates" in s:
+        print("  average gates: " + ", ".join(f"{k} {v:.3f}" for k, v in s["gates"].items()))
+
+
+def _baseline_evaluate(args) -> None:
+    from erc_llm.baseline.train import evaluate_saved
+
+    m = evaluate_saved(args.run, args.split, args.out, args.data_dir, args.audio_dir, "erc-llm " + shlex.join(sys.argv[1:]))
+    print(f"{args.split}: weighted F1 {m['weighted_f1']:.2f}, WA {m['accuracy']:.2f}, UA {m['unweighted_accuracy']:.2f} -> {args.out}")
 
 
 def _data_download(args) -> None:
@@ -61,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate a dialogue set with the constrained decoder")
     add_arguments(ev, EvalConfig)
     ev.set_defaults(func=_evaluate)
+
+    base = sub.add_parser("baseline", help="the classical fused text+audio baseline").add_subparsers(
+        dest="baseline_command", required=True)
+    bt = base.add_parser("train", help="train one model per seed, evaluate on test, report mean +- std")
+    add_arguments(bt, BaselineConfig)
+    bt.set_defaults(func=_baseline_train)
+    be = base.add_parser("evaluate", help="score a saved seed directory on a split")
+    be.add_argument("--run", required=True, help="a seed directory written by `baseline train` (seedN/)")
+    be.add_argument("--split", default="test")
+    be.add_argument("--out", required=True)
+    be.add_argument("--data-dir", default="", help="override the data_dir saved with the model")
+    be.add_argument("--audio-dir", default="", help="override the audio_dir saved with the model")
+    be.set_defaults(func=_baseline_evaluate)
 
     data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command", required=True)
     dl = data.add_parser("download", help="download MELD's official csv files (needs internet)")

@@ -227,3 +227,57 @@ class TrainConfig:
         if self.prompts and not Path(self.prompts).is_dir():
             p.append(f"prompts: {self.prompts!r} is not a directory")
         return p
+
+
+@dataclass
+class BaselineConfig:
+    """The classical fused text+audio baseline (``erc-llm baseline train``)."""
+
+    dataset: str = _f("meld", "dataset format", DATASETS)
+    data_dir: str = _f("", "folder with the dataset files")
+    labels: list = _f([], "label set for the jsonl format (default: inferred from train)")
+    text_encoder: str = _f("", "sentence-transformers model dir (default: packaged all-MiniLM-L6-v2)")
+    audio: str = _f("none", "audio features: none (text only) or meld_prosody (8 Praat features per utterance)",
+                    ("none", "meld_prosody"))
+    audio_dir: str = _f("", "folder of the audio features (meld_prosody: meld_{split}_prosody.csv)")
+    hidden: int = _f(384, "hidden size of every modality token")
+    k_tokens: int = _f(4, "tokens per modality")
+    heads: int = _f(4, "self-attention heads")
+    vga_lambda: float = _f(0.5, "weight of the VAD agreement term in cross-attention logits (0 = plain attention)")
+    fusion: str = _f("gates", "gates (text/audio/interaction weights summing to 1) or concat", ("gates", "concat"))
+    context: bool = _f(True, "speaker-aware GRU over the speaker's earlier utterances")
+    loss: str = _f("focal", "focal (gamma 2) or weighted cross-entropy", ("focal", "ce"))
+    focal_gamma: float = _f(2.0, "focal loss gamma")
+    class_weights: str = _f("sqrt_inverse", "class weighting of the loss", ("none", "inverse", "sqrt_inverse"))
+    vad_weight: float = _f(0.1, "weight of the auxiliary VAD regression (0 = off)")
+    dropout: float = _f(0.3, "dropout in the model")
+    feature_dropout: float = _f(0.1, "dropout on the input features")
+    noise_std: float = _f(0.05, "Gaussian noise added to input features in training")
+    mixup_alpha: float = _f(0.4, "mixup Beta(alpha, alpha) on utterance representations (0 = off)")
+    lr: float = _f(1e-3, "AdamW learning rate")
+    weight_decay: float = _f(1e-2, "AdamW weight decay")
+    batch_dialogues: int = _f(16, "dialogues per batch")
+    max_epochs: int = _f(30, "epoch limit")
+    patience: int = _f(5, "early stopping: epochs without dev weighted-F1 improvement")
+    seeds: list = _f([0, 1, 2, 3, 4], "one model per seed; results are reported as mean +- std")
+    out: str = _f("runs/baseline", "output directory")
+    threads: int = _f(0, "torch CPU threads (0 = all cores)")
+
+    def problems(self) -> list[str]:
+        p = _check_choices(self)
+        if not self.data_dir:
+            p.append("data_dir: required — the folder holding the dataset files")
+        elif not Path(self.data_dir).exists():
+            p.append(f"data_dir: {self.data_dir!r} does not exist")
+        if self.audio != "none" and not (self.audio_dir and Path(self.audio_dir).is_dir()):
+            p.append(f"audio_dir: {self.audio_dir!r} is not a directory (needed for audio: {self.audio})")
+        if self.audio == "meld_prosody" and self.dataset != "meld":
+            p.append("audio: meld_prosody features only exist for dataset: meld")
+        if self.hidden % self.heads:
+            p.append(f"hidden: {self.hidden} must be divisible by heads ({self.heads})")
+        if not self.seeds:
+            p.append("seeds: give at least one seed")
+        for name in ("batch_dialogues", "max_epochs", "patience", "k_tokens"):
+            if getattr(self, name) < 1:
+                p.append(f"{name}: must be >= 1")
+        return p

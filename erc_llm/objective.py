@@ -1,15 +1,12 @@
-"""The training objective: label-set cross-entropy at emotion slots, class weights, focal loss,
-and history corruption against exposure bias. Pure tensor code; no model loading, no I/O."""
+"""The LLM training objective: label logits at emotion slots and history corruption against exposure
+bias (the losses themselves live in ``erc_llm.losses``). Pure tensor code; no model loading, no I/O."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from erc_llm.prompting import PromptBuilder, Transcript
-
-CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse")
 
 
 def first_token_ids(builder: PromptBuilder) -> list[int]:
@@ -22,34 +19,6 @@ def first_token_ids(builder: PromptBuilder) -> list[int]:
             "first token, so rename them (e.g. 'happiness' vs 'happy') or use another backbone"
         )
     return firsts
-
-
-def class_weights(counts: list[int], mode: str) -> torch.Tensor:
-    """Per-class loss weights from training counts, normalised so the mean weight over examples is 1."""
-    if mode not in CLASS_WEIGHTS:
-        raise ValueError(f"class_weights {mode!r} not supported; available = {list(CLASS_WEIGHTS)}")
-    c = torch.tensor(counts, dtype=torch.float64).clamp(min=1)
-    if mode == "none":
-        w = torch.ones_like(c)
-    else:
-        w = c.sum() / c if mode == "inverse" else (c.sum() / c).sqrt()
-    w = w * c.sum() / (w * c).sum()
-    return w.float()
-
-
-def label_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, gamma: float) -> torch.Tensor:
-    """Weighted cross-entropy over the label set; focal (Lin et al. 2017) when ``gamma > 0``.
-
-    ``logits``: (n, K) label logits at n slots; ``targets``: (n,) label indices. Mean over slots
-    (weighted mean when class weights are given, as in ``F.cross_entropy``).
-    """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    lp = logp.gather(1, targets[:, None])[:, 0]
-    loss = -lp if gamma == 0 else -((1 - lp.exp()) ** gamma) * lp
-    if weights is None:
-        return loss.mean()
-    w = weights.to(loss.device)[targets]
-    return (w * loss).sum() / w.sum()
 
 
 def corrupt_history(gold: list[int], rate: float, prior: np.ndarray, rng: np.random.Generator) -> list[int]:

@@ -39,7 +39,8 @@ from tqdm import tqdm
 from erc_llm.config import TrainConfig, build, to_dict
 from erc_llm.data import LabelSet, label_counts, load_split
 from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text
-from erc_llm.objective import class_weights, corrupt_history, first_token_ids, label_loss, slot_logits
+from erc_llm.losses import class_weights, label_loss
+from erc_llm.objective import corrupt_history, first_token_ids, slot_logits
 from erc_llm.prompting import PROMPTS_DIR, PromptBuilder, Templates
 
 log = logging.getLogger("erc_llm.train")

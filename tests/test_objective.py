@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from erc_llm.objective import class_weights, corrupt_history, first_token_ids, label_loss, slot_logits
+from erc_llm.losses import class_weights, label_loss
+from erc_llm.objective import corrupt_history, first_token_ids, slot_logits
 from erc_llm.prompting import PromptBuilder
 from tests.conftest import LABELS, toy_dialogue
 

@@ -43,7 +43,8 @@ def test_lora_changes_adapter_only(tiny_model_dir):
     """A few optimizer steps: base weights bit-identical, LoRA weights moved."""
     from erc_llm.backbone import load_for_training
     from erc_llm.config import TrainConfig
-    from erc_llm.objective import first_token_ids, label_loss, slot_logits
+    from erc_llm.losses import label_loss
+    from erc_llm.objective import first_token_ids, slot_logits
     from erc_llm.prompting import PromptBuilder
     from erc_llm.train import wrap_lora
 

@@ -1,0 +1,39 @@
+"""Classification losses shared by the LLM objective and the classical baseline."""
+
+from __future__ import annotations
+
+import torch
+
+CLASS_WEIGHTS = ("none", "inverse", "sqrt_inverse")
+
+
+def class_weights(counts: list[int], mode: str) -> torch.Tensor:
+    """Per-class loss weights from training counts, normalised so the mean weight over examples is 1."""
+    if mode not in CLASS_WEIGHTS:
+        raise ValueError(f"class_weights {mode!r} not supported; available = {list(CLASS_WEIGHTS)}")
+    c = torch.tensor(counts, dtype=torch.float64).clamp(min=1)
+    if mode == "none":
+        w = torch.ones_like(c)
+    else:
+        w = c.sum() / c if mode == "inverse" else (c.sum() / c).sqrt()
+    w = w * c.sum() / (w * c).sum()
+    return w.float()
+
+
+def per_example_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
+    """Cross-entropy per example, or focal loss (Lin et al. 2017) when ``gamma > 0``."""
+    lp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    return -lp if gamma == 0 else -((1 - lp.exp()) ** gamma) * lp
+
+
+def label_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, gamma: float) -> torch.Tensor:
+    """Weighted cross-entropy over the label set; focal (Lin et al. 2017) when ``gamma > 0``.
+
+    ``logits``: (n, K) label logits at n slots; ``targets``: (n,) label indices. Mean over slots
+    (weighted mean when class weights are given, as in ``F.cross_entropy``).
+    """
+    loss = per_example_loss(logits, targets, gamma)
+    if weights is None:
+        return loss.mean()
+    w = weights.to(loss.device)[targets]
+    return (w * loss).sum() / w.sum()
