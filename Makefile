@@ -8,7 +8,7 @@ DATA_DIR ?= ../shared/data/meld
 # with an NVIDIA driver takes PyPI's default (CUDA) build. Override: make TORCH_SPEC='torch==2.5.1'
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast clean baseline-results
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -31,3 +31,13 @@ test-fast: install
 
 clean:
 	rm -rf $(VENV) eval/out
+
+# The committed baseline rows of the README (eval/results/baseline_*): 5 seeds each, ablations 3 seeds.
+BASE := $(VENV)/bin/erc-llm baseline train --config configs/baseline_meld.yaml --data-dir $(DATA_DIR) --audio-dir $(DATA_DIR)/../meld_prosody
+baseline-results: install
+	$(BASE) --out eval/results/baseline_meld_text_prosody
+	$(BASE) --audio none --out eval/results/baseline_meld_text
+	$(BASE) --seeds 0,1,2 --vga-lambda 0 --out eval/results/baseline_ablation_no_vga
+	$(BASE) --seeds 0,1,2 --fusion concat --out eval/results/baseline_ablation_concat
+	$(BASE) --seeds 0,1,2 --context false --out eval/results/baseline_ablation_no_context
+	$(BASE) --seeds 0,1,2 --loss ce --out eval/results/baseline_ablation_ce

@@ -25,6 +25,9 @@ def _evaluate(args) -> None:
 
     cfg = from_args(EvalConfig, args)
     m = evaluate(cfg, command="erc-llm " + shlex.join(sys.argv[1:]))
+    if "weighted_f1" not in m:
+        print(f"{m['utterances']} utterances labelled (no gold labels to score) -> {cfg.out}/predictions.jsonl")
+        return
     print(f"{m['dataset']}/{m['split']} ({m['history']} history): weighted F1 {m['weighted_f1']:.2f}, "
           f"WA {m['accuracy']:.2f}, UA {m['unweighted_accuracy']:.2f}, macro F1 {m['macro_f1']:.2f}; "
           f"{m['utterances']} utterances in {m['seconds']:.0f}s ({m['utterances_per_second']:.2f} utt/s) -> {cfg.out}")

@@ -51,15 +51,9 @@ class EvalConfig:
     prompts: str = _f("", "folder with prompt templates (default: the packaged prompts/)")
 
     def problems(self) -> list[str]:
-        p = _check_choices(self)
-        if not self.data_dir:
-            p.append("data_dir: required — the folder holding the dataset files")
-        elif not Path(self.data_dir).exists():
-            p.append(f"data_dir: {self.data_dir!r} does not exist")
+        p = _common_problems(self)
         if self.run and not Path(self.run).is_dir():
             p.append(f"run: {self.run!r} is not a directory")
-        if self.labels and self.dataset != "jsonl":
-            p.append(f"labels: only the jsonl format takes a label set; {self.dataset} has a fixed one")
         if self.max_utterance_tokens < 8:
             p.append(f"max_utterance_tokens: {self.max_utterance_tokens} is too small (need >= 8)")
         if self.max_tokens < 4 * self.max_utterance_tokens:
@@ -68,6 +62,18 @@ class EvalConfig:
         if self.limit < 0 or self.threads < 0:
             p.append("limit/threads: must be >= 0")
         return p
+
+
+def _common_problems(cfg) -> list[str]:
+    """Choices, the data folder and the label set: checks every config with a dataset shares."""
+    p = _check_choices(cfg)
+    if not cfg.data_dir:
+        p.append("data_dir: required — the folder holding the dataset files")
+    elif not Path(cfg.data_dir).exists():
+        p.append(f"data_dir: {cfg.data_dir!r} does not exist")
+    if cfg.labels and cfg.dataset != "jsonl":
+        p.append(f"labels: only the jsonl format takes a label set; {cfg.dataset} has a fixed one")
+    return p
 
 
 def _check_choices(cfg) -> list[str]:
@@ -202,13 +208,7 @@ class TrainConfig:
     threads: int = _f(0, "torch CPU threads per process (0 = cores / processes)")
 
     def problems(self) -> list[str]:
-        p = _check_choices(self)
-        if not self.data_dir:
-            p.append("data_dir: required — the folder holding the dataset files")
-        elif not Path(self.data_dir).exists():
-            p.append(f"data_dir: {self.data_dir!r} does not exist")
-        if self.labels and self.dataset != "jsonl":
-            p.append(f"labels: only the jsonl format takes a label set; {self.dataset} has a fixed one")
+        p = _common_problems(self)
         for name in ("lora_r", "lora_alpha", "batch_dialogues", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 p.append(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -264,11 +264,7 @@ class BaselineConfig:
     threads: int = _f(0, "torch CPU threads (0 = all cores)")
 
     def problems(self) -> list[str]:
-        p = _check_choices(self)
-        if not self.data_dir:
-            p.append("data_dir: required — the folder holding the dataset files")
-        elif not Path(self.data_dir).exists():
-            p.append(f"data_dir: {self.data_dir!r} does not exist")
+        p = _common_problems(self)
         if self.audio != "none" and not (self.audio_dir and Path(self.audio_dir).is_dir()):
             p.append(f"audio_dir: {self.audio_dir!r} is not a directory (needed for audio: {self.audio})")
         if self.audio == "meld_prosody" and self.dataset != "meld":

@@ -194,7 +194,7 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     seconds = time.time() - t0
     scored = [r for r in rows if r["gold"] is not None]
     metrics = {
-        **compute_metrics([r["gold"] for r in scored], [r["predicted"] for r in scored], labels),
+        **(compute_metrics([r["gold"] for r in scored], [r["predicted"] for r in scored], labels) if scored else {}),
         "dataset": cfg.dataset, "split": cfg.split, "history": cfg.history, "labels": list(labels.labels),
         "dialogues": len(dialogues), "utterances": len(rows), "scored_utterances": len(scored),
         "skipped_on_load": dict(report.skipped), "model": manifest.get("name", cfg.model),
@@ -206,7 +206,10 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     if scored:
         plot_confusion([r["gold"] for r in scored], [r["predicted"] for r in scored], labels, out / "confusion.png",
                        f"{cfg.dataset}/{cfg.split} {metrics['model']} (history={cfg.history})")
-    atomic_write_text(out / "report.md", render_report(metrics))
+    if scored:
+        atomic_write_text(out / "report.md", render_report(metrics))
+    else:
+        log.warning("%s/%s has no gold labels: wrote predictions only (no metrics)", cfg.dataset, cfg.split)
     atomic_write_json(out / "metrics.json", metrics)
     partial.unlink(missing_ok=True)
     return metrics

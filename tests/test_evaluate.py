@@ -109,3 +109,13 @@ def test_evaluate_with_run_dir_merges_adapter(tmp_path, tiny_model_dir, tiny_mod
     (run / "run.json").unlink()
     with pytest.raises(FileNotFoundError, match="has no run.json"):
         evaluate(_cfg(tmp_path, tiny_model_dir, out=str(tmp_path / "o3"), run=str(run)))
+
+
+def test_unlabelled_set_gets_predictions_without_metrics(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    (tmp_path / "data" / "test.jsonl").write_text(json.dumps({"dialogue_id": "u", "utterances": [
+        {"speaker": "A", "text": "Hello there."}, {"speaker": "B", "text": "Go away!"}]}) + "\n")
+    m = evaluate(cfg)
+    assert "weighted_f1" not in m and m["utterances"] == 2 and m["scored_utterances"] == 0
+    rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["gold"] for r in rows] == [None, None] and all(r["predicted"] in m["labels"] for r in rows)
