@@ -97,11 +97,15 @@ class FusedERC(nn.Module):
         return torch.stack(out, 1)
 
     def forward(self, batch: dict, mixup: tuple | None = None):
-        """Logits (B, T, K), representation (B, T, D), gates (N, 3) or None, VAD estimates (B, T, tokens, 3)."""
+        """Logits (B, T, K), representation (B, T, D), gates (N, 3) or None and VAD estimates (N, tokens, 3)
+        for the N real (unpadded) utterances in mask order. Padding never goes through the encoders."""
         b, t = batch["speaker"].shape
-        text = batch["text"].flatten(0, 1)
-        audio = batch["audio"].flatten(0, 1) if self.has_audio else None
-        fused, gates, vad = self.fuse(text, audio)
+        mask = batch["mask"].flatten()
+        text = batch["text"].flatten(0, 1)[mask]
+        audio = batch["audio"].flatten(0, 1)[mask] if self.has_audio else None
+        real, gates, vad = self.fuse(text, audio)
+        fused = real.new_zeros(b * t, real.shape[-1])
+        fused[mask] = real
         fused = fused.view(b, t, -1)
         rep = self.drop(fused)
         if self.use_context:
@@ -110,4 +114,4 @@ class FusedERC(nn.Module):
             lam, perm = mixup
             flat = rep.flatten(0, 1)
             rep = (lam * flat + (1 - lam) * flat[perm]).view_as(rep)
-        return self.head(rep), rep, gates, vad.view(b, t, -1, 3)
+        return self.head(rep), rep, gates, vad

@@ -117,9 +117,9 @@ def batch_loss(model, batch, cfg: BaselineConfig, weights, gen: torch.Generator)
         loss = lam * loss + (1 - lam) * per_example_loss(flat, y[perm][idx], gamma) * (w[y[perm][idx]] if w is not None else 1)
     loss = loss.mean()
     if cfg.vad_weight > 0 and "vad" in batch:
-        target = batch["vad"].flatten(0, 1)[idx]
+        target = batch["vad"].flatten(0, 1)[batch["mask"].flatten()]  # VAD estimates come in mask order
         ok = ~torch.isnan(target).any(-1)
-        est = vad.flatten(0, 1)[idx].mean(1)
+        est = vad.mean(1)
         if ok.any():
             loss = loss + cfg.vad_weight * torch.nn.functional.mse_loss(est[ok], target[ok])
     return loss
@@ -136,7 +136,7 @@ def predict(model, arrays: list[dict], batch_size: int = 32):
         m = batch["mask"].flatten()
         probs.append(torch.softmax(logits.flatten(0, 1)[m], -1))
         if g is not None:
-            gates.append(g[m])
+            gates.append(g)
     return torch.cat(probs).numpy(), (torch.cat(gates).numpy() if gates else None)
 
 

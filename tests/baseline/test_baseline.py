@@ -40,9 +40,10 @@ def test_gates_sum_to_one_and_are_reported():
     m = _model()
     batch = collate(_arrays(4, 1))
     logits, _, gates, vad = m(batch)
-    assert gates.shape == (int(batch["mask"].numel()), 3)
+    assert gates.shape == (int(batch["mask"].sum()), 3)
     assert torch.allclose(gates.sum(-1), torch.ones(len(gates)), atol=1e-6) and (gates >= 0).all()
     assert logits.shape == (*batch["label"].shape, 3) and ((vad >= 0) & (vad <= 1)).all()
+    assert len(vad) == int(batch["mask"].sum())  # padding is never encoded
 
 
 def test_context_is_causal():
