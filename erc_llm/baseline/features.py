@@ -41,7 +41,7 @@ def encoder_path(given: str) -> str:
 
 
 def text_embeddings(dialogues: list[Dialogue], encoder: str, cache: Path) -> dict[str, np.ndarray]:
-    """Sentence embeddings of every utterance, cached by (encoder, texts) content hash."""
+    """Sentence embeddings of the utterances of ONE split (ids repeat across splits), cached by content."""
     texts = [(u.utterance_id, u.text) for d in dialogues for u in d.utterances]
     key = hashlib.sha256(json.dumps([encoder, texts]).encode()).hexdigest()[:16]
     path = cache / "features" / f"text-{key}"

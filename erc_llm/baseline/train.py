@@ -52,14 +52,16 @@ def prepare(cfg: BaselineConfig) -> Prepared:
         dialogues[s], labels, report = load_split(cfg.dataset, s, cfg.data_dir, tuple(cfg.labels) or labels and labels.labels or None)
         log.info(report.summary())
     enc = encoder_path(cfg.text_encoder)
-    text = text_embeddings([d for s in SPLITS for d in dialogues[s]], enc, cache_root())
+    # per split: utterance ids (e.g. MELD's dia0_utt0) repeat across splits
+    text = {s: text_embeddings(dialogues[s], enc, cache_root()) for s in SPLITS}
     audio, audio_report = audio_features(cfg.audio, cfg.audio_dir, dialogues)
     vad = cfg.vad_weight > 0
-    arrays = {s: [dialogue_arrays(d, text, audio, s, labels, vad) for d in dialogues[s]] for s in SPLITS}
+    arrays = {s: [dialogue_arrays(d, text[s], audio, s, labels, vad) for d in dialogues[s]] for s in SPLITS}
     counts = label_counts(dialogues["train"])
     weights = class_weights([counts.get(lab, 0) for lab in labels.labels], cfg.class_weights)
     norm = {"mean": audio.normalizer.mean, "std": audio.normalizer.std} if audio.normalizer else None
-    return Prepared(labels, dialogues, arrays, next(iter(text.values())).shape[0], 2 * audio.dim, norm, weights, audio_report)
+    text_dim = next(iter(text["train"].values())).shape[0]
+    return Prepared(labels, dialogues, arrays, text_dim, 2 * audio.dim, norm, weights, audio_report)
 
 
 def collate(items: list[dict]) -> dict:

@@ -98,3 +98,19 @@ def test_baseline_cli_end_to_end(tmp_path, monkeypatch, capsys):
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     first = json.loads((out / "seed0" / "metrics.json").read_text())
     assert again["weighted_f1"] == pytest.approx(first["weighted_f1"])
+
+
+def test_same_utterance_ids_in_different_splits_keep_their_own_text(tmp_path, monkeypatch):
+    """MELD reuses ids (dia0_utt0) in train, dev and test: each split must embed its own text."""
+    from erc_llm.baseline.train import prepare
+    from erc_llm.config import build
+
+    monkeypatch.setenv("ERC_LLM_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl_dataset(tmp_path / "data", 2)
+    for split, text in (("train", "I love this so much."), ("dev", "Get out of my house!"), ("test", "What? Really?")):
+        (data / f"{split}.jsonl").write_text(json.dumps({"dialogue_id": "d", "utterances": [
+            {"speaker": "A", "text": text, "emotion": "joy", "utterance_id": "same_id"}]}) + "\n")
+    cfg = build(BaselineConfig, None, {"dataset": "jsonl", "data_dir": str(data), "vad_weight": 0})
+    prep = prepare(cfg)
+    embs = [prep.arrays[s][0]["text"][0] for s in ("train", "dev", "test")]
+    assert not np.allclose(embs[0], embs[1]) and not np.allclose(embs[1], embs[2])
