@@ -33,11 +33,11 @@ clean:
 	rm -rf $(VENV) eval/out
 
 # The committed baseline rows of the README (eval/results/baseline_*): 5 seeds each, ablations 3 seeds.
-BASE := $(VENV)/bin/erc-llm baseline train --config configs/baseline_meld.yaml --data-dir $(DATA_DIR) --audio-dir $(DATA_DIR)/../meld_prosody
+BASE := $(VENV)/bin/erc-llm baseline train --config configs/baseline_meld.yaml --data-dir $(DATA_DIR) --audio-dir $(DATA_DIR)/../meld_prosody --threads 1
 baseline-results: install
 	$(BASE) --out eval/results/baseline_meld_text_prosody
 	$(BASE) --audio none --out eval/results/baseline_meld_text
-	$(BASE) --seeds 0,1,2 --threads 1 --vga-lambda 0 --out eval/results/baseline_ablation_no_vga
-	$(BASE) --seeds 0,1,2 --threads 1 --fusion concat --out eval/results/baseline_ablation_concat
-	$(BASE) --seeds 0,1,2 --threads 1 --context false --out eval/results/baseline_ablation_no_context
-	$(BASE) --seeds 0,1,2 --threads 1 --loss ce --out eval/results/baseline_ablation_ce
+	$(BASE) --seeds 0,1,2 --vga-lambda 0 --out eval/results/baseline_ablation_no_vga
+	$(BASE) --seeds 0,1,2 --fusion concat --out eval/results/baseline_ablation_concat
+	$(BASE) --seeds 0,1,2 --context false --out eval/results/baseline_ablation_no_context
+	$(BASE) --seeds 0,1,2 --loss ce --out eval/results/baseline_ablation_ce

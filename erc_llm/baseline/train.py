@@ -47,9 +47,10 @@ def prepare(cfg: BaselineConfig) -> Prepared:
     from erc_llm.backbone import cache_root
 
     dialogues = {}
-    labels = None
-    for s in SPLITS:
-        dialogues[s], labels, report = load_split(cfg.dataset, s, cfg.data_dir, tuple(cfg.labels) or labels and labels.labels or None)
+    dialogues["train"], labels, report = load_split(cfg.dataset, "train", cfg.data_dir, tuple(cfg.labels) or None)
+    log.info(report.summary())
+    for s in ("dev", "test"):  # the label set of train (given or inferred) applies to every split
+        dialogues[s], _, report = load_split(cfg.dataset, s, cfg.data_dir, labels.labels)
         log.info(report.summary())
     enc = encoder_path(cfg.text_encoder)
     # per split: utterance ids (e.g. MELD's dia0_utt0) repeat across splits
