@@ -309,7 +309,6 @@ def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state) -> 
                  state["best"]["dev_predicted"]["weighted_f1"], state["best"]["step"])
     accelerator.wait_for_everyone()
     state["best"] = _broadcast(accelerator, state["best"])
-    # the main process's RNG advanced during evaluation only through dropout-free inference; nothing to sync
 
 
 def _broadcast(accelerator, obj):
