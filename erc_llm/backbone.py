@@ -132,19 +132,13 @@ def _convert(name: str, spec: PackagedModel, target: Path) -> dict:
 
 def load_backbone(name: str = DEFAULT_MODEL, dtype: str = "float32", cache: Path | None = None):
     """Load ``(model, tokenizer, manifest)`` for inference; ``dtype`` is float32 or bfloat16."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path, manifest = prepare_model(name, cache)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model, tok, manifest = load_for_training(name, dtype, "none", cache)
     model.eval()
-    return model, tok, {**manifest, "name": name, "path": path}
+    return model, tok, manifest
 
 
 def load_for_training(name: str, dtype: str = "float32", quant: str = "none", cache: Path | None = None):
-    """Backbone for LoRA training: ``quant='4bit'`` loads NF4 weights through bitsandbytes (QLoRA).
+    """Backbone (train mode) with its tokenizer; ``quant='4bit'`` loads NF4 weights through bitsandbytes (QLoRA).
 
     Where bitsandbytes is missing or cannot quantize on this device, warns and loads unquantized.
     """

@@ -206,7 +206,6 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     if scored:
         plot_confusion([r["gold"] for r in scored], [r["predicted"] for r in scored], labels, out / "confusion.png",
                        f"{cfg.dataset}/{cfg.split} {metrics['model']} (history={cfg.history})")
-    if scored:
         atomic_write_text(out / "report.md", render_report(metrics))
     else:
         log.warning("%s/%s has no gold labels: wrote predictions only (no metrics)", cfg.dataset, cfg.split)
