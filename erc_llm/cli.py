@@ -70,6 +70,54 @@ def _data_stats(args) -> None:
         print(f"  {lab:<12} {counts.get(lab, 0):>6}  {100 * counts.get(lab, 0) / total:5.1f}%")
 
 
+def _speakers_build(args) -> None:
+    from erc_llm.data import load_split
+    from erc_llm.speakers import SpeakerTemplates, build_store
+
+    dialogues, labels, report = load_split(args.dataset, args.split, args.data_dir, tuple(args.labels.split(",")) if args.labels else None)
+    print(report.summary())
+    bio_model = None
+    if args.bio_model:
+        from erc_llm.backbone import load_backbone
+
+        model, tok, _ = load_backbone(args.bio_model)
+        bio_model = (model, tok)
+    templates = SpeakerTemplates.load(args.prompts) if args.prompts else SpeakerTemplates.load()
+    store, rep = build_store(dialogues, labels, templates, args.encoder, args.min_utterances, args.history_n,
+                             bio_model=bio_model, source={"dataset": args.dataset, "split": args.split,
+                                                          "data_dir": str(args.data_dir)})
+    store.save(args.out)
+    print(f"{rep['stored']} of {rep['speakers']} speakers stored -> {args.out}; {rep['skipped_below_min_utterances']} "
+          f"speakers with fewer than {args.min_utterances} lines ({rep['skipped_utterances']} lines) left out "
+          "(they are handled as unseen: nearest stored speakers)")
+
+
+def _speakers_show(args) -> None:
+    from erc_llm.speakers import SpeakerStore
+
+    store = SpeakerStore.load(args.store)
+    if args.name is None:
+        print(f"{store.manifest['count']} speakers (encoder {store.manifest['encoder']}): "
+              + ", ".join(p.name for p in store.profiles))
+        return
+    p = store.get(args.name)
+    if p is None:
+        near = [q.name for q, _ in store.similar([args.name], 5)]
+        raise ValueError(f"speaker {args.name!r} not in {args.store}; closest names by embedding = {near}")
+    print(p.bio)
+    print(f"last emotions: {', '.join(p.last)}")
+
+
+def _audio_extract(args) -> None:
+    from erc_llm.audio import extract_dir
+
+    r = extract_dir(args.source, args.wav_dir, args.out, args.model, args.granularity, args.limit)
+    print(f"{args.source}: {r['extracted']} of {r['files']} files -> {args.out} ({len(r['failed'])} failed, "
+          f"{r['nan_cells']} undefined values; details in {args.out}/report.json)")
+    for uid, why in list(r["failed"].items())[:10]:
+        print(f"  skipped {uid}: {why}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="erc-llm", description="Emotion recognition in conversation with a small LLM.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -97,6 +145,37 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--audio-dir", default="", help="override the audio_dir saved with the model")
     be.set_defaults(func=_baseline_evaluate)
 
+    spk = sub.add_parser("speakers", help="speaker store (biographies + retrieval index)").add_subparsers(
+        dest="speakers_command", required=True)
+    sb = spk.add_parser("build", help="build a speaker store from a TRAINING split")
+    sb.add_argument("--dataset", required=True, choices=["meld", "iemocap", "jsonl"])
+    sb.add_argument("--split", default="train", choices=["train"], help="only train: dev/test never go into a store")
+    sb.add_argument("--data-dir", required=True)
+    sb.add_argument("--labels", default="", help="comma-separated label set (jsonl only; default: inferred)")
+    sb.add_argument("--out", required=True, help="store folder, e.g. speaker_store/meld")
+    sb.add_argument("--encoder", default="", help="sentence-transformers dir or hub id (default: packaged all-MiniLM-L6-v2)")
+    sb.add_argument("--min-utterances", type=int, default=5, help="speakers with fewer lines are treated as unseen")
+    sb.add_argument("--history-n", type=int, default=8, help="last N training emotions kept per speaker")
+    sb.add_argument("--bio-model", default="", help="a causal LM (hub id / dir) that writes the biographies "
+                    "from the template facts (slow without a GPU); default: the deterministic template")
+    sb.add_argument("--prompts", default="", help="folder with speaker_*.txt templates (default: packaged prompts/)")
+    sb.set_defaults(func=_speakers_build)
+    ss = spk.add_parser("show", help="list the speakers of a store, or print one profile")
+    ss.add_argument("--store", required=True)
+    ss.add_argument("name", nargs="?")
+    ss.set_defaults(func=_speakers_show)
+
+    au = sub.add_parser("audio", help="audio features").add_subparsers(dest="audio_command", required=True)
+    ax = au.add_parser("extract", help="extract features from every audio file of a folder (resumable)")
+    ax.add_argument("--source", required=True, choices=["praat", "egemaps", "emotion2vec"],
+                    help="praat: 8 prosody features (as MELD's); egemaps: 88 eGeMAPSv02 functionals; emotion2vec: FunASR")
+    ax.add_argument("--wav-dir", required=True, help="folder of audio files; file stem = utterance id")
+    ax.add_argument("--out", required=True, help="output folder (features.csv, or <id>.npy for frame-level)")
+    ax.add_argument("--model", default="", help="emotion2vec: local FunASR model folder or hub id")
+    ax.add_argument("--granularity", default="utterance", choices=["utterance", "frame"], help="emotion2vec only")
+    ax.add_argument("--limit", type=int, default=0, help="only the first N files (0 = all)")
+    ax.set_defaults(func=_audio_extract)
+
     data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command", required=True)
     dl = data.add_parser("download", help="download MELD's official csv files (needs internet)")
     dl.add_argument("dataset", choices=["meld"])
@@ -118,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         args.func(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:

@@ -31,7 +31,58 @@ def _f(default, help: str, choices: tuple | None = None):
 
 
 @dataclass
-class EvalConfig:
+class SpeakerOptions:
+    """Speaker memory in the prompt (``erc_llm/speakers.py``); shared by training and evaluation."""
+
+    speaker_store: str = _f("", "speaker store folder from `erc-llm speakers build` (empty = no speaker notes; "
+                            "evaluation of a run uses the run's own copy)")
+    speaker_bios: bool = _f(False, "note each speaker's biography (or, if unseen, the nearest stored speakers) "
+                            "before their first turn")
+    speaker_history: int = _f(0, "also note each speaker's last N emotions from earlier dialogues (0 = off); "
+                              "evaluation feeds back only predicted labels")
+    speaker_top_k: int = _f(2, "stored speakers retrieved for an unseen speaker")
+    speaker_note_tokens: int = _f(64, "longest speaker note in tokens; longer ones are cut")
+
+    def speaker_problems(self, run: str = "") -> list[str]:
+        p = []
+        wanted = self.speaker_bios or self.speaker_history > 0
+        if self.speaker_store and not (Path(self.speaker_store) / "manifest.json").is_file():
+            p.append(f"speaker_store: {self.speaker_store!r} has no manifest.json; build one with "
+                     "`erc-llm speakers build --dataset ... --split train --out DIR`")
+        if wanted and not self.speaker_store and not run:
+            p.append("speaker_bios/speaker_history: need speaker_store (a folder from `erc-llm speakers build`)")
+        if self.speaker_store and not wanted:
+            p.append("speaker_store: given but speaker_bios is false and speaker_history is 0; turn one on")
+        if self.speaker_history < 0 or self.speaker_top_k < 1 or self.speaker_note_tokens < 8:
+            p.append("speaker_history must be >= 0, speaker_top_k >= 1, speaker_note_tokens >= 8")
+        return p
+
+
+AUDIO_SOURCES = ("none", "meld_prosody", "csv", "npy")
+
+
+@dataclass
+class AudioOptions:
+    """Audio features projected into the LLM as soft tokens (``erc_llm/projector.py``)."""
+
+    audio_source: str = _f("none", "audio features per utterance: none, meld_prosody (meld_{split}_prosody.csv), "
+                           "csv ({split}.csv or features.csv from `erc-llm audio extract`), npy (<utterance_id>.npy "
+                           "files, utterance- or frame-level)", AUDIO_SOURCES)
+    audio_dir: str = _f("", "folder of the audio features (evaluation of a run defaults to the run's)")
+    audio_k_tokens: int = _f(1, "soft tokens per turn")
+    audio_lr: float = _f(1e-3, "learning rate of the projector (trained from scratch, with the LoRA)")
+
+    def audio_problems(self) -> list[str]:
+        p = []
+        if self.audio_source != "none" and not (self.audio_dir and Path(self.audio_dir).is_dir()):
+            p.append(f"audio_dir: {self.audio_dir!r} is not a directory (needed for audio_source: {self.audio_source})")
+        if self.audio_k_tokens < 1 or self.audio_lr <= 0:
+            p.append("audio_k_tokens must be >= 1 and audio_lr > 0")
+        return p
+
+
+@dataclass
+class EvalConfig(SpeakerOptions):
     """Batch evaluation of a dialogue set with the constrained decoder."""
 
     dataset: str = _f("meld", "dataset format", DATASETS)
@@ -49,9 +100,12 @@ class EvalConfig:
     dtype: str = _f("float32", "model dtype", ("float32", "bfloat16"))
     threads: int = _f(0, "torch CPU threads (0 = all cores)")
     prompts: str = _f("", "folder with prompt templates (default: the packaged prompts/)")
+    audio_dir: str = _f("", "audio feature folder of this split for a run trained with audio (default: the run's)")
 
     def problems(self) -> list[str]:
         p = _common_problems(self)
+        if self.audio_dir and not Path(self.audio_dir).is_dir():
+            p.append(f"audio_dir: {self.audio_dir!r} is not a directory")
         if self.run and not Path(self.run).is_dir():
             p.append(f"run: {self.run!r} is not a directory")
         if self.max_utterance_tokens < 8:
@@ -61,7 +115,7 @@ class EvalConfig:
                      f"({4 * self.max_utterance_tokens}) to hold the header and a few turns")
         if self.limit < 0 or self.threads < 0:
             p.append("limit/threads: must be >= 0")
-        return p
+        return p + self.speaker_problems(self.run)
 
 
 def _common_problems(cfg) -> list[str]:
@@ -162,7 +216,7 @@ QUANT_MODES = ("none", "4bit")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(AudioOptions, SpeakerOptions):
     """LoRA fine-tuning on whole-dialogue transcripts (``erc_llm/train.py``)."""
 
     # data
@@ -204,7 +258,8 @@ class TrainConfig:
     eval_dialogues: int = _f(0, "dev dialogues used for selection (0 = all)")
     save_every: int = _f(50, "write a resumable checkpoint every N optimizer steps")
     resume: bool = _f(False, "continue from the run directory's last checkpoint")
-    test_eval: bool = _f(True, "after training, evaluate the best adapter on test (predicted and gold history)")
+    test_eval: bool = _f(True, "after training, evaluate the best adapter on test with predicted history")
+    test_gold: bool = _f(True, "also evaluate test with gold history (a diagnostic of exposure bias)")
     threads: int = _f(0, "torch CPU threads per process (0 = cores / processes)")
 
     def problems(self) -> list[str]:
@@ -226,7 +281,9 @@ class TrainConfig:
             p.append(f"resume: no checkpoint in {self.out}/checkpoint to resume from")
         if self.prompts and not Path(self.prompts).is_dir():
             p.append(f"prompts: {self.prompts!r} is not a directory")
-        return p
+        if self.audio_source == "meld_prosody" and self.dataset != "meld":
+            p.append("audio_source: meld_prosody features only exist for dataset: meld")
+        return p + self.speaker_problems() + self.audio_problems()
 
 
 @dataclass

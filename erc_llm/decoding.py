@@ -56,10 +56,17 @@ class TurnPrediction:
     probs: list[float]
 
 
-def _last_logprobs(model, ids: list[int], cache):
-    """Feed ``ids`` after ``cache``; return (log-softmax of the last position's logits, updated cache)."""
+def _last_logprobs(model, ids: list[int], cache, soft: torch.Tensor | None = None):
+    """Feed ``ids`` after ``cache``; return (log-softmax of the last position's logits, updated cache).
+
+    ``soft`` fills the audio placeholder positions of ``ids`` (see ``erc_llm.projector``)."""
     x = torch.tensor([ids], dtype=torch.long, device=model.device)
-    out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if soft is None:
+        out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    else:
+        from erc_llm.projector import embed_ids
+
+        out = model(inputs_embeds=embed_ids(model, x, soft), past_key_values=cache, use_cache=True, logits_to_keep=1)
     return torch.log_softmax(out.logits[0, -1].float(), dim=-1), out.past_key_values
 
 
@@ -83,24 +90,31 @@ class StreamState:
         self.model, self.builder, self.trie = model, builder, trie
         self.header = header
         self.segments: list[list[int]] = []  # per committed turn: turn tokens + answer tokens
+        self.soft: list[torch.Tensor | None] = []  # per committed turn: its audio soft tokens
         self.first_kept = 0  # index into segments of the oldest turn still in the cache
         self.cache = None
         self.cache_len = 0
         self.pending: list[int] = list(header)
+        self.pending_soft: list[torch.Tensor] = []  # soft tokens of audio placeholders in ``pending``
         self._turn: list[int] | None = None
         self.max_answer = max(len(ids) for ids in builder.label_ids) + len(builder.suffix_ids)
 
     @torch.inference_mode()
-    def score(self, utt: Utterance) -> torch.Tensor:
+    def score(self, utt: Utterance, note: str = "", soft: torch.Tensor | None = None) -> torch.Tensor:
+        """Label probabilities of a new turn; ``soft`` = its audio soft tokens when the prompt has audio."""
         if self._turn is not None:
             raise RuntimeError("score() called twice without commit(); commit a label for the previous turn first")
-        turn = self.builder.turn_ids(utt)
+        turn = self.builder.turn_ids(utt, note)
         feed = self.pending + turn
+        parts = self.pending_soft + ([soft] if soft is not None else [])
+        feed_soft = torch.cat(parts) if parts else None
         if self.cache_len + len(feed) + self.max_answer > self.builder.max_tokens:
             feed = self._rebuild(turn)
-        slot_lp, self.cache = _last_logprobs(self.model, feed, self.cache)
+            kept = [s for s in self.soft[self.first_kept:] + [soft] if s is not None]
+            feed_soft = torch.cat(kept) if kept else None
+        slot_lp, self.cache = _last_logprobs(self.model, feed, self.cache, feed_soft)
         self.cache_len += len(feed)
-        self._turn = turn
+        self._turn, self._soft = turn, soft
         return torch.softmax(score_slot(self.model, self.trie, slot_lp, self.cache), dim=0)
 
     def _rebuild(self, turn: list[int]) -> list[int]:
@@ -116,33 +130,56 @@ class StreamState:
             raise RuntimeError("commit() without a scored turn")
         answer = self.builder.answer_ids(label)
         self.segments.append(self._turn + answer)
-        self.pending, self._turn = answer, None
+        self.soft.append(self._soft)
+        self.pending, self.pending_soft, self._turn = answer, [], None
+
+    def restart(self, header: list[int]) -> None:
+        """New header (e.g. a chat participant joined): the cache is dropped and the kept turns are re-read
+        with the next ``score``."""
+        if self._turn is not None:
+            raise RuntimeError("restart() between score() and commit()")
+        self.header, self.cache, self.cache_len = header, None, 0
+        self.pending = header + [t for s in self.segments[self.first_kept:] for t in s]
+        self.pending_soft = [s for s in self.soft[self.first_kept:] if s is not None]
 
 
 class StreamingTagger:
-    """Label every turn of a dialogue with the constrained decoder over one KV cache."""
+    """Label every turn of a dialogue with the constrained decoder over one KV cache.
 
-    def __init__(self, model, builder: PromptBuilder, history: str = "predicted"):
+    With a :class:`~erc_llm.speakers.SpeakerContext`, each speaker's first turn carries their note and
+    the labels written for a finished dialogue go into the cross-dialogue memory (so dialogues must
+    be tagged in dataset order).
+    """
+
+    def __init__(self, model, builder: PromptBuilder, history: str = "predicted", speakers=None, audio=None):
+        """``audio``: (AudioInputs, AudioProjector) when the prompt carries audio soft tokens."""
         if history not in HISTORY_MODES:
             raise ValueError(f"history {history!r} not supported; available = {list(HISTORY_MODES)}")
-        self.model, self.builder, self.history = model, builder, history
+        self.model, self.builder, self.history, self.speakers = model, builder, history, speakers
+        self.audio = audio
         self.trie = LabelTrie(builder.label_ids)
         self.labels = builder.labels
 
     def new_state(self, dialogue: Dialogue) -> StreamState:
         return StreamState(self.model, self.builder, self.trie, self.builder.header_ids(dialogue))
 
+    @torch.inference_mode()
     def tag(self, dialogue: Dialogue) -> list[TurnPrediction]:
         state = self.new_state(dialogue)
-        preds = []
-        for utt in dialogue.utterances:
-            probs = state.score(utt)
+        notes = self.speakers.notes(dialogue) if self.speakers else [""] * len(dialogue.utterances)
+        preds, written = [], []
+        for utt, note in zip(dialogue.utterances, notes):
+            soft = self.audio[0].soft_tokens(self.audio[1], [utt.utterance_id]) if self.audio else None
+            probs = state.score(utt, note, soft)
             label = self.labels.labels[int(probs.argmax())]
             if self.history == "gold":
                 if utt.emotion is None:
                     raise ValueError(f"history='gold' needs gold labels; utterance {utt.utterance_id} has none")
-                state.commit(utt.emotion)
+                written.append(utt.emotion)
             else:
-                state.commit(label)
+                written.append(label)
+            state.commit(written[-1])
             preds.append(TurnPrediction(utt.utterance_id, label, probs.tolist()))
+        if self.speakers:
+            self.speakers.observe(dialogue, written)
         return preds

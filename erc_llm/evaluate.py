@@ -90,7 +90,10 @@ def _load_partial(path: Path, fingerprint: str) -> dict[str, list[dict]]:
 
 
 def predict(tagger, dialogues, partial: Path, fingerprint: str) -> list[dict]:
-    """Tag every dialogue, resuming from ``partial``; returns one row per utterance."""
+    """Tag every dialogue, resuming from ``partial``; returns one row per utterance.
+
+    Dialogues restored from ``partial`` still feed the tagger's speaker memory, in order.
+    """
     done = _load_partial(partial, fingerprint)
     if done:
         log.info("resuming: %d of %d dialogues already done in %s", len(done), len(dialogues), partial)
@@ -111,6 +114,9 @@ def predict(tagger, dialogues, partial: Path, fingerprint: str) -> list[dict]:
                 f.write(json.dumps({"dialogue_id": d.id, "predictions": preds}, ensure_ascii=False) + "\n")
                 f.flush()
                 done[d.id] = preds
+            elif tagger.speakers is not None:
+                key = "gold" if tagger.history == "gold" else "predicted"
+                tagger.speakers.observe(d, [r[key] for r in done[d.id]])
             rows.extend(done[d.id])
             bar.update(len(d))
         bar.close()
@@ -165,6 +171,52 @@ def render_report(m: dict) -> str:
     return "\n".join(lines)
 
 
+def speaker_context(cfg: EvalConfig, labels: LabelSet):
+    """(SpeakerContext or None, note token cap): the config's store if given, else the run's own."""
+    from erc_llm.prompting import PROMPTS_DIR
+    from erc_llm.speakers import open_context, settings_of
+
+    run = Path(cfg.run) if cfg.run else None
+    templates = Path(cfg.prompts) if cfg.prompts else (run / "prompts" if run and (run / "prompts").is_dir() else PROMPTS_DIR)
+    settings, store = settings_of(cfg), cfg.speaker_store
+    if settings is None and run is not None:
+        settings, store = json.loads((run / RUN_FILE).read_text()).get("speakers"), run / "speaker_store"
+    if settings is None:
+        return None, cfg.speaker_note_tokens
+    return open_context(store, settings, templates, labels, seed=True), settings["note_tokens"]
+
+
+def audio_inputs(cfg: EvalConfig, dialogues, model):
+    """(AudioInputs, AudioProjector) of a run trained with audio soft tokens, else None."""
+    if not cfg.run or not (Path(cfg.run) / "adapter" / "audio.json").is_file():
+        return None
+    from erc_llm.audio import load_source
+    from erc_llm.projector import AudioInputs
+
+    run = Path(cfg.run)
+    spec, projector = load_projector(run, model)
+    directory = cfg.audio_dir or json.loads((run / RUN_FILE).read_text())["audio"]["dir"]
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"run {run} was trained with {spec.source} audio features from {directory}, which is "
+                                "not a folder here; pass --audio-dir with this split's features")
+    inputs = AudioInputs(spec, load_source(spec.source, directory, cfg.split),
+                         [u.utterance_id for d in dialogues for u in d.utterances])
+    log.info("audio %s: no features for %d utterances (they get the 'no audio' input)", spec.source, inputs.missing)
+    return inputs, projector
+
+
+def load_projector(run: Path, model):
+    """(AudioSpec, AudioProjector in eval mode) saved with a run's adapter."""
+    import torch
+
+    from erc_llm.projector import AudioProjector, AudioSpec
+
+    spec = AudioSpec.load(run / "adapter" / "audio.json")
+    projector = AudioProjector(spec.in_dim, model.config.hidden_size, spec.k_tokens, spec.frames)
+    projector.load_state_dict(torch.load(run / "adapter" / "projector.pt", weights_only=True))
+    return spec, projector.to(model.device).eval()
+
+
 def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     """Config -> data -> model -> predictions -> metrics and reports in ``cfg.out``."""
     import torch
@@ -184,8 +236,15 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
         templates = Templates.load(Path(cfg.run) / "prompts")
     else:
         templates = Templates.load()
-    builder = PromptBuilder(tok, labels, templates, cfg.max_tokens, cfg.max_utterance_tokens)
-    tagger = StreamingTagger(model, builder, cfg.history)
+    speakers, note_tokens = speaker_context(cfg, labels)
+    if speakers is not None and speakers.settings.history:
+        from erc_llm.speakers import dataset_order
+
+        dialogues = dataset_order(dialogues)  # the cross-dialogue memory follows story order
+    audio = audio_inputs(cfg, dialogues, model)
+    builder = PromptBuilder(tok, labels, templates, cfg.max_tokens, cfg.max_utterance_tokens, note_tokens,
+                            audio[0].spec.k_tokens if audio else 0)
+    tagger = StreamingTagger(model, builder, cfg.history, speakers, audio)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "predictions.partial.jsonl"
@@ -199,6 +258,8 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
         "dialogues": len(dialogues), "utterances": len(rows), "scored_utterances": len(scored),
         "skipped_on_load": dict(report.skipped), "model": manifest.get("name", cfg.model),
         "model_source": manifest.get("source"), "run": cfg.run or None, "prompt_version": templates.version,
+        "speakers": speakers.settings.__dict__ if speakers else None,
+        "audio": {"source": audio[0].spec.source, "missing": audio[0].missing} if audio else None,
         "seconds": seconds, "utterances_per_second": len(rows) / max(seconds, 1e-9),
         "threads": torch.get_num_threads(), "config": to_dict(cfg), "command": command,
     }

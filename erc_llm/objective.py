@@ -34,14 +34,19 @@ def corrupt_history(gold: list[int], rate: float, prior: np.ndarray, rng: np.ran
     return out
 
 
-def slot_logits(model, transcript: Transcript, label_token_ids: list[int]) -> torch.Tensor:
+def slot_logits(model, transcript: Transcript, label_token_ids: list[int], soft: torch.Tensor | None = None) -> torch.Tensor:
     """One forward over the whole transcript; vocabulary logits only at the slots, label columns only.
 
     Returns (n_slots, K). ``logits_to_keep`` with the slot indices keeps the LM head (262k rows for
-    Gemma) off every other position.
+    Gemma) off every other position. ``soft``: the audio soft tokens of the kept turns, in order.
     """
+    from erc_llm.projector import embed_ids
+
     device = next(model.parameters()).device
     x = torch.tensor([transcript.input_ids], dtype=torch.long, device=device)
     keep = torch.tensor(transcript.slots, dtype=torch.long, device=device)
-    out = model(input_ids=x, logits_to_keep=keep, use_cache=False)
+    if soft is None:
+        out = model(input_ids=x, logits_to_keep=keep, use_cache=False)
+    else:
+        out = model(inputs_embeds=embed_ids(model, x, soft), logits_to_keep=keep, use_cache=False)
     return out.logits[0][:, label_token_ids]

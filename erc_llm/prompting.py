@@ -20,6 +20,9 @@ from erc_llm.data.schema import Dialogue, LabelSet, Utterance
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 LABEL_FIELD = "{label}"
+AUDIO_FIELD = "{audio}"
+AUDIO_TOKEN = -1  # placeholder id of a soft audio token (filled by erc_llm.projector)
+_TEXT_END = "\x00"
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class Templates:
     turn_prefix: str
     turn_suffix: str
     version: str
+    audio: str = ""  # audio.txt: wraps a turn's soft audio tokens ({audio}); written right after the text
 
     @classmethod
     def load(cls, directory: str | Path = PROMPTS_DIR) -> "Templates":
@@ -41,8 +45,12 @@ class Templates:
         if turn.count(LABEL_FIELD) != 1:
             raise ValueError(f"{files['turn']}: must contain exactly one {LABEL_FIELD} slot, found {turn.count(LABEL_FIELD)}")
         prefix, suffix = turn.split(LABEL_FIELD)
+        audio_path = directory / "audio.txt"
+        audio = audio_path.read_text(encoding="utf-8").rstrip("\n") if audio_path.is_file() else ""
+        if audio and audio.count(AUDIO_FIELD) != 1:
+            raise ValueError(f"{audio_path}: must contain exactly one {AUDIO_FIELD}, found {audio.count(AUDIO_FIELD)}")
         version = hashlib.sha256((header + "\0" + turn).encode()).hexdigest()[:12]
-        return cls(header, prefix, suffix, version)
+        return cls(header, prefix, suffix, version, audio)
 
 
 @dataclass
@@ -75,12 +83,17 @@ class PromptBuilder:
     """Renders templates and tokenizes segments; caches the label token ids."""
 
     def __init__(self, tokenizer, labels: LabelSet, templates: Templates | None = None,
-                 max_tokens: int = 2048, max_utterance_tokens: int = 96):
+                 max_tokens: int = 2048, max_utterance_tokens: int = 96, max_note_tokens: int = 64,
+                 audio_tokens: int = 0):
         self.tokenizer = tokenizer
         self.labels = labels
         self.templates = templates or Templates.load()
         self.max_tokens = max_tokens
         self.max_utterance_tokens = max_utterance_tokens
+        self.max_note_tokens = max_note_tokens
+        self.audio_tokens = audio_tokens
+        if audio_tokens and not self.templates.audio:
+            raise FileNotFoundError("audio soft tokens need an audio.txt prompt template with one {audio} field")
         space = self.templates.turn_prefix.endswith(" ")
         self._prefix = self.templates.turn_prefix[:-1] if space else self.templates.turn_prefix
         self.label_ids: list[list[int]] = [self._encode((" " if space else "") + lab) for lab in labels.labels]
@@ -91,7 +104,7 @@ class PromptBuilder:
         bos = getattr(tokenizer, "bos_token_id", None)
         self.bos = [bos] if bos is not None else []
         longest_label = max(len(ids) for ids in self.label_ids)
-        self.max_turn_tokens = max_utterance_tokens + 32 + longest_label + len(self.suffix_ids)
+        self.max_turn_tokens = max_utterance_tokens + max_note_tokens + 40 + longest_label + len(self.suffix_ids)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -100,26 +113,37 @@ class PromptBuilder:
         text = self.templates.header.format(labels=", ".join(self.labels.labels), speakers=", ".join(dialogue.speakers))
         return self.bos + self._encode(text)
 
-    def turn_ids(self, utt: Utterance) -> list[int]:
-        """Tokens of a turn up to (not including) its label: the last one is the emotion slot."""
-        text_ids = self._encode(utt.text)
-        if len(text_ids) > self.max_utterance_tokens:
-            text = self.tokenizer.decode(text_ids[: self.max_utterance_tokens]) + " ..."
-        else:
-            text = utt.text
-        return self._encode(self._prefix.format(speaker=utt.speaker, text=text))
+    def _cap(self, text: str, limit: int) -> str:
+        ids = self._encode(text)
+        return self.tokenizer.decode(ids[:limit]) + " ..." if len(ids) > limit else text
+
+    def turn_ids(self, utt: Utterance, note: str = "") -> list[int]:
+        """Tokens of a turn up to (not including) its label: the last one is the emotion slot.
+
+        ``note`` (speaker memory, see ``speakers.py``) is written on its own line before the turn.
+        """
+        text = self._prefix.format(speaker=utt.speaker, text=self._cap(utt.text, self.max_utterance_tokens) + _TEXT_END)
+        if note:
+            text = self._cap(note, self.max_note_tokens) + "\n" + text
+        before, _, after = text.rpartition(_TEXT_END)
+        if not self.audio_tokens:
+            return self._encode(before + after)
+        a_before, a_after = self.templates.audio.split(AUDIO_FIELD)
+        return self._encode(before + a_before) + [AUDIO_TOKEN] * self.audio_tokens + self._encode(a_after + after)
 
     def answer_ids(self, label: str) -> list[int]:
         """Label tokens plus the turn suffix: what follows a turn's slot in the transcript."""
         return self.label_ids[self.labels.index(label)] + self.suffix_ids
 
-    def encode(self, dialogue: Dialogue) -> dict:
+    def encode(self, dialogue: Dialogue, notes: list[str] | None = None) -> dict:
         """Tokenized segments of a dialogue (cacheable): header, per-turn prefixes, gold label indices (-1 = none)."""
+        notes = notes or [""] * len(dialogue.utterances)
         return {
             "dialogue_id": dialogue.id,
             "header": self.header_ids(dialogue),
-            "turns": [self.turn_ids(u) for u in dialogue.utterances],
+            "turns": [self.turn_ids(u, n) for u, n in zip(dialogue.utterances, notes)],
             "labels": [self.labels.index(u.emotion) if u.emotion is not None else -1 for u in dialogue.utterances],
+            "utterance_ids": [u.utterance_id for u in dialogue.utterances],
         }
 
     def assemble(self, header: list[int], turns: list[list[int]], written: list[int]) -> Transcript:
@@ -141,9 +165,9 @@ class PromptBuilder:
             ids.extend(answers[i])
         return out
 
-    def build(self, dialogue: Dialogue, history: list[str]) -> Transcript:
+    def build(self, dialogue: Dialogue, history: list[str], notes: list[str] | None = None) -> Transcript:
         """Full transcript with ``history[i]`` written in turn *i*'s slot (gold labels in training)."""
         if len(history) != len(dialogue.utterances):
             raise ValueError(f"dialogue {dialogue.id}: {len(dialogue.utterances)} turns but {len(history)} labels")
-        enc = self.encode(dialogue)
+        enc = self.encode(dialogue, notes)
         return self.assemble(enc["header"], enc["turns"], [self.labels.index(h) for h in history])

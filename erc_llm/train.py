@@ -48,20 +48,21 @@ log = logging.getLogger("erc_llm.train")
 
 # ----------------------------------------------------------------------------------------- data
 
-def tokenized(builder: PromptBuilder, dialogues, source_digest: str):
+def tokenized(builder: PromptBuilder, dialogues, source_digest: str, notes: dict | None = None):
     """Tokenized segments of every dialogue as a ``datasets.Dataset``, cached on disk by content."""
     import datasets
 
     from erc_llm.backbone import cache_root
 
     key = hashlib.sha256(json.dumps([
-        source_digest, builder.templates.version, builder.max_utterance_tokens, builder.labels.labels,
+        "v2", source_digest, builder.templates.version, builder.max_utterance_tokens, builder.labels.labels, notes,
+        builder.max_note_tokens, builder.audio_tokens, builder.templates.audio,
         builder.tokenizer.name_or_path, len(builder.tokenizer), builder.label_ids,
     ]).encode()).hexdigest()[:16]
     path = cache_root() / "tokenized" / key
     if path.is_dir():
         return datasets.load_from_disk(str(path))
-    ds = datasets.Dataset.from_list([builder.encode(d) for d in dialogues])
+    ds = datasets.Dataset.from_list([builder.encode(d, (notes or {}).get(d.id)) for d in dialogues])
     with atomic_dir(path) as tmp:
         ds.save_to_disk(str(tmp))
     return datasets.load_from_disk(str(path))
@@ -97,11 +98,13 @@ def wrap_lora(model, cfg: TrainConfig):
 
 # ---------------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(run: Path, model, optimizer, scheduler, state: dict) -> None:
+def save_checkpoint(run: Path, model, optimizer, scheduler, state: dict, projector=None) -> None:
     from peft import get_peft_model_state_dict
 
     with atomic_dir(run / "checkpoint") as tmp:
         torch.save(get_peft_model_state_dict(model), tmp / "adapter.pt")
+        if projector is not None:
+            torch.save(projector.state_dict(), tmp / "projector.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
@@ -109,11 +112,13 @@ def save_checkpoint(run: Path, model, optimizer, scheduler, state: dict) -> None
         atomic_write_json(tmp / "state.json", state)
 
 
-def load_checkpoint(run: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(run: Path, model, optimizer, scheduler, projector=None) -> dict:
     from peft import set_peft_model_state_dict
 
     ck = run / "checkpoint"
     set_peft_model_state_dict(model, torch.load(ck / "adapter.pt", weights_only=False))
+    if projector is not None:
+        projector.load_state_dict(torch.load(ck / "projector.pt", weights_only=True))
     optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=False))
     rng = torch.load(ck / "rng.pt", weights_only=False)
@@ -126,13 +131,17 @@ def load_checkpoint(run: Path, model, optimizer, scheduler) -> dict:
 # ------------------------------------------------------------------------------------ selection
 
 @torch.no_grad()
-def dev_metrics(model, builder: PromptBuilder, dialogues, history: str) -> dict:
+def dev_metrics(model, builder: PromptBuilder, dialogues, history: str, speakers=None, audio=None) -> dict:
+    """Dev metrics; ``speakers`` = a fresh SpeakerContext (dialogues must then be in dataset order);
+    ``audio`` = (AudioInputs, AudioProjector)."""
     from erc_llm.decoding import StreamingTagger
     from erc_llm.evaluate import compute_metrics
 
     was_training = model.training
     model.eval()
-    tagger = StreamingTagger(model, builder, history)
+    if audio:
+        audio[1].eval()
+    tagger = StreamingTagger(model, builder, history, speakers, audio)
     gold, pred = [], []
     for d in dialogues:
         for u, p in zip(d.utterances, tagger.tag(d)):
@@ -140,22 +149,65 @@ def dev_metrics(model, builder: PromptBuilder, dialogues, history: str) -> dict:
                 gold.append(u.emotion)
                 pred.append(p.label)
     model.train(was_training)
+    if audio:
+        audio[1].train(was_training)
     m = compute_metrics(gold, pred, builder.labels)
     return {k: m[k] for k in ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1")}
 
 
 def write_run_files(run: Path, cfg: TrainConfig, labels: LabelSet, templates: Templates, manifest: dict) -> None:
+    from erc_llm.speakers import copy_store, settings_of
+
     run.mkdir(parents=True, exist_ok=True)
-    src = Path(cfg.prompts) if cfg.prompts else PROMPTS_DIR
     with atomic_dir(run / "prompts") as tmp:
-        for name in ("header.txt", "turn.txt"):
-            shutil.copy(src / name, tmp / name)
+        for path in sorted(prompts_dir(cfg).glob("*.txt")):
+            shutil.copy(path, tmp / path.name)
+    if cfg.speaker_store:
+        copy_store(cfg.speaker_store, run / "speaker_store")
     atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     atomic_write_json(run / "run.json", {
         "model": cfg.model, "backbone": manifest, "dataset": cfg.dataset, "labels": list(labels.labels),
         "prompt_version": templates.version, "max_tokens": cfg.max_tokens,
-        "max_utterance_tokens": cfg.max_utterance_tokens,
+        "max_utterance_tokens": cfg.max_utterance_tokens, "speakers": settings_of(cfg),
+        "audio": {"source": cfg.audio_source, "dir": str(Path(cfg.audio_dir).resolve()), "k_tokens": cfg.audio_k_tokens}
+        if cfg.audio_source != "none" else None,
     })
+
+
+def prompts_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.prompts) if cfg.prompts else PROMPTS_DIR
+
+
+def audio_setup(cfg: TrainConfig, train_d, dev_d, model):
+    """(AudioSpec, train inputs, dev inputs, projector) or Nones; normalisation is fitted on train only."""
+    from erc_llm.audio import load_source
+    from erc_llm.projector import AudioInputs, AudioProjector, embedding_rms, fit_spec
+
+    if cfg.audio_source == "none":
+        return None, None, None, None
+    ids = {name: [u.utterance_id for d in ds for u in d.utterances] for name, ds in (("train", train_d), ("dev", dev_d))}
+    table = load_source(cfg.audio_source, cfg.audio_dir, "train")
+    spec = fit_spec(cfg.audio_source, cfg.audio_k_tokens, table, ids["train"])
+    train_in = AudioInputs(spec, table, ids["train"])
+    dev_in = AudioInputs(spec, load_source(cfg.audio_source, cfg.audio_dir, "dev"), ids["dev"])
+    log.info("audio %s: %d features per utterance%s; no audio for %d of %d train and %d of %d dev utterances "
+             "(they get the 'no audio' input)", cfg.audio_source, spec.feature_dim, " (frames)" if spec.frames else "",
+             train_in.missing, len(ids["train"]), dev_in.missing, len(ids["dev"]))
+    projector = AudioProjector(spec.in_dim, model.config.hidden_size, spec.k_tokens, spec.frames,
+                               target_rms=embedding_rms(model))
+    return spec, train_in, dev_in, projector
+
+
+def speaker_setup(cfg: TrainConfig, labels: LabelSet, train_d):
+    """(training notes per dialogue id, a factory of fresh evaluation contexts) or (None, None)."""
+    from erc_llm.speakers import open_context, settings_of, training_notes
+
+    settings = settings_of(cfg)
+    if settings is None:
+        return None, None
+    ctx = open_context(cfg.speaker_store, settings, prompts_dir(cfg), labels, seed=False)
+    notes = training_notes(ctx.store, ctx.templates, ctx.settings, train_d)
+    return notes, lambda: open_context(cfg.speaker_store, settings, prompts_dir(cfg), labels, seed=True)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -197,29 +249,45 @@ def train(cfg: TrainConfig) -> dict:
     # model
     model, tok, manifest = load_for_training(cfg.model, cfg.dtype, cfg.quant)
     templates = Templates.load(cfg.prompts) if cfg.prompts else Templates.load()
-    builder = PromptBuilder(tok, labels, templates, cfg.max_tokens, cfg.max_utterance_tokens)
+    builder = PromptBuilder(tok, labels, templates, cfg.max_tokens, cfg.max_utterance_tokens, cfg.speaker_note_tokens,
+                            cfg.audio_k_tokens if cfg.audio_source != "none" else 0)
     label_tokens = first_token_ids(builder)
+    notes, dev_speakers = speaker_setup(cfg, labels, train_d)
+    if dev_speakers is not None:
+        from erc_llm.speakers import dataset_order
+
+        dev_d = dataset_order(dev_d)  # the cross-dialogue memory follows story order
     with accelerator.main_process_first():
-        data = tokenized(builder, train_d, digest_dialogues(train_d))
+        data = tokenized(builder, train_d, digest_dialogues(train_d), notes)
     counts = label_counts(train_d)
     weights = class_weights([counts.get(lab, 0) for lab in labels.labels], cfg.class_weights)
     prior = np.array([counts.get(lab, 0) for lab in labels.labels], dtype=np.float64)
     prior /= prior.sum()
+    spec, train_audio, dev_audio, projector = audio_setup(cfg, train_d, dev_d, model)
     model = wrap_lora(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": params}]
+    if projector is not None:
+        groups.append({"params": list(projector.parameters()), "lr": cfg.audio_lr})
+        params = params + groups[1]["params"]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = len(epoch_order(len(data), cfg.seed, 0, world, cfg.batch_dialogues)) // (world * cfg.batch_dialogues)
     if per_epoch == 0:
         raise ValueError(f"{len(data)} training dialogues are fewer than one step needs "
                          f"({world} processes x batch_dialogues {cfg.batch_dialogues}); lower batch_dialogues")
     total = cfg.max_steps or math.ceil(per_epoch * cfg.epochs)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if projector is not None:
+        model, projector, optimizer = accelerator.prepare(model, projector, optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    bare_projector = accelerator.unwrap_model(projector) if projector is not None else None
+    audio = {"spec": spec, "projector": bare_projector, "dev": (dev_audio, bare_projector)} if projector is not None else None
 
     state = {"step": 0, "epoch": 0, "position": 0, "best": None, "tokens": 0, "labels_seen": 0, "train_seconds": 0.0}
     if cfg.resume:
-        state = load_checkpoint(run, unwrapped, optimizer, scheduler)
+        state = load_checkpoint(run, unwrapped, optimizer, scheduler, bare_projector)
         if main:
             log.info("resumed from %s/checkpoint at step %d", run, state["step"])
             _truncate_log(run / "log.jsonl", state["step"])
@@ -232,6 +300,8 @@ def train(cfg: TrainConfig) -> dict:
     autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if cfg.autocast_bf16 else contextlib.nullcontext()
     bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", disable=not main, dynamic_ncols=True)
     model.train()
+    if projector is not None:
+        projector.train()
     while state["step"] < total:
         order = epoch_order(len(data), cfg.seed, state["epoch"], world, cfg.batch_dialogues)[rank::world]
         if state["position"] >= len(order):
@@ -251,7 +321,9 @@ def train(cfg: TrainConfig) -> dict:
             sync = contextlib.nullcontext() if i == len(batch) - 1 else accelerator.no_sync(model)
             with sync:
                 with autocast:
-                    logits = slot_logits(model, tr, label_tokens)
+                    soft = (train_audio.soft_tokens(projector, [row["utterance_ids"][j] for j in tr.turn_index])
+                            if projector is not None else None)
+                    logits = slot_logits(model, tr, label_tokens, soft)
                 loss = label_loss(logits[keep], targets[keep], weights, cfg.focal_gamma) / len(batch)
                 accelerator.backward(loss)
             step_loss += loss.item()
@@ -274,10 +346,10 @@ def train(cfg: TrainConfig) -> dict:
                              "lr": scheduler.get_last_lr()[0], "tokens_per_second": tps,
                              "labels_per_second": state["labels_seen"] / max(state["train_seconds"], 1e-9)})
         if state["step"] % cfg.eval_every == 0 or state["step"] == total:
-            evaluate_and_select(cfg, run, accelerator, unwrapped, builder, dev_d, state)
+            evaluate_and_select(cfg, run, accelerator, unwrapped, builder, dev_d, state, dev_speakers, audio)
         if state["step"] % cfg.save_every == 0 or state["step"] == total:
             if main:
-                save_checkpoint(run, unwrapped, optimizer, scheduler, state)
+                save_checkpoint(run, unwrapped, optimizer, scheduler, state, bare_projector)
             accelerator.wait_for_everyone()
     bar.close()
     result = {"best": state["best"], "steps": state["step"], "train_seconds": state["train_seconds"],
@@ -293,16 +365,21 @@ def train(cfg: TrainConfig) -> dict:
     return result
 
 
-def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state) -> None:
-    """Dev evaluation on the main process with predicted history; the best adapter goes to ``run/adapter``."""
+def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state, speakers=None, audio=None) -> None:
+    """Dev evaluation on the main process with predicted history; the best adapter (with the audio
+    projector, if any) goes to ``run/adapter``."""
     if accelerator.is_main_process:
         t0 = time.time()
-        m = dev_metrics(model, builder, dev_d, "predicted")
+        m = dev_metrics(model, builder, dev_d, "predicted", speakers() if speakers else None,
+                        audio["dev"] if audio else None)
         row = {"step": state["step"], "dev_predicted": m, "eval_seconds": time.time() - t0}
         if state["best"] is None or m["weighted_f1"] > state["best"]["dev_predicted"]["weighted_f1"]:
             state["best"] = {"step": state["step"], "dev_predicted": m}
             with atomic_dir(run / "adapter") as tmp:
                 model.save_pretrained(tmp)
+                if audio:
+                    torch.save(audio["projector"].state_dict(), tmp / "projector.pt")
+                    audio["spec"].save(tmp / "audio.json")
             atomic_write_json(run / "best.json", state["best"])
         append_log(run, row)
         log.info("step %d dev weighted F1 %.2f (best %.2f at step %d)", state["step"], m["weighted_f1"],
@@ -327,7 +404,7 @@ def test_evaluation(cfg: TrainConfig, run: Path) -> dict:
     from erc_llm.evaluate import evaluate
 
     out = {}
-    for history in ("predicted", "gold"):
+    for history in ("predicted", "gold") if cfg.test_gold else ("predicted",):
         ecfg = build(EvalConfig, None, {
             "dataset": cfg.dataset, "split": "test", "data_dir": cfg.data_dir, "labels": cfg.labels, "run": str(run),
             "out": str(run / "eval" / f"test_{history}"), "history": history, "max_tokens": cfg.max_tokens,
@@ -349,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         cfg = from_args(TrainConfig, args)
         result = train(cfg)
@@ -359,8 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best dev weighted F1 {result['best']['dev_predicted']['weighted_f1']:.2f} at step {result['best']['step']}")
     if result.get("test"):
         t = result["test"]
-        print(f"test weighted F1 {t['predicted']['weighted_f1']:.2f} (predicted history), "
-              f"{t['gold']['weighted_f1']:.2f} (gold history, diagnostic)")
+        gold = f", {t['gold']['weighted_f1']:.2f} (gold history, diagnostic)" if "gold" in t else ""
+        print(f"test weighted F1 {t['predicted']['weighted_f1']:.2f} (predicted history){gold}")
     return 0
 
 

@@ -158,3 +158,41 @@ def test_qlora_4bit_loads_or_falls_back_with_warning(tiny_model_dir, caplog):
         assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
     else:
         assert "quant=4bit unavailable here" in caplog.text
+
+
+def test_train_with_audio_and_speakers_writes_a_self_contained_run(tmp_path, tiny_model_dir):
+    """Audio soft tokens (csv features, a few utterances missing) + speaker notes, through train and test eval."""
+    import numpy as np
+
+    from erc_llm.data import load_split
+    from erc_llm.speakers import SpeakerTemplates, build_store
+
+    data = write_jsonl_dataset(tmp_path / "data", 4)
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    rng = np.random.default_rng(0)
+    for split in ("train", "dev", "test"):
+        dialogues, _, _ = load_split("jsonl", split, data, LABELS.labels)
+        ids = [u.utterance_id for d in dialogues for u in d.utterances][:-1]  # one utterance without audio
+        rows = "\n".join(f"{i},{rng.normal():.3f},{rng.normal():.3f},," for i in ids)
+        (feats / f"{split}.csv").write_text("utterance_id,pitch,energy,hnr,jitter\n" + rows + "\n")
+    train_d, _, _ = load_split("jsonl", "train", data, LABELS.labels)
+    build_store(train_d, LABELS, SpeakerTemplates.load(), min_utterances=1)[0].save(tmp_path / "store")
+    run = tmp_path / "run"
+    args = _args(data, tiny_model_dir, run, max_steps=2, test_eval="true", test_gold="false", labels=",".join(LABELS.labels),
+                 audio_source="csv", audio_dir=feats, audio_k_tokens=2, speaker_store=tmp_path / "store",
+                 speaker_bios="true", speaker_history=3)
+    r = subprocess.run([sys.executable, str(REPO / "erc_llm/train.py"), *args], env=_env(tmp_path),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["audio"]["source"] == "csv" and meta["audio"]["k_tokens"] == 2
+    assert meta["speakers"] == {"bios": True, "history": 3, "top_k": 2, "note_tokens": 64}
+    for f in ("adapter/projector.pt", "adapter/audio.json", "checkpoint/projector.pt", "speaker_store/manifest.json",
+              "prompts/audio.txt", "prompts/speaker_known.txt"):
+        assert (run / f).is_file(), f
+    spec = json.loads((run / "adapter" / "audio.json").read_text())
+    assert spec["feature_dim"] == 4 and spec["in_dim"] == 8  # values + missing mask (two columns all empty)
+    m = json.loads((run / "eval" / "test_predicted" / "metrics.json").read_text())
+    assert m["audio"] == {"source": "csv", "missing": 1} and m["speakers"]["history"] == 3
+    assert not (run / "eval" / "test_gold").exists()

@@ -1,0 +1,213 @@
+"""Chat-style emotion queries: feed a live conversation turn by turn, ask how each speaker feels.
+
+    from erc_llm.session import ERCSession
+    s = ERCSession.from_run("runs/meld")          # or ERCSession.from_run(None): zero-shot backbone
+    s.add_turn("Ross", "We were on a break!")     # -> TurnResult(label='anger', probs={...})
+    s.speaker_summary("Ross")
+
+An :class:`Engine` (backbone + adapter, prompt builder, speaker store, audio projector) is loaded once
+and shared; each :class:`ERCSession` owns one dialogue's KV cache (``decoding.StreamState``), so a
+turn costs only its own tokens. The prompt is the one the run was trained with: the header lists the
+participants (given up front, or as they appear; a newcomer re-reads the transcript once), speaker
+notes precede each speaker's first turn, and the model's own labels are written for earlier turns.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from erc_llm.data.schema import MELD_LABELS, DataError, Dialogue, LabelSet, Utterance
+
+
+@dataclass
+class TurnResult:
+    index: int
+    speaker: str
+    text: str
+    label: str
+    probs: dict[str, float]
+
+    def top(self, k: int = 3) -> list[tuple[str, float]]:
+        return sorted(self.probs.items(), key=lambda kv: -kv[1])[:k]
+
+
+@dataclass
+class Engine:
+    """Everything a session needs that is shared and read-only: load once, serve many dialogues."""
+
+    model: object
+    builder: object
+    labels: LabelSet
+    speakers: object = None  # SpeakerContext (its cross-dialogue memory is updated when a dialogue ends)
+    audio: tuple | None = None  # (AudioSpec, AudioProjector)
+    name: str = ""
+    trie: object = None  # LabelTrie of the builder's labels
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one forward at a time on the shared model
+
+    @classmethod
+    def load(cls, run: str | Path | None = None, model: str = "", labels: LabelSet | None = None,
+             dtype: str = "float32", threads: int = 0) -> "Engine":
+        import os
+
+        from erc_llm.config import EvalConfig
+        from erc_llm.decoding import LabelTrie
+        from erc_llm.evaluate import RUN_FILE, load_model_for_eval, load_projector, speaker_context
+        from erc_llm.prompting import PromptBuilder, Templates
+
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        cfg = EvalConfig(run=str(run or ""), dtype=dtype, **({"model": model} if model else {}))
+        meta = json.loads((Path(run) / RUN_FILE).read_text()) if run else {}
+        if meta and labels is None:
+            labels = LabelSet(meta.get("dataset", "run"), tuple(meta["labels"]))
+        labels = labels or MELD_LABELS
+        net, tok, manifest = load_model_for_eval(cfg)
+        templates = Templates.load(Path(run) / "prompts") if run else Templates.load()
+        speakers, note_tokens = speaker_context(cfg, labels)
+        audio = load_projector(Path(run), net) if run and (Path(run) / "adapter" / "audio.json").is_file() else None
+        builder = PromptBuilder(tok, labels, templates, meta.get("max_tokens", 2048),
+                                meta.get("max_utterance_tokens", 96), note_tokens, audio[0].k_tokens if audio else 0)
+        return cls(net, builder, labels, speakers, audio, manifest.get("name", cfg.model), LabelTrie(builder.label_ids))
+
+    def soft_tokens(self, audio) -> torch.Tensor | None:
+        """Soft tokens of one turn: ``audio`` = a wav path (features extracted as in training), a feature
+        vector / frame array, or None (the "no audio" input)."""
+        if self.audio is None:
+            if audio is not None:
+                raise ValueError("this model was trained without audio; add turns without audio")
+            return None
+        from erc_llm.projector import model_input
+
+        spec, projector = self.audio
+        raw = None if audio is None else self._features(spec, audio)
+        with torch.inference_mode():
+            return projector([model_input(spec, raw).to(next(projector.parameters()).device)])[0]
+
+    @staticmethod
+    def _features(spec, audio) -> np.ndarray:
+        from erc_llm import audio as A
+
+        if isinstance(audio, (str, Path)):
+            if tuple(spec.names) == A.PROSODY_FEATURES:
+                return A.praat_prosody(A.read_wav(audio))
+            if len(spec.names) == 88 and spec.names[0].startswith("F0semitone"):
+                return A.egemaps(A.read_wav(audio))
+            raise ValueError(f"this run uses {spec.source} features ({spec.feature_dim} values) that cannot be computed "
+                             "from a wav here; pass the feature vector instead")
+        x = np.asarray(audio, dtype=np.float32)
+        if x.shape[-1] != spec.feature_dim or x.ndim != (2 if spec.frames else 1):
+            want = f"(T, {spec.feature_dim})" if spec.frames else f"({spec.feature_dim},)"
+            raise ValueError(f"audio features have shape {x.shape}; this run expects {want} ({spec.source})")
+        return x
+
+
+class ERCSession:
+    """One live dialogue. Not thread-safe by itself; the HTTP server keeps one lock per session."""
+
+    def __init__(self, engine: Engine, participants: list[str] | None = None, dialogue_id: str = "chat"):
+        self.engine = engine
+        self.dialogue_id = dialogue_id
+        self._initial = list(participants or [])
+        self.reset(observe=False)
+
+    @classmethod
+    def from_run(cls, run: str | Path | None = None, participants: list[str] | None = None, **kw) -> "ERCSession":
+        return cls(Engine.load(run, **kw), participants)
+
+    # ------------------------------------------------------------------------------- dialogue
+
+    def reset(self, observe: bool = True) -> None:
+        """Start a new dialogue (the finished one's predicted labels go into the speaker memory)."""
+        if observe and getattr(self, "turns", None) and self.engine.speakers is not None:
+            self.engine.speakers.observe(self._dialogue(), [t.label for t in self.turns])
+        self.participants = list(self._initial)
+        self.turns: list[TurnResult] = []
+        self.state = None
+
+    def _dialogue(self) -> Dialogue:
+        return Dialogue(self.dialogue_id, [Utterance(t.speaker, t.text, None, f"{self.dialogue_id}_{t.index}")
+                                           for t in self.turns])
+
+    def _header(self) -> list[int]:
+        utts = [Utterance(p, "", None, "") for p in self.participants]
+        return self.engine.builder.header_ids(Dialogue(self.dialogue_id, utts))
+
+    def add_turn(self, speaker: str, text: str, audio=None) -> TurnResult:
+        """Label a new turn; returns the label and the probability of every label."""
+        from erc_llm.decoding import StreamState
+        from erc_llm.data.text import normalize_speaker, normalize_text
+
+        speaker, text = normalize_speaker(speaker), normalize_text(text)
+        if not speaker or not text:
+            raise ValueError(f"a turn needs a speaker and text; got speaker={speaker!r}, text={text!r}")
+        e = self.engine
+        soft = e.soft_tokens(audio)
+        first = speaker not in {t.speaker for t in self.turns}
+        note = e.speakers.note(speaker, [text]) if (first and e.speakers is not None) else ""
+        utt = Utterance(speaker, text, None, f"{self.dialogue_id}_{len(self.turns)}")
+        with e.lock:
+            if speaker not in self.participants:
+                self.participants.append(speaker)
+                if self.state is not None:
+                    self.state.restart(self._header())
+            if self.state is None:
+                self.state = StreamState(e.model, e.builder, e.trie, self._header())
+            probs = self.state.score(utt, note, soft)
+            label = e.labels.labels[int(probs.argmax())]
+            self.state.commit(label)
+        result = TurnResult(len(self.turns), speaker, text, label,
+                            {lab: round(float(p), 6) for lab, p in zip(e.labels.labels, probs.tolist())})
+        self.turns.append(result)
+        return result
+
+    # -------------------------------------------------------------------------------- queries
+
+    def history(self) -> list[TurnResult]:
+        return list(self.turns)
+
+    def speaker_summary(self, name: str) -> dict:
+        """Their emotions so far in this dialogue, and what the speaker store knows about them."""
+        own = [t for t in self.turns if t.speaker == name]
+        if not own and name not in self.participants:
+            known = sorted({t.speaker for t in self.turns} | set(self.participants))
+            raise KeyError(f"speaker {name!r} has not spoken in this dialogue; speakers so far = {known}")
+        out = {"speaker": name, "turns": len(own), "emotions": [t.label for t in own],
+               "counts": dict(Counter(t.label for t in own)), "last": own[-1].label if own else None,
+               "last_probs": own[-1].probs if own else None, "biography": None, "earlier_emotions": None}
+        ctx = self.engine.speakers
+        if ctx is not None:
+            p = ctx.store.get(name)
+            out["biography"] = p.bio if p is not None else ctx.note(name, [t.text for t in own]) or None
+            if name in ctx.memory:
+                out["earlier_emotions"] = list(ctx.memory[name])
+        return out
+
+    def to_jsonl_row(self) -> dict:
+        """This dialogue in the generic JSONL format, with the predicted labels as emotions."""
+        return {"dialogue_id": self.dialogue_id, "utterances": [
+            {"speaker": t.speaker, "text": t.text, "emotion": t.label, "probabilities": t.probs} for t in self.turns]}
+
+
+def load_dialogue_file(path: str | Path) -> list[tuple[str, str]]:
+    """(speaker, text) turns of the first dialogue in a generic-format JSONL file."""
+    path = Path(path)
+    try:
+        line = next(ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip())
+        row = json.loads(line)
+        return [(str(u["speaker"]), str(u["text"])) for u in row["utterances"]]
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except StopIteration:
+        raise DataError(f"{path}: empty; expected one JSON object per line (a dialogue)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{path}, line 1: expected {{\"dialogue_id\": ..., \"utterances\": [{{\"speaker\": ..., "
+                        f"\"text\": ...}}]}} ({e})") from None
+
+
+__all__ = ["ERCSession", "Engine", "TurnResult", "load_dialogue_file"]

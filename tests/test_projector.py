@@ -1,0 +1,96 @@
+"""Audio soft tokens: projector shapes, missing audio, and the KV-cached decoder with audio."""
+
+import numpy as np
+import pytest
+import torch
+
+from erc_llm.audio import FeatureTable
+from erc_llm.data.schema import DataError
+from erc_llm.decoding import StreamingTagger
+from erc_llm.objective import slot_logits
+from erc_llm.projector import AudioInputs, AudioProjector, embed_ids, embedding_rms, fit_spec
+from erc_llm.prompting import AUDIO_TOKEN, PromptBuilder
+from tests.conftest import LABELS, make_model, toy_dialogue
+
+
+def _table(ids, dim=8, frames=False, seed=0):
+    rng = np.random.default_rng(seed)
+    vals = {i: rng.normal(size=(5 + k, dim) if frames else dim).astype(np.float32) for k, i in enumerate(ids)}
+    return FeatureTable(tuple(f"f{j}" for j in range(dim)), vals, "test")
+
+
+def test_utterance_projector_shapes_and_scale():
+    torch.manual_seed(0)
+    p = AudioProjector(in_dim=16, hidden_size=24, k_tokens=3, frames=False, target_rms=5.0)
+    y = p([torch.randn(16) for _ in range(4)])
+    assert y.shape == (4, 3, 24)
+    assert y.pow(2).mean().sqrt().item() == pytest.approx(5.0, rel=0.05)  # matched to the LLM's embeddings
+
+
+def test_frame_projector_pools_variable_lengths_without_padding_effects():
+    torch.manual_seed(0)
+    p = AudioProjector(in_dim=9, hidden_size=24, k_tokens=2, frames=True).eval()
+    short, long = torch.randn(3, 9), torch.randn(50, 9)
+    both = p([short, long])
+    assert both.shape == (2, 2, 24)
+    torch.testing.assert_close(both[0], p([short])[0], atol=1e-5, rtol=1e-5)  # padding never leaks in
+
+
+def test_missing_audio_gets_the_no_audio_input_and_is_counted():
+    spec = fit_spec("csv", 1, _table(["a", "b", "c"]), ["a", "b", "c"])
+    inputs = AudioInputs(spec, _table(["a", "b"]), ["a", "b", "zz"])
+    assert inputs.missing == 1
+    assert inputs.inputs["zz"].tolist() == [0.0] * 8 + [1.0] * 8  # values 0, every "missing" flag 1
+    assert inputs.inputs["a"][8:].sum() == 0
+    fspec = fit_spec("npy", 2, _table(["a", "b"], frames=True), ["a", "b"])
+    assert fspec.frames and fspec.in_dim == 9
+    finputs = AudioInputs(fspec, _table(["a"], frames=True), ["a", "q"])
+    assert finputs.inputs["a"].shape == (5, 9) and finputs.inputs["q"].tolist() == [[0.0] * 8 + [1.0]]
+    with pytest.raises(DataError, match="have 5 values per utterance; the run was trained on 8"):
+        AudioInputs(spec, _table(["a"], dim=5), ["a"])
+    with pytest.raises(DataError, match="none of the 2 training utterances has features"):
+        fit_spec("csv", 1, _table(["x"]), ["a", "b"])
+
+
+def test_builder_puts_k_placeholders_before_each_slot(tiny_tokenizer):
+    b = PromptBuilder(tiny_tokenizer, LABELS, audio_tokens=2)
+    d = toy_dialogue(3)
+    tr = b.build(d, [u.emotion for u in d.utterances])
+    pos = [i for i, t in enumerate(tr.input_ids) if t == AUDIO_TOKEN]
+    assert len(pos) == 6
+    for slot, (a, c) in zip(tr.slots, zip(pos[::2], pos[1::2])):
+        assert c == a + 1 and a < slot  # the turn's two soft tokens come before its emotion slot
+
+
+@pytest.mark.parametrize("frames", [False, True])
+def test_streaming_with_audio_equals_full_forward(tiny_tokenizer, frames):
+    """Soft tokens through the KV-cached decoder == one whole-transcript forward, also after truncation."""
+    torch.manual_seed(0)
+    model = make_model(len(tiny_tokenizer), "llama")
+    d = toy_dialogue(12)
+    ids = [u.utterance_id for u in d.utterances]
+    spec = fit_spec("npy", 2, _table(ids, frames=frames), ids)
+    inputs = AudioInputs(spec, _table(ids[:-2], frames=frames), ids)  # last two turns without audio
+    proj = AudioProjector(spec.in_dim, model.config.hidden_size, 2, frames, target_rms=embedding_rms(model)).eval()
+    for budget in (4096, 160):
+        builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=budget, max_utterance_tokens=16, audio_tokens=2)
+        preds = StreamingTagger(model, builder, "predicted", audio=(inputs, proj)).tag(d)
+        if budget == 4096:  # reference: full forward over the transcript with the same written labels
+            tr = builder.build(d, [p.label for p in preds])
+            with torch.no_grad():
+                soft = inputs.soft_tokens(proj, [ids[i] for i in tr.turn_index])
+                ref = torch.softmax(slot_logits(model, tr, [x[0] for x in builder.label_ids], soft), -1)
+            for p, r in zip(preds, ref):
+                assert p.probs == pytest.approx(r.tolist(), abs=1e-4)
+        assert len(preds) == 12 and all(sum(p.probs) == pytest.approx(1.0, abs=1e-5) for p in preds)
+
+
+def test_audio_changes_predictions_and_placeholders_need_soft_tokens(tiny_tokenizer):
+    torch.manual_seed(0)
+    model = make_model(len(tiny_tokenizer), "llama")
+    x = torch.tensor([[5, AUDIO_TOKEN, 7]])
+    with pytest.raises(ValueError, match="1 audio positions but 0 soft tokens"):
+        embed_ids(model, x, None)
+    e = embed_ids(model, x, torch.full((1, model.config.hidden_size), 3.0))
+    assert torch.equal(e[0, 1], torch.full((model.config.hidden_size,), 3.0))
+    assert torch.equal(e[0, 0], model.get_input_embeddings()(torch.tensor(5)))
