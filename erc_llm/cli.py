@@ -118,6 +118,22 @@ def _audio_extract(args) -> None:
         print(f"  skipped {uid}: {why}")
 
 
+def _chat(args) -> None:
+    from erc_llm.chat import Repl, run
+    from erc_llm.session import ERCSession
+
+    participants = [p.strip() for p in args.participants.split(",") if p.strip()]
+    run(Repl(ERCSession.from_run(args.run or None, participants, model=args.model, threads=args.threads)))
+
+
+def _serve(args) -> None:
+    from erc_llm.server import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.warning("binding to %s: the service has no authentication; expose it only behind your own proxy", args.host)
+    serve(args.run or None, args.host, args.port, args.model, args.threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="erc-llm", description="Emotion recognition in conversation with a small LLM.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -164,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--store", required=True)
     ss.add_argument("name", nargs="?")
     ss.set_defaults(func=_speakers_show)
+
+    ch = sub.add_parser("chat", help="label a conversation as you type it (REPL; works piped)")
+    sv = sub.add_parser("serve", help="HTTP service + web page for live emotion queries (FastAPI)")
+    for q in (ch, sv):
+        q.add_argument("--run", default="", help="trained run directory (default: the zero-shot backbone)")
+        q.add_argument("--model", default="", help="backbone when no --run is given (default: gemma-3-270m)")
+        q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    ch.add_argument("--participants", default="", help="comma-separated speakers known up front")
+    ch.set_defaults(func=_chat)
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.set_defaults(func=_serve)
 
     au = sub.add_parser("audio", help="audio features").add_subparsers(dest="audio_command", required=True)
     ax = au.add_parser("extract", help="extract features from every audio file of a folder (resumable)")

@@ -1,0 +1,185 @@
+"""``erc-llm serve``: an HTTP service (FastAPI) for live emotion queries, with a small web page at ``/``.
+
+    erc-llm serve --run runs/meld --host 127.0.0.1 --port 8000
+
+    POST   /dialogues                 {"participants": ["Ross", "Rachel"]}  -> {"id": ...}
+    POST   /dialogues/{id}/turns      {"speaker": "Ross", "text": "..."}    -> label + probability of every label
+    GET    /dialogues/{id}            the transcript with labels
+    GET    /dialogues/{id}/speakers/{name}                                  -> emotions so far, biography
+    DELETE /dialogues/{id}
+    GET    /labels, /health, /docs (OpenAPI)
+
+Binds to loopback by default. Limits (text length, turns per dialogue, open dialogues with idle expiry,
+request size) give 4xx JSON errors. One model is shared: forwards are serialised by the engine's lock,
+and each dialogue has its own lock, so concurrent requests never mix dialogue states.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from erc_llm.session import Engine, ERCSession
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class Limits:
+    max_text_chars: int = 2000
+    max_speaker_chars: int = 80
+    max_turns: int = 500
+    max_dialogues: int = 200
+    idle_seconds: float = 1800.0
+    max_body_bytes: int = 65_536
+
+
+class NewDialogue(BaseModel):
+    participants: list[str] = Field(default_factory=list, max_length=50,
+                                    description="speakers known up front (others may join later)")
+
+
+class NewTurn(BaseModel):
+    speaker: str = Field(min_length=1, description="who speaks")
+    text: str = Field(min_length=1, description="what they say")
+
+
+class Dialogues:
+    """Open dialogues with idle expiry; thread-safe."""
+
+    def __init__(self, engine: Engine, limits: Limits):
+        self.engine, self.limits = engine, limits
+        self.items: dict[str, tuple[ERCSession, threading.Lock, list[float]]] = {}
+        self.lock = threading.Lock()
+
+    def create(self, participants: list[str]) -> str:
+        with self.lock:
+            now = time.monotonic()
+            for k in [k for k, (_, _, t) in self.items.items() if now - t[0] > self.limits.idle_seconds]:
+                self._close(k)
+            if len(self.items) >= self.limits.max_dialogues:
+                raise HTTPException(429, f"{len(self.items)} dialogues are open (limit {self.limits.max_dialogues}); "
+                                         "delete finished ones or wait for idle ones to expire")
+            key = secrets.token_hex(8)
+            self.items[key] = (ERCSession(self.engine, participants, key), threading.Lock(), [now])
+            return key
+
+    def get(self, key: str):
+        with self.lock:
+            if key not in self.items:
+                raise HTTPException(404, f"dialogue {key!r} not found (never created, deleted, or expired after "
+                                         f"{self.limits.idle_seconds:.0f} s idle)")
+            item = self.items[key]
+            item[2][0] = time.monotonic()
+            return item
+
+    def delete(self, key: str) -> None:
+        self.get(key)
+        with self.lock:
+            self._close(key)
+
+    def _close(self, key: str) -> None:
+        session, lock, _ = self.items.pop(key)
+        with lock:
+            session.reset()  # its predicted labels go into the speaker memory
+
+
+def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
+    limits = limits or Limits()
+    app = FastAPI(title="erc-llm", description="Emotion recognition in conversation: label turns as they arrive.")
+    store = Dialogues(engine, limits)
+    app.state.dialogues = store
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
+            return JSONResponse({"error": f"request body over {limits.max_body_bytes} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        problems = [{"field": ".".join(str(x) for x in e.get("loc", ())), "problem": e.get("msg", "")} for e in exc.errors()]
+        return JSONResponse({"error": "invalid request", "problems": problems}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)  # ours and the framework's (e.g. undecodable bodies, 404 routes)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):  # never a traceback to the client
+        return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": engine.name, "open_dialogues": len(store.items)}
+
+    @app.get("/labels")
+    def labels():
+        return {"labels": list(engine.labels.labels)}
+
+    @app.post("/dialogues", status_code=201)
+    def create(body: NewDialogue | None = None):
+        names = [p.strip() for p in (body.participants if body else []) if p.strip()]
+        if any(len(p) > limits.max_speaker_chars for p in names):
+            raise HTTPException(422, f"participant names are limited to {limits.max_speaker_chars} characters")
+        return {"id": store.create(names)}
+
+    @app.post("/dialogues/{key}/turns")
+    def add_turn(key: str, body: NewTurn):
+        if len(body.text) > limits.max_text_chars:
+            raise HTTPException(413, f"text has {len(body.text)} characters; the limit is {limits.max_text_chars}")
+        if len(body.speaker) > limits.max_speaker_chars:
+            raise HTTPException(422, f"speaker names are limited to {limits.max_speaker_chars} characters")
+        session, lock, _ = store.get(key)
+        with lock:
+            if len(session.turns) >= limits.max_turns:
+                raise HTTPException(409, f"dialogue {key} has reached {limits.max_turns} turns; start a new one")
+            try:
+                r = session.add_turn(body.speaker, body.text)
+            except ValueError as e:
+                raise HTTPException(422, str(e)) from None
+        return {"index": r.index, "speaker": r.speaker, "text": r.text, "label": r.label, "probabilities": r.probs}
+
+    @app.get("/dialogues/{key}")
+    def transcript(key: str):
+        session, lock, _ = store.get(key)
+        with lock:
+            turns = [{"index": t.index, "speaker": t.speaker, "text": t.text, "label": t.label,
+                      "probabilities": t.probs} for t in session.turns]
+            return {"id": key, "participants": list(session.participants), "turns": turns}
+
+    @app.get("/dialogues/{key}/speakers/{name}")
+    def speaker(key: str, name: str):
+        session, lock, _ = store.get(key)
+        with lock:
+            try:
+                return session.speaker_summary(name)
+            except KeyError as e:
+                raise HTTPException(404, str(e.args[0])) from None
+
+    @app.delete("/dialogues/{key}", status_code=204)
+    def delete(key: str):
+        store.delete(key)
+
+    return app
+
+
+def serve(run: str | None, host: str, port: int, model: str = "", threads: int = 0) -> None:
+    import uvicorn
+
+    engine = Engine.load(run or None, model=model, threads=threads)
+    uvicorn.run(create_app(engine), host=host, port=port, log_level="info")

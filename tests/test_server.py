@@ -1,0 +1,165 @@
+"""HTTP service: happy path, bad requests, limits, concurrency, and the web page in headless Chromium."""
+
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from erc_llm.server import Limits, create_app
+from erc_llm.session import Engine, ERCSession
+from tests.conftest import LABELS, toy_dialogue
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return Engine.load(None, model=str(tiny_model_dir), labels=LABELS)
+
+
+@pytest.fixture
+def client(engine):
+    return TestClient(create_app(engine, Limits(max_text_chars=200, max_turns=5, max_dialogues=60,
+                                                max_body_bytes=2000)), raise_server_exceptions=False)
+
+
+def test_happy_path(client):
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.get("/labels").json() == {"labels": list(LABELS.labels)}
+    key = client.post("/dialogues", json={"participants": ["Ross", "Rachel"]}).json()["id"]
+    r = client.post(f"/dialogues/{key}/turns", json={"speaker": "Ross", "text": "I can't believe you did that!"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["label"] in LABELS.labels and set(body["probabilities"]) == set(LABELS.labels)
+    assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    client.post(f"/dialogues/{key}/turns", json={"speaker": "Monica", "text": "Why?"})
+    t = client.get(f"/dialogues/{key}").json()
+    assert [x["speaker"] for x in t["turns"]] == ["Ross", "Monica"] and t["participants"] == ["Ross", "Rachel", "Monica"]
+    assert client.get(f"/dialogues/{key}/speakers/Ross").json()["turns"] == 1
+    assert client.get(f"/dialogues/{key}/speakers/Joey").status_code == 404
+    assert "/dialogues/{key}/turns" in client.get("/openapi.json").json()["paths"]
+    assert client.delete(f"/dialogues/{key}").status_code == 204
+    assert client.get(f"/dialogues/{key}").status_code == 404
+
+
+def test_bad_requests_get_4xx_json(client):
+    key = client.post("/dialogues", json={}).json()["id"]
+    url = f"/dialogues/{key}/turns"
+    cases = {
+        "malformed json": client.post(url, content=b'{"speaker": "Ross", "text": ', headers={"Content-Type": "application/json"}),
+        "non-utf8": client.post(url, content=b'{"speaker": "Ross", "text": "\xff\xfe caf\xe9"}',
+                                headers={"Content-Type": "application/json"}),
+        "missing field": client.post(url, json={"speaker": "Ross"}),
+        "empty text": client.post(url, json={"speaker": "Ross", "text": ""}),
+        "blank text": client.post(url, json={"speaker": "Ross", "text": "   "}),
+        "oversized text": client.post(url, json={"speaker": "Ross", "text": "x" * 201}),
+        "oversized body": client.post(url, json={"speaker": "Ross", "text": "y" * 1990}),
+        "unknown dialogue": client.post("/dialogues/nope/turns", json={"speaker": "A", "text": "hi"}),
+    }
+    expected = {"malformed json": 422, "non-utf8": 400, "missing field": 422, "empty text": 422, "blank text": 422,
+                "oversized text": 413, "oversized body": 413, "unknown dialogue": 404}
+    for name, r in cases.items():
+        assert r.status_code == expected[name], (name, r.status_code, r.text)
+        assert "error" in r.json() and "Traceback" not in r.text, name
+    assert "problems" in cases["missing field"].json()
+    for i in range(5):
+        client.post(url, json={"speaker": "Ross", "text": f"turn {i}"})
+    assert client.post(url, json={"speaker": "Ross", "text": "one more"}).status_code == 409
+
+
+def test_dialogue_limit_and_idle_expiry(engine):
+    c = TestClient(create_app(engine, Limits(max_dialogues=2, idle_seconds=3600)))
+    c.post("/dialogues", json={})
+    c.post("/dialogues", json={})
+    r = c.post("/dialogues", json={})
+    assert r.status_code == 429 and "limit 2" in r.json()["error"]
+    c.app.state.dialogues.limits.idle_seconds = 0.0  # everything open is now idle: expired on the next create
+    assert c.post("/dialogues", json={}).status_code == 201
+    assert len(c.app.state.dialogues.items) == 1
+
+
+def test_50_concurrent_dialogues_match_sequential_runs(client, engine):
+    """Interleaved turns of 50 dialogues from 16 threads give exactly the labels of sequential sessions."""
+    dialogues = [toy_dialogue(3 + i % 3, f"d{i}") for i in range(50)]
+    for i, d in enumerate(dialogues):  # make the dialogues differ
+        d.utterances[0].text = f"Message number {i}: " + d.utterances[0].text
+    expected = []
+    for d in dialogues:
+        s = ERCSession(engine)
+        expected.append([s.add_turn(u.speaker, u.text).probs for u in d.utterances])
+    keys = [client.post("/dialogues", json={}).json()["id"] for _ in dialogues]
+    jobs = [(k, i, j) for j in range(5) for i, k in enumerate(keys) if j < len(dialogues[i].utterances)]
+    results: dict = {}
+
+    def post(job):
+        k, i, j = job
+        u = dialogues[i].utterances[j]
+        r = client.post(f"/dialogues/{k}/turns", json={"speaker": u.speaker, "text": u.text})
+        assert r.status_code == 200, r.text
+        results[(i, j)] = r.json()
+
+    # turns of one dialogue must arrive in order: submit round by round, dialogues interleaved within a round
+    with ThreadPoolExecutor(16) as pool:
+        for j in range(5):
+            list(pool.map(post, [job for job in jobs if job[2] == j]))
+    for i, d in enumerate(dialogues):
+        got = [results[(i, j)]["probabilities"] for j in range(len(d.utterances))]
+        for g, e in zip(got, expected[i]):
+            assert g == pytest.approx(e, abs=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (`apt-get install chromium`; .ci/run installs it)")
+def test_web_page_in_headless_chromium(engine, tmp_path):
+    import uvicorn
+    from playwright.sync_api import sync_playwright
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            for speaker, text in (("Ross", "I can't believe you did that!"), ("Rachel", "Oh, that's great.")):
+                page.fill("#speaker", speaker)
+                page.fill("#text", text)
+                page.click("#send")
+            page.wait_for_selector(".turn:nth-child(2)", timeout=20_000)
+            turns = page.locator(".turn")
+            assert turns.count() == 2
+            assert all(turns.nth(i).get_attribute("data-label") in LABELS.labels for i in range(2))
+            assert "Rachel: Oh, that's great." in turns.nth(1).inner_text()
+            assert page.input_value("#text") == ""
+            page.fill("#speaker", "Ross")
+            page.fill("#text", "z" * 1999)  # over the server's limit: the page shows the 4xx error
+            page.evaluate("document.getElementById('text').removeAttribute('maxlength')")
+            page.fill("#text", "z" * 2500)
+            page.click("#send")
+            page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=10_000)
+            assert "limit" in page.inner_text("#error")
+            page.screenshot(path=str(tmp_path / "page.png"))
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert Path(tmp_path / "page.png").stat().st_size > 1000
