@@ -70,6 +70,18 @@ def _last_logprobs(model, ids: list[int], cache, soft: torch.Tensor | None = Non
     return torch.log_softmax(out.logits[0, -1].float(), dim=-1), out.past_key_values
 
 
+def _last_label_logits(model, ids: list[int], cache, columns: list[int], soft: torch.Tensor | None = None):
+    """Feed ``ids`` after ``cache``; return (logits of the label tokens at the last position, updated cache).
+
+    For single-token label sets: the softmax over these equals the softmax over the labels' full-vocabulary
+    log-probabilities, at a fraction of the cost (no 262k-row LM head)."""
+    from erc_llm.objective import decoder_hidden, label_head
+
+    x = torch.tensor([ids], dtype=torch.long, device=model.device)
+    out = decoder_hidden(model, x, soft, past_key_values=cache, use_cache=True)
+    return label_head(model, out.last_hidden_state[0, -1], columns).float(), out.past_key_values
+
+
 def score_slot(model, trie: LabelTrie, slot_logprobs: torch.Tensor, cache) -> torch.Tensor:
     """Label log-probabilities at a slot. Multi-token labels extend a copy of the cache, never the original."""
     logprobs = {(): slot_logprobs}
@@ -98,6 +110,7 @@ class StreamState:
         self.pending_soft: list[torch.Tensor] = []  # soft tokens of audio placeholders in ``pending``
         self._turn: list[int] | None = None
         self.max_answer = max(len(ids) for ids in builder.label_ids) + len(builder.suffix_ids)
+        self.columns = [ids[0] for ids in trie.label_ids]
 
     @torch.inference_mode()
     def score(self, utt: Utterance, note: str = "", soft: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,10 +125,14 @@ class StreamState:
             feed = self._rebuild(turn)
             kept = [s for s in self.soft[self.first_kept:] + [soft] if s is not None]
             feed_soft = torch.cat(kept) if kept else None
-        slot_lp, self.cache = _last_logprobs(self.model, feed, self.cache, feed_soft)
+        if self.trie.single_token:
+            scores, self.cache = _last_label_logits(self.model, feed, self.cache, self.columns, feed_soft)
+        else:
+            slot_lp, self.cache = _last_logprobs(self.model, feed, self.cache, feed_soft)
+            scores = score_slot(self.model, self.trie, slot_lp, self.cache)
         self.cache_len += len(feed)
         self._turn, self._soft = turn, soft
-        return torch.softmax(score_slot(self.model, self.trie, slot_lp, self.cache), dim=0)
+        return torch.softmax(scores, dim=0)
 
     def _rebuild(self, turn: list[int]) -> list[int]:
         """Drop the oldest turns (keeping the header) so the cache refills to ~3/4 of the budget."""

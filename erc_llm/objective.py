@@ -34,11 +34,35 @@ def corrupt_history(gold: list[int], rate: float, prior: np.ndarray, rng: np.ran
     return out
 
 
+def label_head(model, hidden: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """The LM head restricted to ``token_ids``: ``hidden (..., H) -> (..., len(token_ids))``, exactly the
+    corresponding columns of the full logits (Gemma's final soft-capping included), without computing the
+    other ~262k vocabulary rows."""
+    head = model.get_output_embeddings()
+    idx = torch.tensor(token_ids, device=hidden.device)
+    logits = hidden @ head.weight[idx].T.to(hidden.dtype)
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[idx]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def decoder_hidden(model, input_ids: torch.Tensor, soft: torch.Tensor | None = None, **kw):
+    """Last hidden states of the transformer body (no LM head); ``soft`` fills audio placeholders."""
+    from erc_llm.projector import embed_ids
+
+    body = model.get_decoder()
+    if soft is None:
+        return body(input_ids=input_ids, **kw)
+    return body(inputs_embeds=embed_ids(model, input_ids, soft), **kw)
+
+
 def slot_logits(model, transcript: Transcript, label_token_ids: list[int], soft: torch.Tensor | None = None) -> torch.Tensor:
     """One forward over the whole transcript; vocabulary logits only at the slots, label columns only.
 
     Returns (n_slots, K). ``logits_to_keep`` with the slot indices keeps the LM head (262k rows for
-    Gemma) off every other position. ``soft``: the audio soft tokens of the kept turns, in order.
+    Gemma) off every other position. Goes through ``model(...)`` so a DDP wrapper sees the forward.
+    ``soft``: the audio soft tokens of the kept turns, in order.
     """
     from erc_llm.projector import embed_ids
 
@@ -48,5 +72,6 @@ def slot_logits(model, transcript: Transcript, label_token_ids: list[int], soft:
     if soft is None:
         out = model(input_ids=x, logits_to_keep=keep, use_cache=False)
     else:
-        out = model(inputs_embeds=embed_ids(model, x, soft), logits_to_keep=keep, use_cache=False)
+        bare = getattr(model, "module", model)  # embeddings of the wrapped model; the forward stays wrapped
+        out = model(inputs_embeds=embed_ids(bare, x, soft), logits_to_keep=keep, use_cache=False)
     return out.logits[0][:, label_token_ids]

@@ -178,8 +178,8 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     return app
 
 
-def serve(run: str | None, host: str, port: int, model: str = "", threads: int = 0) -> None:
+def serve(run: str | None, host: str, port: int, model: str = "", threads: int = 0, dtype: str = "float32") -> None:
     import uvicorn
 
-    engine = Engine.load(run or None, model=model, threads=threads)
+    engine = Engine.load(run or None, model=model, threads=threads, dtype=dtype)
     uvicorn.run(create_app(engine), host=host, port=port, log_level="info")

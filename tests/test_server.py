@@ -140,11 +140,11 @@ def test_web_page_in_headless_chromium(engine, tmp_path):
                 "--disable-component-update", "--disable-sync", "--no-first-run"])
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/")
-            for speaker, text in (("Ross", "I can't believe you did that!"), ("Rachel", "Oh, that's great.")):
+            for n, (speaker, text) in enumerate((("Ross", "I can't believe you did that!"), ("Rachel", "Oh, that's great.")), 1):
                 page.fill("#speaker", speaker)
                 page.fill("#text", text)
                 page.click("#send")
-            page.wait_for_selector(".turn:nth-child(2)", timeout=20_000)
+                page.wait_for_selector(f".turn:nth-child({n})", timeout=30_000)  # labelled before the next turn
             turns = page.locator(".turn")
             assert turns.count() == 2
             assert all(turns.nth(i).get_attribute("data-label") in LABELS.labels for i in range(2))

@@ -1,0 +1,71 @@
+"""The benchmark harness and the equivalence of the fast paths it measures."""
+
+import json
+
+import pytest
+import torch
+
+from erc_llm.bench import forward_flops, main, naive_tag, parse_label
+from erc_llm.decoding import StreamingTagger
+from erc_llm.prompting import PromptBuilder
+from tests.conftest import LABELS, make_model, toy_dialogue
+
+
+def test_parse_label_takes_the_first_label_named():
+    labels = ("neutral", "joy", "anger")
+    assert parse_label(" Joy, maybe anger", labels) == "joy"
+    assert parse_label("anger\nEmotion: joy", labels) == "anger"
+    assert parse_label("enjoyment", labels) is None  # whole words only
+
+
+def test_forward_flops_counts_linear_layers_and_attention(tiny_tokenizer):
+    model = make_model(len(tiny_tokenizer), "llama")
+    cfg = model.config
+    linear = sum(m.in_features * m.out_features for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    t = 10
+    attn = 4 * cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads) * cfg.num_hidden_layers * t * t / 2
+    assert forward_flops(model, t) == pytest.approx(2 * linear * t + attn)
+
+
+def test_merged_lora_predicts_exactly_like_the_unmerged_adapter(tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(make_model(len(tiny_tokenizer)), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.eval()
+    builder = PromptBuilder(tiny_tokenizer, LABELS)
+    d = toy_dialogue(6)
+    unmerged = StreamingTagger(model, builder).tag(d)
+    merged = StreamingTagger(model.merge_and_unload(), builder).tag(d)
+    for a, b in zip(unmerged, merged):
+        assert a.label == b.label and a.probs == pytest.approx(b.probs, abs=1e-5)
+
+
+def test_bf16_weights_agree_with_fp32(tiny_tokenizer):
+    torch.manual_seed(0)
+    m32 = make_model(len(tiny_tokenizer))
+    m16 = make_model(len(tiny_tokenizer)).to(torch.bfloat16)  # same seed: same weights, rounded
+    builder = PromptBuilder(tiny_tokenizer, LABELS)
+    d = toy_dialogue(8)
+    a = StreamingTagger(m32, builder, "gold").tag(d)
+    b = StreamingTagger(m16, builder, "gold").tag(d)
+    for x, y in zip(a, b):
+        assert x.probs == pytest.approx(y.probs, abs=0.03)
+
+
+def test_naive_baseline_labels_every_utterance(tiny_tokenizer, tiny_model):
+    builder = PromptBuilder(tiny_tokenizer, LABELS)
+    labels, tokens, failures = naive_tag(tiny_model, tiny_tokenizer, builder, toy_dialogue(5))
+    assert len(labels) == 5 and set(labels) <= set(LABELS.labels) and tokens > 0 and 0 <= failures <= 5
+
+
+def test_bench_end_to_end_writes_json_and_table(tiny_model_dir, meld_dir, tmp_path):
+    assert main(["--data-dir", str(meld_dir), "--model", str(tiny_model_dir), "--dialogues", "2",
+                 "--train-dialogues", "1", "--lengths", "3,6", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "bench.json").read_text())
+    assert set(r["eval"]) == {"naive", "ours_fp32", "ours_bf16"}
+    assert r["eval"]["naive"]["utterances"] == r["eval"]["ours_bf16"]["utterances"] > 0
+    assert r["train"]["ratio"] > 0 and r["hardware"]["matmul_fp32_gflops"] > 0
+    assert [row["utterances"] for row in r["scaling"]] == [3, 6]
+    assert "speed-up vs naive" in (tmp_path / "bench.md").read_text()
