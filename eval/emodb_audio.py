@@ -98,8 +98,8 @@ def main() -> int:
     for name, r in results.items():
         lines.append(f"| {name} | {r['features']} | {r['ua_pooled']:.2f} | {r['ua_fold_mean']:.2f} ± {r['ua_fold_std']:.2f} "
                      f"| {r['wa']:.2f} | {r['macro_f1']:.2f} |")
-    lines += ["", f"Extraction time (2-core Xeon): praat {seconds['praat']:.0f} s, egemaps {seconds['egemaps']:.0f} s "
-              "(0 s when cached)."]
+    lines += ["", f"Extraction wall time this run (2-core Xeon; files already in `{args.features}` are not redone): "
+              f"praat {seconds['praat']:.0f} s, egemaps {seconds['egemaps']:.0f} s for {len(ids)} files."]
     atomic_write_text(Path(args.out) / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

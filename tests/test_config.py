@@ -36,3 +36,20 @@ def test_shipped_configs_are_valid(meld_dir):
 
     cfg = build(EvalConfig, str(Path(__file__).parent.parent / "configs" / "eval_meld.yaml"), {"data_dir": str(meld_dir)})
     assert cfg.dataset == "meld" and cfg.history == "predicted"
+
+
+def test_speaker_and_audio_options_are_validated_together(tmp_path):
+    from erc_llm.config import ConfigError, TrainConfig, build
+
+    with pytest.raises(ConfigError) as e:
+        build(TrainConfig, None, {"data_dir": str(tmp_path), "speaker_bios": True, "speaker_top_k": 0,
+                                  "audio_source": "npy", "audio_dir": str(tmp_path / "missing"), "dataset": "jsonl"})
+    msg = str(e.value)
+    assert "3 config problem(s)" in msg
+    assert "speaker_bios/speaker_history: need speaker_store" in msg
+    assert "speaker_top_k >= 1" in msg
+    assert "audio_dir: " in msg and "is not a directory (needed for audio_source: npy)" in msg
+    with pytest.raises(ConfigError, match="has no manifest.json; build one with `erc-llm speakers build"):
+        build(TrainConfig, None, {"data_dir": str(tmp_path), "speaker_store": str(tmp_path), "speaker_bios": True})
+    with pytest.raises(ConfigError, match="audio_source: 'wav' is not valid; expected one of"):
+        build(TrainConfig, None, {"data_dir": str(tmp_path), "audio_source": "wav"})

@@ -156,3 +156,20 @@ def test_memory_is_fed_predictions_not_gold(store_dir):
     ctx.observe(d, ["surprise", "joy", "surprise"])
     assert list(ctx.memory["Chef"]) == ["surprise", "surprise"]
     assert ctx.notes(d)[0] == "[Chef's last emotions in earlier conversations: surprise, surprise.]"
+
+
+def test_iemocap_speakers_are_session_and_gender(tmp_path):
+    """IEMOCAP through the same path: speakers Ses0N_F / Ses0N_M of sessions 1-4 only; session 5 is unseen."""
+    from erc_llm.data import IEMOCAP_LABELS, load_split
+    from tests.data.iemocap_fixture import write_iemocap
+
+    root = write_iemocap(tmp_path / "IEMOCAP_full_release")
+    train, labels, _ = load_split("iemocap", "train", root)
+    store, report = build_store(train, labels, SpeakerTemplates.load(), min_utterances=1)
+    names = {p.name for p in store.profiles}
+    assert names and all(n[:5] in {"Ses01", "Ses02", "Ses03", "Ses04"} and n[-2:] in {"_F", "_M"} for n in names)
+    assert store.manifest["labels"] == list(IEMOCAP_LABELS.labels)
+    test, _, _ = load_split("iemocap", "test", root)
+    ctx = SpeakerContext(store, SpeakerTemplates.load(), NoteSettings(bios=True, top_k=1))
+    note = ctx.notes(test[0])[0]
+    assert note.startswith("[Ses05_") and " is new; known speakers who talk like " in note
