@@ -50,3 +50,24 @@ def test_smollm2_tags_a_dialogue(meld_dir):
     d = load_split("meld", "dev", meld_dir)[0][0]
     preds = StreamingTagger(model, PromptBuilder(tok, MELD_LABELS)).tag(d)
     assert len(preds) == len(d) and all(abs(sum(p.probs) - 1) < 1e-4 for p in preds)
+
+
+def test_gemma_streaming_label_head_equals_full_vocabulary_forward(gemma, meld_dir):
+    """The decoder's label-columns-only head on the real Gemma 3 == softmax over full-vocabulary log-probs."""
+    import torch
+
+    from erc_llm.data import load_split
+    from erc_llm.decoding import StreamingTagger
+    from erc_llm.prompting import PromptBuilder
+
+    model, tok, _ = gemma
+    builder = PromptBuilder(tok, MELD_LABELS)
+    d = load_split("meld", "dev", meld_dir)[0][1]
+    preds = StreamingTagger(model, builder).tag(d)
+    tr = builder.build(d, [p.label for p in preds])
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([tr.input_ids])).logits[0].float()
+    cols = [ids[0] for ids in builder.label_ids]
+    ref = torch.softmax(torch.log_softmax(logits[tr.slots], -1)[:, cols], -1)
+    for p, r in zip(preds, ref):
+        assert p.probs == pytest.approx(r.tolist(), abs=2e-4)
