@@ -173,3 +173,15 @@ def test_iemocap_speakers_are_session_and_gender(tmp_path):
     ctx = SpeakerContext(store, SpeakerTemplates.load(), NoteSettings(bios=True, top_k=1))
     note = ctx.notes(test[0])[0]
     assert note.startswith("[Ses05_") and " is new; known speakers who talk like " in note
+
+
+def test_bio_model_writes_the_biography(tiny_model_dir):
+    """--bio-model: a causal LM writes each biography from the template facts (here a tiny random model)."""
+    from erc_llm.backbone import load_backbone
+
+    model, tok, _ = load_backbone(str(tiny_model_dir))
+    store, _ = build_store(_dialogues("train"), LABELS, SpeakerTemplates.load(), min_utterances=5, bio_model=(model, tok))
+    assert store.manifest["bio"] == "llm"
+    chef = store.get("Chef")
+    assert chef.bio and "Chef has 10 lines" not in chef.bio  # generated, not the template text
+    assert chef.emotions == {"joy": 5, "neutral": 5}  # the facts themselves are unchanged
