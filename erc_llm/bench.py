@@ -4,8 +4,9 @@
 
 (a) naive: one prompt per target utterance carrying a window of the 12 earlier turns (with the labels it
     predicted for them), greedy ``generate`` of a few tokens, label found by string matching;
-(b) ours: one streaming transcript per dialogue over a KV cache, constrained label scoring at the slot,
-    LoRA merged into the weights, fp32 or bf16 weights.
+(b) ours: one streaming transcript per dialogue over a KV cache, constrained label scoring at the slot
+    (label columns of the LM head only), LoRA merged into the weights, fp32 or bf16 weights, and
+    (``ours_bf16_packed``) 8 dialogues packed into one forward per turn step.
 Both use the same backbone, adapter and prompt templates, on the same dialogues, alternating dialogue by
 dialogue. Also: supervised labels/s in training (per-utterance windowed prompts with full-vocabulary
 logits vs our whole-dialogue, slot-only loss), achieved FLOP/s of our forward against the measured
@@ -212,28 +213,41 @@ def load(args, dtype: str):
     return model, tok, PromptBuilder(tok, MELD_LABELS, templates), manifest
 
 
-def compare_eval(models: dict, dialogues: list[Dialogue]) -> dict:
-    """Interleaved per dialogue: naive (fp32) and ours (each dtype); accuracy on the same utterances."""
-    stats = {name: {"seconds": 0.0, "tokens": 0, "correct": 0, "failures": 0} for name in ["naive", *models["ours"]]}
+def compare_eval(models: dict, dialogues: list[Dialogue], pack: int = 8) -> dict:
+    """Interleaved chunk by chunk (``pack`` dialogues): naive (fp32), ours per dtype, ours packed; accuracy on
+    the same utterances."""
+    from erc_llm.decoding import PackedTagger
+
+    names = ["naive", *models["ours"], "ours_bf16_packed"]
+    stats = {name: {"seconds": 0.0, "tokens": 0, "correct": 0, "failures": 0} for name in names}
     model, tok, builder = models["naive"]
+    m16, b16 = models["ours"]["ours_bf16"]
+    packed = PackedTagger(m16, b16, batch=pack)
     n = 0
-    for d in dialogues:
-        gold = [u.emotion for u in d.utterances]
+    for k in range(0, len(dialogues), pack):
+        chunk = dialogues[k: k + pack]
+        gold = [u.emotion for d in chunk for u in d.utterances]
         t = time.perf_counter()
-        pred, tokens, fail = naive_tag(model, tok, builder, d)
+        runs = [naive_tag(model, tok, builder, d) for d in chunk]
         s = stats["naive"]
         s["seconds"] += time.perf_counter() - t
-        s["tokens"] += tokens
-        s["failures"] += fail
-        s["correct"] += sum(p == g for p, g in zip(pred, gold))
+        s["tokens"] += sum(r[1] for r in runs)
+        s["failures"] += sum(r[2] for r in runs)
+        s["correct"] += sum(p == g for p, g in zip([x for r in runs for x in r[0]], gold))
         for name, (m, b) in models["ours"].items():
             t = time.perf_counter()
-            pred, tokens = ours_tag(m, b, d)
+            runs = [ours_tag(m, b, d) for d in chunk]
             s = stats[name]
             s["seconds"] += time.perf_counter() - t
-            s["tokens"] += tokens
-            s["correct"] += sum(p == g for p, g in zip(pred, gold))
-        n += len(d)
+            s["tokens"] += sum(r[1] for r in runs)
+            s["correct"] += sum(p == g for p, g in zip([x for r in runs for x in r[0]], gold))
+        t = time.perf_counter()
+        preds = [[p.label for p in ps] for ps in packed.tag_many(chunk)]
+        s = stats["ours_bf16_packed"]
+        s["seconds"] += time.perf_counter() - t
+        s["tokens"] += sum(len(b16.build(d, p).input_ids) for d, p in zip(chunk, preds))
+        s["correct"] += sum(p == g for p, g in zip([x for p in preds for x in p], gold))
+        n += len(gold)
     for s in stats.values():
         s.update(utterances=n, utterances_per_second=n / s["seconds"], tokens_per_second=s["tokens"] / s["seconds"],
                  accuracy=100 * s["correct"] / n)

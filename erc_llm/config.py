@@ -97,6 +97,8 @@ class EvalConfig(SpeakerOptions):
     max_tokens: int = _f(2048, "token budget of a transcript; oldest turns are dropped beyond it")
     max_utterance_tokens: int = _f(96, "longest utterance text in tokens; longer ones are cut")
     limit: int = _f(0, "evaluate only the first N dialogues (0 = all)")
+    batch: int = _f(8, "dialogues decoded together, packed into one forward per turn step (1 = one at a time; "
+                    "runs with speaker memory or audio decode one at a time)")
     dtype: str = _f("float32", "model dtype", ("float32", "bfloat16"))
     threads: int = _f(0, "torch CPU threads (0 = all cores)")
     prompts: str = _f("", "folder with prompt templates (default: the packaged prompts/)")
@@ -113,8 +115,8 @@ class EvalConfig(SpeakerOptions):
         if self.max_tokens < 4 * self.max_utterance_tokens:
             p.append(f"max_tokens: {self.max_tokens} must be at least 4 x max_utterance_tokens "
                      f"({4 * self.max_utterance_tokens}) to hold the header and a few turns")
-        if self.limit < 0 or self.threads < 0:
-            p.append("limit/threads: must be >= 0")
+        if self.limit < 0 or self.threads < 0 or self.batch < 1:
+            p.append("limit/threads: must be >= 0; batch: must be >= 1")
         return p + self.speaker_problems(self.run)
 
 

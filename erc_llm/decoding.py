@@ -200,3 +200,96 @@ class StreamingTagger:
         if self.speakers:
             self.speakers.observe(dialogue, written)
         return preds
+
+
+class PackedTagger:
+    """Several dialogues per forward: at every step, the new tokens of each unfinished dialogue are packed
+    into one sequence over one shared KV cache, with an attention mask that lets a token see only earlier
+    tokens of its own dialogue (and, on sliding-window layers, only those within the window) and position
+    ids that count within its own dialogue. Each dialogue therefore sees exactly what
+    :class:`StreamingTagger` shows it, while the weights are read once per step for all of them (on a CPU,
+    small forwards are bound by reading the weights).
+
+    Used for batch evaluation when every label is one token and there is no cross-dialogue state (no
+    speaker memory, no audio); a dialogue longer than the token budget goes through
+    :class:`StreamingTagger` (which truncates).
+    """
+
+    def __init__(self, model, builder: PromptBuilder, history: str = "predicted", batch: int = 8):
+        self.single = StreamingTagger(model, builder, history)
+        self.model, self.builder, self.history, self.batch = model, builder, history, batch
+        self.labels = builder.labels
+        self.columns = [ids[0] for ids in self.single.trie.label_ids]
+        cfg = model.config
+        self.window = getattr(cfg, "sliding_window", None)
+        self.layer_types = set(getattr(cfg, "layer_types", None) or [])
+
+    def fits(self, dialogue: Dialogue) -> bool:
+        b = self.builder
+        longest = max(len(a) for a in b.label_ids) + len(b.suffix_ids)
+        n = len(b.header_ids(dialogue)) + sum(len(b.turn_ids(u)) + longest for u in dialogue.utterances)
+        return self.single.trie.single_token and n <= b.max_tokens
+
+    def tag_many(self, dialogues: list[Dialogue]) -> list[list[TurnPrediction]]:
+        out: list = [None] * len(dialogues)
+        packable = [i for i, d in enumerate(dialogues) if self.fits(d)]
+        for i in set(range(len(dialogues))) - set(packable):
+            out[i] = self.single.tag(dialogues[i])
+        for k in range(0, len(packable), self.batch):
+            group = packable[k: k + self.batch]
+            for i, preds in zip(group, self._tag_group([dialogues[i] for i in group])):
+                out[i] = preds
+        return out
+
+    def _masks(self, kd, kp, qd, qp):
+        allowed = (kd[None, :] == qd[:, None]) & (kp[None, :] <= qp[:, None])
+        if getattr(self.model.config, "_attn_implementation", "sdpa") != "sdpa":  # eager: additive float masks
+            def conv(m):
+                return torch.zeros(m.shape, dtype=self.model.dtype).masked_fill(~m, torch.finfo(self.model.dtype).min)[None, None]
+        else:
+            def conv(m):
+                return m[None, None]
+        if not self.layer_types or self.layer_types == {"full_attention"}:
+            return conv(allowed)
+        masks = {"full_attention": conv(allowed)}
+        if self.window:
+            masks["sliding_attention"] = conv(allowed & (kp[None, :] > qp[:, None] - self.window))
+        return masks
+
+    @torch.inference_mode()
+    def _tag_group(self, group: list[Dialogue]) -> list[list[TurnPrediction]]:
+        from transformers import DynamicCache
+
+        from erc_llm.objective import label_head
+
+        b, dev = self.builder, self.model.device
+        cache = DynamicCache()  # no sliding eviction: the masks do the windowing
+        kd = torch.empty(0, dtype=torch.long, device=dev)
+        kp = torch.empty(0, dtype=torch.long, device=dev)
+        pending = [b.header_ids(d) for d in group]
+        pos = [0] * len(group)
+        preds: list[list[TurnPrediction]] = [[] for _ in group]
+        for t in range(max(len(d) for d in group)):
+            act = [i for i, d in enumerate(group) if t < len(d)]
+            feeds = [pending[i] + b.turn_ids(group[i].utterances[t]) for i in act]
+            ids = torch.tensor([x for f in feeds for x in f], device=dev)
+            qd = torch.tensor([i for i, f in zip(act, feeds) for _ in f], device=dev)
+            qp = torch.tensor([pos[i] + j for i, f in zip(act, feeds) for j in range(len(f))], device=dev)
+            kd, kp = torch.cat([kd, qd]), torch.cat([kp, qp])
+            hidden = self.model.get_decoder()(input_ids=ids[None], position_ids=qp[None], past_key_values=cache,
+                                              attention_mask=self._masks(kd, kp, qd, qp), use_cache=True).last_hidden_state[0]
+            ends = torch.tensor([len(f) for f in feeds], device=dev).cumsum(0) - 1
+            probs = torch.softmax(label_head(self.model, hidden[ends], self.columns).float(), dim=-1)
+            for i, f, p in zip(act, feeds, probs):
+                utt = group[i].utterances[t]
+                label = self.labels.labels[int(p.argmax())]
+                if self.history == "gold":
+                    if utt.emotion is None:
+                        raise ValueError(f"history='gold' needs gold labels; utterance {utt.utterance_id} has none")
+                    written = utt.emotion
+                else:
+                    written = label
+                pending[i] = b.answer_ids(written)
+                pos[i] += len(f)
+                preds[i].append(TurnPrediction(utt.utterance_id, label, p.tolist()))
+        return preds

@@ -66,7 +66,7 @@ def load_model_for_eval(cfg: EvalConfig):
 
 
 def _fingerprint(cfg: EvalConfig, manifest: dict, prompt_version: str) -> str:
-    keep = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "threads", "limit")}
+    keep = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "threads", "limit", "batch")}
     blob = json.dumps([keep, manifest.get("sha256"), manifest.get("path"), prompt_version], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -89,38 +89,52 @@ def _load_partial(path: Path, fingerprint: str) -> dict[str, list[dict]]:
     return done
 
 
-def predict(tagger, dialogues, partial: Path, fingerprint: str) -> list[dict]:
+def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1) -> list[dict]:
     """Tag every dialogue, resuming from ``partial``; returns one row per utterance.
 
-    Dialogues restored from ``partial`` still feed the tagger's speaker memory, in order.
+    ``batch`` dialogues at a time go through ``tagger.tag_many`` (a PackedTagger); dialogues restored from
+    ``partial`` still feed a StreamingTagger's speaker memory, in order.
     """
     done = _load_partial(partial, fingerprint)
     if done:
         log.info("resuming: %d of %d dialogues already done in %s", len(done), len(dialogues), partial)
     new = not partial.is_file()
-    rows: list[dict] = []
+    speakers = getattr(tagger, "speakers", None)
     with open(partial, "a", encoding="utf-8") as f:
         if new:
             f.write(json.dumps({"fingerprint": fingerprint}) + "\n")
         bar = tqdm(total=sum(len(d) for d in dialogues), unit="utt", desc="evaluate", dynamic_ncols=True)
-        for d in dialogues:
-            if d.id not in done:
-                preds = [
+        chunk: list = []
+
+        def flush():
+            results = tagger.tag_many(chunk) if batch > 1 else [tagger.tag(d) for d in chunk]
+            for d, preds in zip(chunk, results):
+                rows = [
                     {"dialogue_id": d.id, "utterance_id": u.utterance_id, "speaker": u.speaker, "text": u.text,
                      "gold": u.emotion, "predicted": p.label,
                      "probabilities": dict(zip(tagger.labels.labels, [round(x, 6) for x in p.probs]))}
-                    for u, p in zip(d.utterances, tagger.tag(d))
+                    for u, p in zip(d.utterances, preds)
                 ]
-                f.write(json.dumps({"dialogue_id": d.id, "predictions": preds}, ensure_ascii=False) + "\n")
-                f.flush()
-                done[d.id] = preds
-            elif tagger.speakers is not None:
-                key = "gold" if tagger.history == "gold" else "predicted"
-                tagger.speakers.observe(d, [r[key] for r in done[d.id]])
-            rows.extend(done[d.id])
-            bar.update(len(d))
+                f.write(json.dumps({"dialogue_id": d.id, "predictions": rows}, ensure_ascii=False) + "\n")
+                done[d.id] = rows
+                bar.update(len(d))
+            f.flush()
+            chunk.clear()
+
+        for d in dialogues:
+            if d.id in done:
+                if speakers is not None:
+                    key = "gold" if tagger.history == "gold" else "predicted"
+                    speakers.observe(d, [r[key] for r in done[d.id]])
+                bar.update(len(d))
+                continue
+            chunk.append(d)
+            if len(chunk) >= batch:
+                flush()
+        if chunk:
+            flush()
         bar.close()
-    return rows
+    return [r for d in dialogues for r in done[d.id]]
 
 
 def plot_confusion(gold: list[str], pred: list[str], labels: LabelSet, path: Path, title: str) -> None:
@@ -244,12 +258,18 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     audio = audio_inputs(cfg, dialogues, model)
     builder = PromptBuilder(tok, labels, templates, cfg.max_tokens, cfg.max_utterance_tokens, note_tokens,
                             audio[0].spec.k_tokens if audio else 0)
-    tagger = StreamingTagger(model, builder, cfg.history, speakers, audio)
+    batch = cfg.batch if speakers is None and audio is None else 1
+    if batch > 1:
+        from erc_llm.decoding import PackedTagger
+
+        tagger = PackedTagger(model, builder, cfg.history, batch)
+    else:
+        tagger = StreamingTagger(model, builder, cfg.history, speakers, audio)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "predictions.partial.jsonl"
     t0 = time.time()
-    rows = predict(tagger, dialogues, partial, _fingerprint(cfg, manifest, templates.version))
+    rows = predict(tagger, dialogues, partial, _fingerprint(cfg, manifest, templates.version), batch)
     seconds = time.time() - t0
     scored = [r for r in rows if r["gold"] is not None]
     metrics = {

@@ -64,7 +64,7 @@ def test_bench_end_to_end_writes_json_and_table(tiny_model_dir, meld_dir, tmp_pa
     assert main(["--data-dir", str(meld_dir), "--model", str(tiny_model_dir), "--dialogues", "2",
                  "--train-dialogues", "1", "--lengths", "3,6", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "bench.json").read_text())
-    assert set(r["eval"]) == {"naive", "ours_fp32", "ours_bf16"}
+    assert set(r["eval"]) == {"naive", "ours_fp32", "ours_bf16", "ours_bf16_packed"}
     assert r["eval"]["naive"]["utterances"] == r["eval"]["ours_bf16"]["utterances"] > 0
     assert r["train"]["ratio"] > 0 and r["hardware"]["matmul_fp32_gflops"] > 0
     assert [row["utterances"] for row in r["scaling"]] == [3, 6]

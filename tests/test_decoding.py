@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from erc_llm.data.schema import Dialogue, LabelSet, Utterance
-from erc_llm.decoding import LabelTrie, StreamingTagger
+from erc_llm.decoding import LabelTrie, PackedTagger, StreamingTagger
 from erc_llm.prompting import PromptBuilder
 from tests.conftest import LABELS, make_model, make_tokenizer, toy_dialogue
 
@@ -113,3 +113,21 @@ def test_only_valid_labels_with_exact_probabilities(labels, vocab, n_turns):
         assert p.label in label_set.labels
         assert len(p.probs) == len(labels) and sum(p.probs) == pytest.approx(1.0, abs=1e-5)
         assert p.probs == pytest.approx(r, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("history", ["predicted", "gold"])
+def test_packed_dialogues_equal_one_at_a_time(tiny_tokenizer, arch, history):
+    """Several dialogues packed into one forward per step == each through its own KV cache (sliding window too)."""
+    tok = tiny_tokenizer
+    model = make_model(len(tok), arch)
+    builder = PromptBuilder(tok, LABELS, max_tokens=4096)
+    ds = [toy_dialogue(n, f"d{n}") for n in (1, 7, 3, 12, 5)]
+    for i, d in enumerate(ds):
+        d.utterances[0].text = f"variant {i} " + d.utterances[0].text
+    ref = [StreamingTagger(model, builder, history).tag(d) for d in ds]
+    got = PackedTagger(model, builder, history, batch=3).tag_many(ds)
+    for r, g in zip(ref, got):
+        assert [p.label for p in r] == [p.label for p in g]
+        for a, b in zip(r, g):
+            assert a.probs == pytest.approx(b.probs, abs=1e-4)

@@ -51,7 +51,7 @@ def test_evaluate_end_to_end_writes_artifacts(tmp_path, tiny_model_dir):
 
 
 def test_evaluate_resumes_after_interruption(tmp_path, tiny_model_dir, monkeypatch):
-    cfg = _cfg(tmp_path, tiny_model_dir)
+    cfg = _cfg(tmp_path, tiny_model_dir, batch=1)
     full = evaluate(cfg)
     rows_full = (tmp_path / "out" / "predictions.jsonl").read_text()
     # simulate a kill after the first dialogue: partial file with a header and one finished dialogue
@@ -60,7 +60,7 @@ def test_evaluate_resumes_after_interruption(tmp_path, tiny_model_dir, monkeypat
     calls = []
     real_tag = ev.predict
 
-    def crash_after_one(tagger, dialogues, partial, fingerprint):
+    def crash_after_one(tagger, dialogues, partial, fingerprint, batch):
         original = tagger.tag
 
         def tag(d):
@@ -70,7 +70,7 @@ def test_evaluate_resumes_after_interruption(tmp_path, tiny_model_dir, monkeypat
             return original(d)
 
         tagger.tag = tag
-        return real_tag(tagger, dialogues, partial, fingerprint)
+        return real_tag(tagger, dialogues, partial, fingerprint, batch)
 
     monkeypatch.setattr(ev, "predict", crash_after_one)
     with pytest.raises(KeyboardInterrupt):
@@ -119,3 +119,13 @@ def test_unlabelled_set_gets_predictions_without_metrics(tmp_path, tiny_model_di
     assert "weighted_f1" not in m and m["utterances"] == 2 and m["scored_utterances"] == 0
     rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert [r["gold"] for r in rows] == [None, None] and all(r["predicted"] in m["labels"] for r in rows)
+
+
+def test_packed_batch_evaluation_writes_the_same_predictions(tmp_path, tiny_model_dir):
+    a = evaluate(_cfg(tmp_path / "a", tiny_model_dir, batch=1, out=str(tmp_path / "a" / "out")))
+    b = evaluate(_cfg(tmp_path / "b", tiny_model_dir, batch=3, out=str(tmp_path / "b" / "out")))
+    ra = [json.loads(x) for x in (tmp_path / "a" / "out" / "predictions.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (tmp_path / "b" / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["predicted"] for r in ra] == [r["predicted"] for r in rb] and a["weighted_f1"] == b["weighted_f1"]
+    for x, y in zip(ra, rb):
+        assert x["probabilities"] == pytest.approx(y["probabilities"], abs=1e-4)
