@@ -28,6 +28,11 @@ from erc_llm.audio import extract_dir, load_feature_csv  # noqa: E402
 from erc_llm.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 
+def _rel(path: str) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 def per_speaker(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """z-score every speaker's features with that speaker's mean/std (no labels used); NaNs stay NaN."""
     out = x.copy()
@@ -98,7 +103,7 @@ def main() -> int:
     for name, r in results.items():
         lines.append(f"| {name} | {r['features']} | {r['ua_pooled']:.2f} | {r['ua_fold_mean']:.2f} ± {r['ua_fold_std']:.2f} "
                      f"| {r['wa']:.2f} | {r['macro_f1']:.2f} |")
-    lines += ["", f"Extraction wall time this run (2-core Xeon; files already in `{args.features}` are not redone): "
+    lines += ["", f"Extraction wall time this run (2-core Xeon; files already in `{_rel(args.features)}` are not redone): "
               f"praat {seconds['praat']:.0f} s, egemaps {seconds['egemaps']:.0f} s for {len(ids)} files."]
     atomic_write_text(Path(args.out) / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
