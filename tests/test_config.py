@@ -5,11 +5,11 @@ from erc_llm.config import ConfigError, EvalConfig, build
 
 def test_unknown_keys_and_all_problems_reported_at_once(tmp_path):
     y = tmp_path / "c.yaml"
-    y.write_text("dataset: friends\nsplit: test\nbatch: 3\nmax_tokens: lots\n")
+    y.write_text("dataset: friends\nsplit: test\nbatch_size: 3\nmax_tokens: lots\n")
     with pytest.raises(ConfigError) as e:
         build(EvalConfig, str(y))
     msg = str(e.value)
-    assert "batch: unknown key; available keys" in msg and "max_tokens: expected int, got 'lots'" in msg
+    assert "batch_size: unknown key; available keys" in msg and "max_tokens: expected int, got 'lots'" in msg
     assert "c.yaml" in msg
 
 

