@@ -160,6 +160,15 @@ class StreamState:
         self.pending_soft = [s for s in self.soft[self.first_kept:] if s is not None]
 
 
+def written_label(history: str, utt: Utterance, predicted: str) -> str:
+    """The label written into the transcript for a labelled turn: the prediction, or gold (diagnostic)."""
+    if history != "gold":
+        return predicted
+    if utt.emotion is None:
+        raise ValueError(f"history='gold' needs gold labels; utterance {utt.utterance_id} has none")
+    return utt.emotion
+
+
 class StreamingTagger:
     """Label every turn of a dialogue with the constrained decoder over one KV cache.
 
@@ -189,12 +198,7 @@ class StreamingTagger:
             soft = self.audio[0].soft_tokens(self.audio[1], [utt.utterance_id]) if self.audio else None
             probs = state.score(utt, note, soft)
             label = self.labels.labels[int(probs.argmax())]
-            if self.history == "gold":
-                if utt.emotion is None:
-                    raise ValueError(f"history='gold' needs gold labels; utterance {utt.utterance_id} has none")
-                written.append(utt.emotion)
-            else:
-                written.append(label)
+            written.append(written_label(self.history, utt, label))
             state.commit(written[-1])
             preds.append(TurnPrediction(utt.utterance_id, label, probs.tolist()))
         if self.speakers:
@@ -283,13 +287,7 @@ class PackedTagger:
             for i, f, p in zip(act, feeds, probs):
                 utt = group[i].utterances[t]
                 label = self.labels.labels[int(p.argmax())]
-                if self.history == "gold":
-                    if utt.emotion is None:
-                        raise ValueError(f"history='gold' needs gold labels; utterance {utt.utterance_id} has none")
-                    written = utt.emotion
-                else:
-                    written = label
-                pending[i] = b.answer_ids(written)
+                pending[i] = b.answer_ids(written_label(self.history, utt, label))
                 pos[i] += len(f)
                 preds[i].append(TurnPrediction(utt.utterance_id, label, p.tolist()))
         return preds

@@ -185,13 +185,23 @@ def render_report(m: dict) -> str:
     return "\n".join(lines)
 
 
+def prompts_dir(cfg: EvalConfig) -> Path:
+    """Templates: the config's folder, else the ones the run's adapter was trained with, else the packaged ones."""
+    from erc_llm.prompting import PROMPTS_DIR
+
+    if cfg.prompts:
+        return Path(cfg.prompts)
+    if cfg.run and (Path(cfg.run) / "prompts").is_dir():
+        return Path(cfg.run) / "prompts"
+    return PROMPTS_DIR
+
+
 def speaker_context(cfg: EvalConfig, labels: LabelSet):
     """(SpeakerContext or None, note token cap): the config's store if given, else the run's own."""
-    from erc_llm.prompting import PROMPTS_DIR
     from erc_llm.speakers import open_context, settings_of
 
     run = Path(cfg.run) if cfg.run else None
-    templates = Path(cfg.prompts) if cfg.prompts else (run / "prompts" if run and (run / "prompts").is_dir() else PROMPTS_DIR)
+    templates = prompts_dir(cfg)
     settings, store = settings_of(cfg), cfg.speaker_store
     if settings is None and run is not None:
         settings, store = json.loads((run / RUN_FILE).read_text()).get("speakers"), run / "speaker_store"
@@ -244,12 +254,7 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     if cfg.limit:
         dialogues = dialogues[: cfg.limit]
     model, tok, manifest = load_model_for_eval(cfg)
-    if cfg.prompts:
-        templates = Templates.load(cfg.prompts)
-    elif cfg.run and (Path(cfg.run) / "prompts").is_dir():  # the templates the adapter was trained with
-        templates = Templates.load(Path(cfg.run) / "prompts")
-    else:
-        templates = Templates.load()
+    templates = Templates.load(prompts_dir(cfg))
     speakers, note_tokens = speaker_context(cfg, labels)
     if speakers is not None and speakers.settings.history:
         from erc_llm.speakers import dataset_order
