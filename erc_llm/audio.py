@@ -246,7 +246,7 @@ def extract_dir(source: str, wav_dir: str | Path, out: str | Path, model: str = 
 
     from tqdm import tqdm
 
-    from erc_llm.io import atomic_write_json, atomic_write_text
+    from erc_llm.io import atomic_write_json, atomic_write_text, content_digest, sha256_file
 
     if source not in EXTRACTORS:
         raise DataError(f"audio source {source!r} not found; available extractors = {list(EXTRACTORS)}")
@@ -263,22 +263,28 @@ def extract_dir(source: str, wav_dir: str | Path, out: str | Path, model: str = 
     frames = source == "emotion2vec" and granularity == "frame"
     fn, names = _extractor(source, model, granularity)
     partial = out / ".features.partial.jsonl"
-    done = {}
+    # a result is reused only for the same audio bytes and the same extractor
+    extractor = content_digest(source, model, granularity if source == "emotion2vec" else "utterance")
+    digests = {p.stem: content_digest(extractor, sha256_file(p)) for p in wavs}
+    sources_file = out / "sources.json"
+    known = json.loads(sources_file.read_text()) if sources_file.is_file() else {}
+    done, made = {}, {uid: d for uid, d in known.items() if digests.get(uid) == d}
     if (out / "features.csv").is_file() and not frames:  # cache: files already in the table are not redone
         old = load_feature_csv(out / "features.csv", "utterance_id")
-        done = {k: [None if math.isnan(x) else float(x) for x in v] for k, v in old.values.items()}
+        done = {k: [None if math.isnan(x) else float(x) for x in v] for k, v in old.values.items() if k in made}
     if partial.is_file() and not frames:
         for line in partial.read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 break  # a torn last line from a kill
-            done[row["id"]] = row["v"]
+            if digests.get(row["id"]) == row.get("d"):
+                done[row["id"]], made[row["id"]] = row["v"], row["d"]
     failed = {}
     with open(partial, "a", encoding="utf-8") as f:
         for path in tqdm(wavs, unit="file", desc=f"extract {source}"):
             uid = path.stem
-            if uid in done or (frames and (out / f"{uid}.npy").is_file()):
+            if uid in done or (frames and uid in made and (out / f"{uid}.npy").is_file()):
                 continue
             try:
                 v = fn(read_wav(path))
@@ -289,15 +295,19 @@ def extract_dir(source: str, wav_dir: str | Path, out: str | Path, model: str = 
                 tmp = out / f".{uid}.tmp.npy"
                 np.save(tmp, v)
                 tmp.replace(out / f"{uid}.npy")
+                made[uid] = digests[uid]
+                atomic_write_json(sources_file, made)
             else:
                 done[uid] = [None if math.isnan(x) else float(x) for x in v]
-                f.write(json.dumps({"id": uid, "v": done[uid]}) + "\n")
+                made[uid] = digests[uid]
+                f.write(json.dumps({"id": uid, "v": done[uid], "d": digests[uid]}) + "\n")
                 f.flush()
     if not frames:
         names = names or tuple(f"f{i}" for i in range(len(next(iter(done.values()), []))))
         rows = ["utterance_id," + ",".join(names)]
         rows += [uid + "," + ",".join("" if x is None else repr(x) for x in v) for uid, v in sorted(done.items())]
         atomic_write_text(out / "features.csv", "\n".join(rows) + "\n")
+        atomic_write_json(sources_file, {uid: made[uid] for uid in done})
     extracted = len(list(out.glob("*.npy"))) if frames else len(done)
     report = {"source": source, "granularity": granularity if source == "emotion2vec" else "utterance",
               "model": model or None, "files": len(wavs), "extracted": extracted, "failed": failed,

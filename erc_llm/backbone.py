@@ -71,10 +71,39 @@ def _is_hub_id(name: str) -> bool:
 
 
 def read_manifest(path: Path) -> dict | None:
+    """The cache's manifest, or None when it is missing, unreadable, not a JSON object, or its files do not
+    have the sizes it recorded (a truncated or replaced weights file)."""
     try:
-        return json.loads((path / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        return None
+    for name, info in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file() or not isinstance(info, dict) or f.stat().st_size != info.get("bytes"):
+            log.warning("cache %s: %s is missing or has another size than recorded", path, name)
+            return None
+    return manifest
+
+
+def verify_cache(path: Path, manifest: dict) -> None:
+    """Check the sha256 of every converted file against the manifest; raises ModelNotFound naming the file."""
+    for name, info in manifest.get("files", {}).items():
+        if sha256_file(path / name) != info.get("sha256"):
+            raise ModelNotFound(f"cache {path}: {name} does not match its recorded sha256 (corrupted or replaced); "
+                                f"delete {path} and run `erc-llm prepare-model {manifest.get('name', path.name)}` again")
+
+
+def _check_writable(models: Path) -> None:
+    """Fail before a conversion, not after it, when the cache cannot be written."""
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=models):
+            pass
+    except OSError as e:
+        raise ModelNotFound(f"model cache {models} is not writable ({e.strerror or e}); set ERC_LLM_CACHE to a "
+                            "writable folder") from None
 
 
 def prepare_model(name: str = DEFAULT_MODEL, cache: Path | None = None) -> tuple[str, dict]:
@@ -82,9 +111,13 @@ def prepare_model(name: str = DEFAULT_MODEL, cache: Path | None = None) -> tuple
     if name in PACKAGED:
         target = (cache or cache_root()) / "models" / name
         manifest = read_manifest(target)
+        if manifest is not None and not manifest.get("files"):
+            log.warning("cache %s was written without file checksums (an older erc-llm); rebuilding it", target)
+            manifest = None
         if manifest is None:
             if target.exists():
-                log.warning("cache %s has no valid manifest (interrupted or foreign); rebuilding it", target)
+                log.warning("cache %s has no valid manifest (interrupted, corrupted or foreign); rebuilding it", target)
+            _check_writable(target.parent)
             manifest = _convert(name, PACKAGED[name], target)
         return str(target), manifest
     if Path(name).is_dir():
@@ -104,7 +137,9 @@ def _convert(name: str, spec: PackagedModel, target: Path) -> dict:
 
     t0 = time.time()
     log.info("converting packaged model %s (%s) into %s — once", name, spec.package, target)
-    with tempfile.TemporaryDirectory(prefix="erc_llm_gguf_") as work:
+    # the work folder sits in the cache, named by pid, so a killed conversion's ~250 MB are removed next time
+    clean_stale_work(target.parent)
+    with tempfile.TemporaryDirectory(prefix=f".work-{os.getpid()}-", dir=target.parent) as work:
         gguf = spec.gguf_path(Path(work))
         digest = sha256_file(gguf)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -126,8 +161,53 @@ def _convert(name: str, spec: PackagedModel, target: Path) -> dict:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             manifest["converted_seconds"] = round(time.time() - t0, 1)
+            manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                                 for p in sorted(tmp.iterdir()) if p.is_file()}
             atomic_write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``auto`` -> ``bfloat16`` where bf16 matmuls run natively (a CUDA device with bf16, or a CPU with AMX or
+    avx512_bf16, read from /proc/cpuinfo), else ``float32``; other values pass through."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "float32"
+    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
+def fetch_hub_model(name: str) -> str:
+    """Download a hub checkpoint now (config, tokenizer, weights) so later runs work offline; a clear error
+    when the hub cannot be reached or the id does not exist."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # huggingface_hub raises connection, auth and not-found errors of many types
+        raise ModelNotFound(f"hub model {name!r} could not be fetched ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                            f"check the id and the connection, or pass a local checkpoint folder; packaged models "
+                            f"(no network needed) = {list(PACKAGED)}") from None
+
+
+def clean_stale_work(models: Path) -> None:
+    """Remove conversion work folders of processes that no longer run."""
+    import shutil
+
+    for d in models.glob(".work-*-*"):
+        try:
+            pid = int(d.name.split("-")[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 def load_backbone(name: str = DEFAULT_MODEL, dtype: str = "float32", cache: Path | None = None):

@@ -169,7 +169,8 @@ def full_test(args, dtype: str, out: Path) -> dict:
     import json
 
     cmd = [sys.executable, "-m", "erc_llm.cli", "evaluate", "--dataset", "meld", "--split", "test", "--data-dir",
-           args.data_dir, "--dtype", dtype, "--out", str(out)] + (["--run", args.run] if args.run else [])
+           args.data_dir, "--dtype", dtype, "--out", str(out)] + (["--run", args.run] if args.run else []) + (
+           ["--zero-shot", "true", "--model", args.model or "gemma-3-270m"] if args.zero_shot else [])
     t = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     hwm = 0
@@ -201,16 +202,14 @@ def threads() -> int:
 # -------------------------------------------------------------------------------------- main
 
 def load(args, dtype: str):
-    from erc_llm.config import EvalConfig
-    from erc_llm.evaluate import load_model_for_eval
-    from erc_llm.prompting import PromptBuilder, Templates
-
-    cfg = EvalConfig(run=args.run, dtype=dtype, **({"model": args.model} if args.model else {}))
-    model, tok, manifest = load_model_for_eval(cfg)
+    """(model, tokenizer, prompt builder, manifest) of ``--run`` (default: the shipped model) or, with
+    ``--zero-shot``, the bare backbone."""
     from erc_llm.data import MELD_LABELS
+    from erc_llm.run import SHIPPED, load as load_predictor
 
-    templates = Templates.load(Path(args.run) / "prompts") if args.run else Templates.load()
-    return model, tok, PromptBuilder(tok, MELD_LABELS, templates), manifest
+    p = load_predictor(None if args.zero_shot else (args.run or SHIPPED), model=args.model, dtype=dtype,
+                       labels=MELD_LABELS)
+    return p.model, p.tokenizer, p.builder, {**p.manifest, "name": p.name}
 
 
 def compare_eval(models: dict, dialogues: list[Dialogue], pack: int = 8) -> dict:
@@ -311,13 +310,21 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import platform
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["training"]:  # training throughput: erc_llm/throughput.py
+        from erc_llm.throughput import main as training_main
+
+        return training_main(argv[1:])
+
     from erc_llm.data import load_split
     from erc_llm.io import atomic_write_json, atomic_write_text
 
     p = argparse.ArgumentParser(prog="eval/bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="MELD csv folder")
-    p.add_argument("--run", default="", help="trained run (adapter merged for every path); empty = zero-shot")
-    p.add_argument("--model", default="", help="backbone when no --run is given")
+    p.add_argument("--run", default="", help="trained run or shipped model name (adapter merged for every path; "
+                   "default: the shipped model)")
+    p.add_argument("--zero-shot", action="store_true", help="the bare backbone (--model) instead")
+    p.add_argument("--model", default="", help="backbone of --zero-shot")
     p.add_argument("--dialogues", type=int, default=20, help="MELD test dialogues for the interleaved comparison")
     p.add_argument("--train-dialogues", type=int, default=6)
     p.add_argument("--lengths", default="5,10,20,40")
@@ -333,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     sample = test[: args.dialogues]
     ids = builder.build(synthetic(test, 40), ["neutral"] * 40).input_ids[:512]
     result = {
-        "command": "python eval/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python eval/bench.py " + " ".join(argv),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "threads": torch.get_num_threads(),
         "model": manifest.get("name"), "run": args.run or None,
         "hardware": {"matmul_fp32_gflops": matmul_peak(torch.float32), "matmul_bf16_gflops": matmul_peak(torch.bfloat16),
@@ -345,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     from erc_llm.config import TrainConfig
     from erc_llm.train import wrap_lora
 
-    name = json.loads((Path(args.run) / "run.json").read_text())["model"] if args.run else (args.model or DEFAULT_MODEL)
+    name = manifest.get("path") or args.model or DEFAULT_MODEL
     lora, _, _ = load_for_training(name, "float32")
     result["train"] = train_rates(wrap_lora(lora, TrainConfig(data_dir=".")), builder, train[: args.train_dialogues])
     del lora

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from erc_llm.io import atomic_write_text
+from erc_llm.errors import EXPECTED, describe
 from erc_llm.session import ERCSession, TurnResult, load_dialogue_file
 
 HELP = """Type turns as `Speaker: text`. Commands:
@@ -65,7 +66,10 @@ class Repl:
             fn = getattr(self, "cmd_" + cmd[1:].lower(), None)
             if fn is None:
                 return f"unknown command {cmd}; available = /who /history /labels /reset /load /save /help /quit"
-            return fn(arg.strip())
+            try:
+                return fn(arg.strip())
+            except EXPECTED as e:  # a mistake in a command never ends the session
+                return f"error: {describe(e)}"
         m = FEEL.match(line)
         if m:
             return self.cmd_who(m.group("name"))
@@ -125,17 +129,14 @@ class Repl:
     def cmd_load(self, arg: str) -> str:
         if not arg:
             return "usage: /load FILE"
-        from erc_llm.data.schema import DataError
-
-        try:
-            turns = load_dialogue_file(arg)
-        except DataError as e:
-            return f"error: {e}"
+        turns = load_dialogue_file(arg)  # every turn is validated before the first is added
         return "\n".join(render_turn(self.session.add_turn(s, t)) for s, t in turns)
 
     def cmd_save(self, arg: str) -> str:
         if not arg:
             return "usage: /save FILE"
+        if Path(arg).is_dir():
+            return f"error: {arg} is a folder; give a file name, e.g. {Path(arg) / 'dialogue.jsonl'}"
         atomic_write_text(Path(arg), json.dumps(self.session.to_jsonl_row(), ensure_ascii=False) + "\n")
         return f"saved {len(self.session.turns)} turns to {arg}"
 

@@ -5,32 +5,61 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import subprocess
 import sys
 
-from erc_llm.config import BaselineConfig, ConfigError, EvalConfig, add_arguments, from_args
-from erc_llm.data import DataError
+from erc_llm.config import BaselineConfig, EvalConfig, add_arguments, from_args
+from erc_llm.errors import run_command
 
 
 def _prepare_model(args) -> None:
-    from erc_llm.backbone import prepare_model
+    from pathlib import Path
+
+    from erc_llm.backbone import PACKAGED, fetch_hub_model, prepare_model, verify_cache
 
     path, manifest = prepare_model(args.name)
-    print(f"{args.name}: ready at {path}")
+    if args.name in PACKAGED:
+        verify_cache(Path(path), manifest)
+    elif not Path(args.name).is_dir():
+        path = fetch_hub_model(args.name)
+    print(f"{args.name}: ready at {path}" + (" (sha256 of every file verified)" if args.name in PACKAGED else ""))
     for k, v in manifest.items():
         print(f"  {k}: {v}")
 
 
-def _evaluate(args) -> None:
+def _evaluate(args) -> int | None:
+    import os
+
     from erc_llm.evaluate import evaluate
 
     cfg = from_args(EvalConfig, args)
+    if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:  # shard over processes: relaunch under torchrun
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.processes),
+               "-m", "erc_llm.cli", *sys.argv[1:]]
+        return subprocess.run(cmd, env={**os.environ, "ACCELERATE_USE_CPU": os.environ.get("ACCELERATE_USE_CPU", "true")
+                                        if not _has_cuda() else "false"}).returncode
     m = evaluate(cfg, command="erc-llm " + shlex.join(sys.argv[1:]))
+    if not m:  # a shard of a sharded evaluation: the first process reports
+        return None
     if "weighted_f1" not in m:
         print(f"{m['utterances']} utterances labelled (no gold labels to score) -> {cfg.out}/predictions.jsonl")
         return
-    print(f"{m['dataset']}/{m['split']} ({m['history']} history): weighted F1 {m['weighted_f1']:.2f}, "
+    print(f"{m['dataset']}/{m['split']} — {m['model']} ({m['history']} history, {m['context']}): weighted F1 {m['weighted_f1']:.2f}, "
           f"WA {m['accuracy']:.2f}, UA {m['unweighted_accuracy']:.2f}, macro F1 {m['macro_f1']:.2f}; "
           f"{m['utterances']} utterances in {m['seconds']:.0f}s ({m['utterances_per_second']:.2f} utt/s) -> {cfg.out}")
+
+
+def _export(args) -> None:
+    from erc_llm.export import export
+
+    out = export(args.run, args.out, args.dtype)
+    print(f"exported {args.run} -> {out} (PEFT adapter, run.json, prompts/, README.md)")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _baseline_train(args) -> None:
@@ -124,7 +153,7 @@ def _chat(args) -> None:
 
     participants = [p.strip() for p in args.participants.split(",") if p.strip()]
     run(Repl(ERCSession.from_run(args.run or None, participants, model=args.model, threads=args.threads,
-                                 dtype=args.dtype)))
+                                 dtype=args.dtype, zero_shot=args.zero_shot)))
 
 
 def _serve(args) -> None:
@@ -132,12 +161,24 @@ def _serve(args) -> None:
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.warning("binding to %s: the service has no authentication; expose it only behind your own proxy", args.host)
-    serve(args.run or None, args.host, args.port, args.model, args.threads, args.dtype)
+    serve(args.run or None, args.host, args.port, args.model, args.threads, args.dtype, args.zero_shot)
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {n}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="erc-llm", description="Emotion recognition in conversation with a small LLM.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="LoRA training (see `erc-llm train --help`; same as erc_llm/train.py)")
     sub.add_parser("bench", help="performance benchmark, naive vs ours (see `erc-llm bench --help`)")
@@ -172,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--labels", default="", help="comma-separated label set (jsonl only; default: inferred)")
     sb.add_argument("--out", required=True, help="store folder, e.g. speaker_store/meld")
     sb.add_argument("--encoder", default="", help="sentence-transformers dir or hub id (default: packaged all-MiniLM-L6-v2)")
-    sb.add_argument("--min-utterances", type=int, default=5, help="speakers with fewer lines are treated as unseen")
-    sb.add_argument("--history-n", type=int, default=8, help="last N training emotions kept per speaker")
+    sb.add_argument("--min-utterances", type=_count, default=5, help="speakers with fewer lines are treated as unseen")
+    sb.add_argument("--history-n", type=_count, default=8, help="last N training emotions kept per speaker")
     sb.add_argument("--bio-model", default="", help="a causal LM (hub id / dir) that writes the biographies "
                     "from the template facts (slow without a GPU); default: the deterministic template")
     sb.add_argument("--prompts", default="", help="folder with speaker_*.txt templates (default: packaged prompts/)")
@@ -186,9 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="label a conversation as you type it (REPL; works piped)")
     sv = sub.add_parser("serve", help="HTTP service + web page for live emotion queries (FastAPI)")
     for q in (ch, sv):
-        q.add_argument("--run", default="", help="trained run directory (default: the zero-shot backbone)")
-        q.add_argument("--model", default="", help="backbone when no --run is given (default: gemma-3-270m)")
-        q.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+        q.add_argument("--run", default="", help="trained run folder or shipped model name (default: the shipped "
+                       "model, meld-gemma3-270m)")
+        q.add_argument("--zero-shot", action="store_true", help="use the bare backbone (--model) without an adapter")
+        q.add_argument("--model", default="", help="backbone of --zero-shot (default: gemma-3-270m)")
+        q.add_argument("--threads", type=_count, default=0, help="torch CPU threads (0 = all cores)")
         q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                        help="weights dtype (bfloat16: about 2x faster on CPUs with AMX/avx512_bf16; see eval/results/bench)")
     ch.add_argument("--participants", default="", help="comma-separated speakers known up front")
@@ -196,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     sv.add_argument("--port", type=int, default=8000)
     sv.set_defaults(func=_serve)
+
+    ex = sub.add_parser("export", help="write a run as a standard PEFT adapter folder + prompts + model card")
+    ex.add_argument("--run", default="meld-gemma3-270m", help="run folder or shipped model name")
+    ex.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="adapter storage dtype")
+    ex.set_defaults(func=_export)
 
     au = sub.add_parser("audio", help="audio features").add_subparsers(dest="audio_command", required=True)
     ax = au.add_parser("extract", help="extract features from every audio file of a folder (resumable)")
@@ -205,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     ax.add_argument("--out", required=True, help="output folder (features.csv, or <id>.npy for frame-level)")
     ax.add_argument("--model", default="", help="emotion2vec: local FunASR model folder or hub id")
     ax.add_argument("--granularity", default="utterance", choices=["utterance", "frame"], help="emotion2vec only")
-    ax.add_argument("--limit", type=int, default=0, help="only the first N files (0 = all)")
+    ax.add_argument("--limit", type=_count, default=0, help="only the first N files (0 = all)")
     ax.set_defaults(func=_audio_extract)
 
     data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command", required=True)
@@ -234,12 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    try:
-        args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"erc-llm: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: args.func(args), "erc-llm", args.debug)
 
 
 if __name__ == "__main__":

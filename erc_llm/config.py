@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,18 +14,22 @@ from pathlib import Path
 import yaml
 
 from erc_llm.backbone import DEFAULT_MODEL
-from erc_llm.data import DATASETS
-from erc_llm.decoding import HISTORY_MODES
+from erc_llm.data import BAD_ROW_MODES, DATASETS
+from erc_llm.prompting import HISTORY_MODES
 
 
 class ConfigError(ValueError):
     pass
 
 
-def _f(default, help: str, choices: tuple | None = None):
+def _f(default, help: str, choices: tuple | None = None, *, ge: float | None = None, gt: float | None = None,
+       le: float | None = None, lt: float | None = None):
+    """A documented field; numbers may carry bounds (``ge``/``gt``/``le``/``lt``) that :func:`build` checks,
+    together with finiteness, for every number of every config."""
     meta = {"help": help}
     if choices:
         meta["choices"] = choices
+    meta.update({k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None})
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -39,9 +44,9 @@ class SpeakerOptions:
     speaker_bios: bool = _f(False, "note each speaker's biography (or, if unseen, the nearest stored speakers) "
                             "before their first turn")
     speaker_history: int = _f(0, "also note each speaker's last N emotions from earlier dialogues (0 = off); "
-                              "evaluation feeds back only predicted labels")
-    speaker_top_k: int = _f(2, "stored speakers retrieved for an unseen speaker")
-    speaker_note_tokens: int = _f(64, "longest speaker note in tokens; longer ones are cut")
+                              "evaluation feeds back only predicted labels", ge=0)
+    speaker_top_k: int = _f(2, "stored speakers retrieved for an unseen speaker", ge=1)
+    speaker_note_tokens: int = _f(64, "longest speaker note in tokens; longer ones are cut", ge=8)
 
     def speaker_problems(self, run: str = "") -> list[str]:
         p = []
@@ -53,8 +58,6 @@ class SpeakerOptions:
             p.append("speaker_bios/speaker_history: need speaker_store (a folder from `erc-llm speakers build`)")
         if self.speaker_store and not wanted:
             p.append("speaker_store: given but speaker_bios is false and speaker_history is 0; turn one on")
-        if self.speaker_history < 0 or self.speaker_top_k < 1 or self.speaker_note_tokens < 8:
-            p.append("speaker_history must be >= 0, speaker_top_k >= 1, speaker_note_tokens >= 8")
         return p
 
 
@@ -69,15 +72,13 @@ class AudioOptions:
                            "csv ({split}.csv or features.csv from `erc-llm audio extract`), npy (<utterance_id>.npy "
                            "files, utterance- or frame-level)", AUDIO_SOURCES)
     audio_dir: str = _f("", "folder of the audio features (evaluation of a run defaults to the run's)")
-    audio_k_tokens: int = _f(1, "soft tokens per turn")
-    audio_lr: float = _f(1e-3, "learning rate of the projector (trained from scratch, with the LoRA)")
+    audio_k_tokens: int = _f(1, "soft tokens per turn", ge=1)
+    audio_lr: float = _f(1e-3, "learning rate of the projector (trained from scratch, with the LoRA)", gt=0)
 
     def audio_problems(self) -> list[str]:
         p = []
         if self.audio_source != "none" and not (self.audio_dir and Path(self.audio_dir).is_dir()):
             p.append(f"audio_dir: {self.audio_dir!r} is not a directory (needed for audio_source: {self.audio_source})")
-        if self.audio_k_tokens < 1 or self.audio_lr <= 0:
-            p.append("audio_k_tokens must be >= 1 and audio_lr > 0")
         return p
 
 
@@ -89,18 +90,27 @@ class EvalConfig(SpeakerOptions):
     split: str = _f("test", "split to evaluate", ("train", "dev", "test"))
     data_dir: str = _f("", "folder with the dataset files (MELD csvs, IEMOCAP_full_release, or {split}.jsonl)")
     labels: list = _f([], "label set for the jsonl format (default: inferred from train and printed)")
-    model: str = _f(DEFAULT_MODEL, "backbone: a packaged name, a local Hugging Face dir, or a hub id")
-    run: str = _f("", "trained run directory (adapter + its config); empty = zero-shot backbone")
+    on_bad_row: str = _f("error", "a row the loader cannot use (empty text, unknown label, wrong type): error = stop "
+                         "and list every one; skip = leave it out and count it in the load report and metrics.json",
+                         BAD_ROW_MODES)
+    model: str = _f(DEFAULT_MODEL, "backbone of --zero-shot: a packaged name, a local Hugging Face dir, or a hub id")
+    run: str = _f("", "trained run folder or shipped model name (empty = the shipped model, "
+                  "meld-gemma3-270m)")
+    zero_shot: bool = _f(False, "evaluate the bare backbone (--model) without any adapter")
+    processes: int = _f(1, "processes to shard the dialogues over (torchrun; one predictions.jsonl and "
+                        "metrics.json, as from one process)", ge=1)
     out: str = _f("eval/out", "output directory for metrics.json, predictions.jsonl, confusion.png, report.md")
     history: str = _f("predicted", "labels written for earlier turns: the model's own ('predicted') or "
                       "'gold' (diagnostic only: leaks gold labels of earlier turns)", HISTORY_MODES)
-    max_tokens: int = _f(2048, "token budget of a transcript; oldest turns are dropped beyond it")
-    max_utterance_tokens: int = _f(96, "longest utterance text in tokens; longer ones are cut")
-    limit: int = _f(0, "evaluate only the first N dialogues (0 = all)")
+    max_tokens: int = _f(0, "token budget of a transcript; oldest turns are dropped beyond it (0 = the run's; "
+                         "2048 zero-shot)", ge=0)
+    max_utterance_tokens: int = _f(0, "longest utterance text in tokens; longer ones are cut (0 = the run's; 96 "
+                                   "zero-shot)", ge=0)
+    limit: int = _f(0, "evaluate only the first N dialogues (0 = all)", ge=0)
     batch: int = _f(8, "dialogues decoded together, packed into one forward per turn step (1 = one at a time; "
-                    "runs with speaker memory or audio decode one at a time)")
+                    "runs with speaker memory or audio decode one at a time)", ge=1)
     dtype: str = _f("float32", "model dtype", ("float32", "bfloat16"))
-    threads: int = _f(0, "torch CPU threads (0 = all cores)")
+    threads: int = _f(0, "torch CPU threads (0 = all cores)", ge=0)
     prompts: str = _f("", "folder with prompt templates (default: the packaged prompts/)")
     audio_dir: str = _f("", "audio feature folder of this split for a run trained with audio (default: the run's)")
 
@@ -108,16 +118,26 @@ class EvalConfig(SpeakerOptions):
         p = _common_problems(self)
         if self.audio_dir and not Path(self.audio_dir).is_dir():
             p.append(f"audio_dir: {self.audio_dir!r} is not a directory")
-        if self.run and not Path(self.run).is_dir():
-            p.append(f"run: {self.run!r} is not a directory")
-        if self.max_utterance_tokens < 8:
-            p.append(f"max_utterance_tokens: {self.max_utterance_tokens} is too small (need >= 8)")
-        if self.max_tokens < 4 * self.max_utterance_tokens:
+        if self.run and self.zero_shot:
+            p.append("run/zero_shot: choose one (a trained model, or the bare backbone)")
+        p.extend(_out_problems(self.out))
+        if 0 < self.max_utterance_tokens < 8:
+            p.append(f"max_utterance_tokens: {self.max_utterance_tokens} is out of range; expected 0 (the run's) or >= 8")
+        if 0 < self.max_tokens < 4 * self.max_utterance_tokens or 0 < self.max_tokens < 64:
             p.append(f"max_tokens: {self.max_tokens} must be at least 4 x max_utterance_tokens "
                      f"({4 * self.max_utterance_tokens}) to hold the header and a few turns")
-        if self.limit < 0 or self.threads < 0 or self.batch < 1:
-            p.append("limit/threads: must be >= 0; batch: must be >= 1")
         return p + self.speaker_problems(self.run)
+
+
+def _out_problems(out: str) -> list[str]:
+    """An output folder must be a folder (or not exist yet): checked before any model is loaded."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        return [f"out: {out!r} is a file; expected a folder (new or existing) for the outputs"]
+    parent = next((q for q in [path, *path.parents] if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return [f"out: {parent} is a file, so {out!r} cannot be created"]
+    return []
 
 
 def _common_problems(cfg) -> list[str]:
@@ -139,6 +159,24 @@ def _check_choices(cfg) -> list[str]:
         value = getattr(cfg, f.name)
         if choices and value not in choices:
             out.append(f"{f.name}: {value!r} is not valid; expected one of {list(choices)}")
+    return out
+
+
+def _number_problems(cfg) -> list[str]:
+    """Every int/float field: finite, and within the bounds its field declares."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            out.append(f"{f.name}: {value} is not a finite number")
+            continue
+        m = f.metadata
+        for key, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                              ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+            if key in m and not ok(value, m[key]):
+                out.append(f"{f.name}: {value} is out of range; expected {word} {m[key]}")
     return out
 
 
@@ -187,7 +225,8 @@ def build(cls, yaml_path: str | None = None, overrides: dict | None = None):
             problems.append(str(e))
     cfg = cls(**kwargs) if not problems else None
     if cfg is not None:
-        problems.extend(cfg.problems())
+        problems.extend(_number_problems(cfg))
+        problems.extend(q for q in cfg.problems() if q not in problems)
     if problems:
         src = f" ({yaml_path})" if yaml_path else ""
         raise ConfigError(f"{len(problems)} config problem(s){src}:\n  - " + "\n  - ".join(problems))
@@ -225,62 +264,78 @@ class TrainConfig(AudioOptions, SpeakerOptions):
     dataset: str = _f("meld", "dataset format", DATASETS)
     data_dir: str = _f("", "folder with the dataset files")
     labels: list = _f([], "label set for the jsonl format (default: inferred from train)")
-    limit_train: int = _f(0, "use only the first N training dialogues (0 = all)")
+    on_bad_row: str = _f("error", "a row the loader cannot use: error = stop and list every one; skip = leave it "
+                         "out and count it in the load report", BAD_ROW_MODES)
+    limit_train: int = _f(0, "use only the first N training dialogues (0 = all)", ge=0)
     # model and prompt
     model: str = _f(DEFAULT_MODEL, "backbone: a packaged name, a local Hugging Face dir, or a hub id")
     prompts: str = _f("", "folder with prompt templates (default: the packaged prompts/); copied into the run")
-    max_tokens: int = _f(2048, "token budget of a transcript; oldest turns are dropped beyond it")
-    max_utterance_tokens: int = _f(96, "longest utterance text in tokens; longer ones are cut")
-    dtype: str = _f("float32", "weights dtype", ("float32", "bfloat16"))
-    autocast_bf16: bool = _f(False, "bf16 autocast for matmuls (fast on CPUs with AMX/avx512_bf16 and on GPUs)")
+    max_tokens: int = _f(2048, "token budget of a transcript; oldest turns are dropped beyond it", ge=64)
+    max_utterance_tokens: int = _f(96, "longest utterance text in tokens; longer ones are cut", ge=8)
+    dtype: str = _f("auto", "frozen backbone weights dtype (LoRA weights and optimizer state stay float32); auto = "
+                    "bfloat16 where the hardware computes it natively (CPU with AMX/avx512_bf16, GPU with bf16), "
+                    "else float32; the choice is logged and stored in the run", ("auto", "float32", "bfloat16"))
+    autocast_bf16: bool = _f(False, "bf16 autocast for matmuls over float32 weights (measured slower than bfloat16 "
+                             "weights on CPUs)")
+    attention: str = _f("block", "attention in the training forward: block (query blocks attend only to the keys "
+                        "they can see: cost linear in length on sliding-window layers) or sdpa (full masked attention)",
+                        ("block", "sdpa"))
+    pack_tokens: int = _f(2048, "pack consecutive dialogues of a step into one forward up to this many tokens "
+                          "(block-diagonal attention; 0 = one forward per dialogue)", ge=0)
     quant: str = _f("none", "QLoRA: '4bit' loads the backbone in bitsandbytes NF4 (falls back with a warning "
                     "where bitsandbytes cannot run)", QUANT_MODES)
     # LoRA
-    lora_r: int = _f(16, "LoRA rank")
-    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = _f(0.05, "dropout on the LoRA input")
+    lora_r: int = _f(16, "LoRA rank", ge=1)
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)", ge=1)
+    lora_dropout: float = _f(0.05, "dropout on the LoRA input", ge=0, lt=1)
     lora_targets: list = _f(["all-linear"], "module names to adapt, or all-linear")
     lora_layers: list = _f([], "indices of transformer layers to adapt (empty = all)")
     # optimisation
-    epochs: float = _f(1.0, "passes over the training dialogues (fractions allowed)")
-    max_steps: int = _f(0, "stop after this many optimizer steps (0 = run all epochs)")
-    batch_dialogues: int = _f(4, "dialogues per optimizer step per process (gradient accumulation)")
-    lr: float = _f(2e-4, "peak learning rate (AdamW)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_ratio: float = _f(0.05, "linear warm-up fraction of all steps; then linear decay to 0")
-    max_grad_norm: float = _f(1.0, "gradient clipping")
+    epochs: float = _f(1.0, "passes over the training dialogues (fractions allowed)", ge=0)
+    max_steps: int = _f(0, "stop after this many optimizer steps (0 = run all epochs)", ge=0)
+    batch_dialogues: int = _f(4, "dialogues per optimizer step per process (gradient accumulation)", ge=1)
+    lr: float = _f(2e-4, "peak learning rate (AdamW)", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    warmup_ratio: float = _f(0.05, "linear warm-up fraction of all steps; then linear decay to 0", ge=0, lt=1)
+    max_grad_norm: float = _f(1.0, "gradient clipping", gt=0)
     class_weights: str = _f("sqrt_inverse", "class weighting of the loss", ("none", "inverse", "sqrt_inverse"))
-    focal_gamma: float = _f(0.0, "focal loss gamma (0 = plain cross-entropy)")
+    focal_gamma: float = _f(0.0, "focal loss gamma (0 = plain cross-entropy)", ge=0)
+    label_history: bool = _f(True, "write each earlier turn's emotion label into the transcript (gold, with "
+                             "history_noise, in training; the model's own predictions at test time); false = the "
+                             "transcript carries text only, the same in training and at test (no exposure bias)")
     history_noise: float = _f(0.2, "probability that an earlier turn's written label is replaced by one drawn from "
-                              "the training prior (label corruption against exposure bias)")
-    seed: int = _f(0, "seed for init, data order and corruption")
+                              "the training prior (label corruption against exposure bias)", ge=0, le=1)
+    context: str = _f("online", "online: each slot sees only earlier turns (chat, streaming); offline: the "
+                      "whole dialogue's text comes first (header_offline.txt), for batch labelling of finished "
+                      "dialogues", ("online", "offline"))
+    seed: int = _f(0, "seed for init, data order and corruption", ge=0)
     # selection, checkpoints, output
     out: str = _f("runs/meld", "run directory")
-    eval_every: int = _f(100, "evaluate on dev every N optimizer steps (and at the end); keep the best")
-    eval_dialogues: int = _f(0, "dev dialogues used for selection (0 = all)")
-    save_every: int = _f(50, "write a resumable checkpoint every N optimizer steps")
+    eval_every: int = _f(100, "evaluate on dev every N optimizer steps (and at the end); keep the best", ge=1)
+    eval_dialogues: int = _f(0, "dev dialogues used for selection (0 = all)", ge=0)
+    save_every: int = _f(50, "write a resumable checkpoint every N optimizer steps", ge=1)
     resume: bool = _f(False, "continue from the run directory's last checkpoint")
+    overwrite: bool = _f(False, "replace an existing run directory (without it, training refuses a non-empty --out "
+                         "unless --resume true)")
     test_eval: bool = _f(True, "after training, evaluate the best adapter on test with predicted history")
     test_gold: bool = _f(True, "also evaluate test with gold history (a diagnostic of exposure bias)")
-    threads: int = _f(0, "torch CPU threads per process (0 = cores / processes)")
+    threads: int = _f(0, "torch CPU threads per process (0 = cores / processes)", ge=0)
 
     def problems(self) -> list[str]:
         p = _common_problems(self)
-        for name in ("lora_r", "lora_alpha", "batch_dialogues", "eval_every", "save_every"):
-            if getattr(self, name) < 1:
-                p.append(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.history_noise <= 1:
-            p.append(f"history_noise: {self.history_noise} must be in [0, 1]")
-        if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1:
-            p.append("lora_dropout/warmup_ratio: must be in [0, 1)")
         if self.epochs <= 0 and self.max_steps <= 0:
             p.append("epochs/max_steps: one of them must be > 0")
-        if self.lr <= 0 or self.focal_gamma < 0:
-            p.append("lr must be > 0 and focal_gamma >= 0")
         if self.max_tokens < 4 * self.max_utterance_tokens:
             p.append(f"max_tokens: {self.max_tokens} must be at least 4 x max_utterance_tokens")
         if self.resume and not (Path(self.out) / "checkpoint" / "state.json").is_file():
             p.append(f"resume: no checkpoint in {self.out}/checkpoint to resume from")
+        if self.resume and self.overwrite:
+            p.append("resume/overwrite: choose one (continue the run, or replace it)")
+        out = Path(self.out)
+        if not (self.resume or self.overwrite) and out.is_dir() and any(out.iterdir()):
+            p.append(f"out: {self.out} already holds files ({', '.join(sorted(x.name for x in out.iterdir())[:5])}); "
+                     "pass --resume true to continue that run, --overwrite true to replace it, or choose another --out")
+        p.extend(_out_problems(self.out))
         if self.prompts and not Path(self.prompts).is_dir():
             p.append(f"prompts: {self.prompts!r} is not a directory")
         if self.audio_source == "meld_prosody" and self.dataset != "meld":
@@ -299,28 +354,28 @@ class BaselineConfig:
     audio: str = _f("none", "audio features: none (text only) or meld_prosody (8 Praat features per utterance)",
                     ("none", "meld_prosody"))
     audio_dir: str = _f("", "folder of the audio features (meld_prosody: meld_{split}_prosody.csv)")
-    hidden: int = _f(384, "hidden size of every modality token")
-    k_tokens: int = _f(4, "tokens per modality")
-    heads: int = _f(4, "self-attention heads")
-    vga_lambda: float = _f(0.5, "weight of the VAD agreement term in cross-attention logits (0 = plain attention)")
+    hidden: int = _f(384, "hidden size of every modality token", ge=1)
+    k_tokens: int = _f(4, "tokens per modality", ge=1)
+    heads: int = _f(4, "self-attention heads", ge=1)
+    vga_lambda: float = _f(0.5, "weight of the VAD agreement term in cross-attention logits (0 = plain attention)", ge=0)
     fusion: str = _f("gates", "gates (text/audio/interaction weights summing to 1) or concat", ("gates", "concat"))
     context: bool = _f(True, "speaker-aware GRU over the speaker's earlier utterances")
     loss: str = _f("focal", "focal (gamma 2) or weighted cross-entropy", ("focal", "ce"))
-    focal_gamma: float = _f(2.0, "focal loss gamma")
+    focal_gamma: float = _f(2.0, "focal loss gamma", ge=0)
     class_weights: str = _f("sqrt_inverse", "class weighting of the loss", ("none", "inverse", "sqrt_inverse"))
-    vad_weight: float = _f(0.1, "weight of the auxiliary VAD regression (0 = off)")
-    dropout: float = _f(0.3, "dropout in the model")
-    feature_dropout: float = _f(0.1, "dropout on the input features")
-    noise_std: float = _f(0.05, "Gaussian noise added to input features in training")
-    mixup_alpha: float = _f(0.4, "mixup Beta(alpha, alpha) on utterance representations (0 = off)")
-    lr: float = _f(1e-3, "AdamW learning rate")
-    weight_decay: float = _f(1e-2, "AdamW weight decay")
-    batch_dialogues: int = _f(16, "dialogues per batch")
-    max_epochs: int = _f(30, "epoch limit")
-    patience: int = _f(5, "early stopping: epochs without dev weighted-F1 improvement")
+    vad_weight: float = _f(0.1, "weight of the auxiliary VAD regression (0 = off)", ge=0)
+    dropout: float = _f(0.3, "dropout in the model", ge=0, lt=1)
+    feature_dropout: float = _f(0.1, "dropout on the input features", ge=0, lt=1)
+    noise_std: float = _f(0.05, "Gaussian noise added to input features in training", ge=0)
+    mixup_alpha: float = _f(0.4, "mixup Beta(alpha, alpha) on utterance representations (0 = off)", ge=0)
+    lr: float = _f(1e-3, "AdamW learning rate", gt=0)
+    weight_decay: float = _f(1e-2, "AdamW weight decay", ge=0)
+    batch_dialogues: int = _f(16, "dialogues per batch", ge=1)
+    max_epochs: int = _f(30, "epoch limit", ge=1)
+    patience: int = _f(5, "early stopping: epochs without dev weighted-F1 improvement", ge=1)
     seeds: list = _f([0, 1, 2, 3, 4], "one model per seed; results are reported as mean +- std")
     out: str = _f("runs/baseline", "output directory")
-    threads: int = _f(0, "torch CPU threads (0 = all cores)")
+    threads: int = _f(0, "torch CPU threads (0 = all cores)", ge=0)
 
     def problems(self) -> list[str]:
         p = _common_problems(self)
@@ -328,11 +383,8 @@ class BaselineConfig:
             p.append(f"audio_dir: {self.audio_dir!r} is not a directory (needed for audio: {self.audio})")
         if self.audio == "meld_prosody" and self.dataset != "meld":
             p.append("audio: meld_prosody features only exist for dataset: meld")
-        if self.hidden % self.heads:
+        if self.heads >= 1 and self.hidden % self.heads:
             p.append(f"hidden: {self.hidden} must be divisible by heads ({self.heads})")
         if not self.seeds:
             p.append("seeds: give at least one seed")
-        for name in ("batch_dialogues", "max_epochs", "patience", "k_tokens"):
-            if getattr(self, name) < 1:
-                p.append(f"{name}: must be >= 1")
-        return p
+        return p + _out_problems(self.out)

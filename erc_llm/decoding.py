@@ -18,9 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from erc_llm.data.schema import Dialogue, Utterance
-from erc_llm.prompting import PromptBuilder, fit_window
-
-HISTORY_MODES = ("predicted", "gold")
+from erc_llm.prompting import HISTORY_MODES, PromptBuilder, fit_window
 
 
 class LabelTrie:
@@ -108,6 +106,8 @@ class StreamState:
         self.cache_len = 0
         self.pending: list[int] = list(header)
         self.pending_soft: list[torch.Tensor] = []  # soft tokens of audio placeholders in ``pending``
+        self.backlog: list[int] = []  # replayed tokens counted in ``cache_len`` but not fed yet
+        self.backlog_soft: list[torch.Tensor] = []
         self._turn: list[int] | None = None
         self.max_answer = max(len(ids) for ids in builder.label_ids) + len(builder.suffix_ids)
         self.columns = [ids[0] for ids in trie.label_ids]
@@ -118,21 +118,30 @@ class StreamState:
         if self._turn is not None:
             raise RuntimeError("score() called twice without commit(); commit a label for the previous turn first")
         turn = self.builder.turn_ids(utt, note)
-        feed = self.pending + turn
-        parts = self.pending_soft + ([soft] if soft is not None else [])
+        feed, parts = self._advance(turn, soft)
+        feed = self.backlog + feed  # turns replayed since the last forward go in with this one
+        parts = self.backlog_soft + parts
         feed_soft = torch.cat(parts) if parts else None
-        if self.cache_len + len(feed) + self.max_answer > self.builder.max_tokens:
-            feed = self._rebuild(turn)
-            kept = [s for s in self.soft[self.first_kept:] + [soft] if s is not None]
-            feed_soft = torch.cat(kept) if kept else None
+        self.backlog, self.backlog_soft = [], []
         if self.trie.single_token:
             scores, self.cache = _last_label_logits(self.model, feed, self.cache, self.columns, feed_soft)
         else:
             slot_lp, self.cache = _last_logprobs(self.model, feed, self.cache, feed_soft)
             scores = score_slot(self.model, self.trie, slot_lp, self.cache)
-        self.cache_len += len(feed)
         self._turn, self._soft = turn, soft
         return torch.softmax(scores, dim=0)
+
+    def _advance(self, turn: list[int], soft) -> tuple[list[int], list[torch.Tensor]]:
+        """Tokens (and soft-token parts) that bring the cache up to ``turn``'s slot, re-reading a shortened
+        transcript when the budget would overflow; counts them as in the cache."""
+        feed = self.pending + turn
+        parts = self.pending_soft + ([soft] if soft is not None else [])
+        if self.cache_len + len(feed) + self.max_answer > self.builder.max_tokens:
+            feed = self._rebuild(turn)
+            parts = [s for s in self.soft[self.first_kept:] + [soft] if s is not None]
+            self.backlog, self.backlog_soft = [], []
+        self.cache_len += len(feed)
+        return feed, parts
 
     def _rebuild(self, turn: list[int]) -> list[int]:
         """Drop the oldest turns (keeping the header) so the cache refills to ~3/4 of the budget."""
@@ -141,6 +150,18 @@ class StreamState:
         self.first_kept += fit_window(len(self.header), lens, self.builder.max_tokens * 3 // 4)
         self.cache, self.cache_len = None, 0
         return self.header + [t for s in self.segments[self.first_kept:] for t in s] + turn
+
+    def replay(self, utt: Utterance, label: str, note: str = "", soft: torch.Tensor | None = None) -> None:
+        """Append an already-labelled turn without scoring it (resuming a dialogue): its tokens join what the
+        next ``score`` feeds in one forward."""
+        if self._turn is not None:
+            raise RuntimeError("replay() between score() and commit()")
+        turn = self.builder.turn_ids(utt, note)
+        feed, parts = self._advance(turn, soft)  # the same truncation points as when the turn was scored
+        self.backlog += feed
+        self.backlog_soft += parts
+        self._turn, self._soft = turn, soft
+        self.commit(label)
 
     def commit(self, label: str) -> None:
         if self._turn is None:
@@ -156,6 +177,7 @@ class StreamState:
         if self._turn is not None:
             raise RuntimeError("restart() between score() and commit()")
         self.header, self.cache, self.cache_len = header, None, 0
+        self.backlog, self.backlog_soft = [], []
         self.pending = header + [t for s in self.segments[self.first_kept:] for t in s]
         self.pending_soft = [s for s in self.soft[self.first_kept:] if s is not None]
 
@@ -190,17 +212,26 @@ class StreamingTagger:
         return StreamState(self.model, self.builder, self.trie, self.builder.header_ids(dialogue))
 
     @torch.inference_mode()
-    def tag(self, dialogue: Dialogue) -> list[TurnPrediction]:
+    def tag(self, dialogue: Dialogue, resume: list[TurnPrediction] = (), on_turn=None) -> list[TurnPrediction]:
+        """Predictions for every turn. ``resume``: predictions of the first turns from an interrupted run
+        (replayed, not scored again); ``on_turn(i, prediction)`` is called after each newly labelled turn."""
         state = self.new_state(dialogue)
         notes = self.speakers.notes(dialogue) if self.speakers else [""] * len(dialogue.utterances)
         preds, written = [], []
-        for utt, note in zip(dialogue.utterances, notes):
+        for i, (utt, note) in enumerate(zip(dialogue.utterances, notes)):
             soft = self.audio[0].soft_tokens(self.audio[1], [utt.utterance_id]) if self.audio else None
+            if i < len(resume):
+                written.append(written_label(self.history, utt, resume[i].label))
+                state.replay(utt, written[-1], note, soft)
+                preds.append(resume[i])
+                continue
             probs = state.score(utt, note, soft)
             label = self.labels.labels[int(probs.argmax())]
             written.append(written_label(self.history, utt, label))
             state.commit(written[-1])
             preds.append(TurnPrediction(utt.utterance_id, label, probs.tolist()))
+            if on_turn is not None:
+                on_turn(i, preds[-1])
         if self.speakers:
             self.speakers.observe(dialogue, written)
         return preds

@@ -3,122 +3,121 @@
     erc-llm evaluate --dataset meld --split test --data-dir ../shared/data/meld --out eval/results/zero_shot_meld_test
 
 Writes ``metrics.json``, ``predictions.jsonl``, ``confusion.png`` and ``report.md`` into ``--out``.
-Predictions are appended per dialogue to ``predictions.partial.jsonl`` while running; an interrupted
-evaluation restarted with the same settings resumes after the last finished dialogue.
+Without ``--run`` the shipped model is evaluated; ``--zero-shot`` evaluates the bare backbone. Predictions
+are appended to ``predictions.partial.jsonl`` while running (per dialogue, and per turn for dialogues
+tagged one at a time); an interrupted evaluation restarted with the same settings, model and data resumes
+where it stopped. ``--processes N`` shards the dialogues over N processes (torchrun).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
 
-import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from tqdm import tqdm
 
 from erc_llm.config import EvalConfig, to_dict
 from erc_llm.data import LabelSet, load_split
 from erc_llm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from erc_llm.metrics import compute_metrics, plot_confusion, render_report
 
 log = logging.getLogger(__name__)
-RUN_FILE = "run.json"
 
 
-def compute_metrics(gold: list[str], pred: list[str], labels: LabelSet) -> dict:
-    """Standard ERC metrics (scikit-learn): weighted F1, WA (accuracy), UA (balanced accuracy), macro F1."""
-    names = list(labels.labels)
-    p, r, f, s = precision_recall_fscore_support(gold, pred, labels=names, zero_division=0)
-    return {
-        "weighted_f1": 100 * f1_score(gold, pred, labels=names, average="weighted", zero_division=0),
-        "accuracy": 100 * accuracy_score(gold, pred),
-        "unweighted_accuracy": 100 * balanced_accuracy_score(gold, pred),
-        "macro_f1": 100 * f1_score(gold, pred, labels=names, average="macro", zero_division=0),
-        "per_class": {
-            n: {"precision": 100 * float(p[i]), "recall": 100 * float(r[i]), "f1": 100 * float(f[i]), "support": int(s[i])}
-            for i, n in enumerate(names)
-        },
-    }
+def _fingerprint(cfg: EvalConfig, p, dialogues) -> str:
+    """What partial results depend on: settings, backbone, adapter bytes, prompts and the data's content."""
+    from erc_llm.data.schema import dialogues_digest
+    from erc_llm.io import content_digest, sha256_file
+
+    keep = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "threads", "limit", "batch", "processes")}
+    adapter = p.run_dir / "adapter" / "adapter_model.safetensors" if p.run_dir else None
+    return content_digest(keep, p.manifest.get("sha256"), p.manifest.get("path"), p.builder.templates.version,
+                          sha256_file(adapter) if adapter and adapter.is_file() else None,
+                          dialogues_digest(dialogues))[:16]
 
 
-def load_model_for_eval(cfg: EvalConfig):
-    """Backbone (+ the run's LoRA adapter merged in, when ``cfg.run`` is given)."""
-    from erc_llm.backbone import load_backbone
-
-    if not cfg.run:
-        return load_backbone(cfg.model, cfg.dtype)
-    run = Path(cfg.run)
-    try:
-        meta = json.loads((run / RUN_FILE).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"run directory {run} has no {RUN_FILE}; expected a directory written by erc_llm/train.py") from None
-    if not (run / "adapter").is_dir():
-        raise FileNotFoundError(f"run directory {run} has no adapter/ folder; expected a directory written by erc_llm/train.py")
-    from peft import PeftModel
-
-    model, tok, manifest = load_backbone(meta["model"], cfg.dtype)
-    model = PeftModel.from_pretrained(model, str(run / "adapter")).merge_and_unload()
-    model.eval()
-    return model, tok, {**manifest, "run": str(run), "run_prompt_version": meta.get("prompt_version")}
-
-
-def _fingerprint(cfg: EvalConfig, manifest: dict, prompt_version: str) -> str:
-    keep = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "threads", "limit", "batch")}
-    blob = json.dumps([keep, manifest.get("sha256"), manifest.get("path"), prompt_version], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _load_partial(path: Path, fingerprint: str) -> dict[str, list[dict]]:
-    """Finished dialogues of an interrupted run with the same fingerprint (a torn last line is ignored)."""
+def _load_partial(path: Path, fingerprint: str) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """Finished dialogues and the turns of a dialogue in progress from an interrupted run with the same
+    fingerprint (a torn last line is ignored)."""
     done: dict[str, list[dict]] = {}
+    started: dict[str, list[dict]] = {}
     if not path.is_file():
-        return done
+        return done, started
     lines = path.read_text(encoding="utf-8").splitlines()
     if not lines or json.loads(lines[0]).get("fingerprint") != fingerprint:
+        log.warning("%s holds results of other settings, model or data; starting over", path)
         path.unlink()
-        return done
+        return done, started
     for line in lines[1:]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             break
-        done[row["dialogue_id"]] = row["predictions"]
-    return done
+        if "predictions" in row:
+            done[row["dialogue_id"]] = row["predictions"]
+            started.pop(row["dialogue_id"], None)
+        else:
+            started.setdefault(row["dialogue_id"], []).append(row["turn"])
+    return done, started
+
+
+def _row(d, u, p, labels) -> dict:
+    return {"dialogue_id": d.id, "utterance_id": u.utterance_id, "speaker": u.speaker, "text": u.text,
+            "gold": u.emotion, "predicted": p.label,
+            "probabilities": dict(zip(labels.labels, [round(x, 6) for x in p.probs]))}
 
 
 def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1) -> list[dict]:
     """Tag every dialogue, resuming from ``partial``; returns one row per utterance.
 
-    ``batch`` dialogues at a time go through ``tagger.tag_many`` (a PackedTagger); dialogues restored from
-    ``partial`` still feed a StreamingTagger's speaker memory, in order.
+    ``batch`` dialogues at a time go through ``tagger.tag_many`` (a PackedTagger); dialogues it cannot pack
+    (longer than the token budget) and every dialogue of a one-at-a-time run are tagged turn by turn, with
+    each turn written to ``partial`` as it is labelled: progress shows per turn and a killed run resumes
+    inside a long dialogue. Dialogues restored from ``partial`` still feed a speaker memory, in order.
     """
-    done = _load_partial(partial, fingerprint)
-    if done:
-        log.info("resuming: %d of %d dialogues already done in %s", len(done), len(dialogues), partial)
+    from erc_llm.decoding import TurnPrediction
+
+    done, started = _load_partial(partial, fingerprint)
+    if done or started:
+        log.info("resuming: %d of %d dialogues done, %d turns of unfinished ones kept, in %s", len(done),
+                 len(dialogues), sum(len(v) for v in started.values()), partial)
     new = not partial.is_file()
     speakers = getattr(tagger, "speakers", None)
+    single = getattr(tagger, "single", tagger)
+    labels = tagger.labels
     with open(partial, "a", encoding="utf-8") as f:
         if new:
             f.write(json.dumps({"fingerprint": fingerprint}) + "\n")
         bar = tqdm(total=sum(len(d) for d in dialogues), unit="utt", desc="evaluate", dynamic_ncols=True)
+
+        def finish(d, preds):
+            done[d.id] = [_row(d, u, p, labels) for u, p in zip(d.utterances, preds)]
+            f.write(json.dumps({"dialogue_id": d.id, "predictions": done[d.id]}, ensure_ascii=False) + "\n")
+            f.flush()
+
+        def one(d):
+            kept = started.get(d.id, [])
+            resume = [TurnPrediction(r["utterance_id"], r["predicted"], [r["probabilities"][k] for k in labels.labels])
+                      for r in kept]
+            bar.update(len(resume))
+
+            def on_turn(i, p):
+                f.write(json.dumps({"dialogue_id": d.id, "turn": _row(d, d.utterances[i], p, labels)},
+                                   ensure_ascii=False) + "\n")
+                f.flush()
+                bar.update(1)
+
+            finish(d, single.tag(d, resume=resume, on_turn=on_turn))
+
         chunk: list = []
 
         def flush():
-            results = tagger.tag_many(chunk) if batch > 1 else [tagger.tag(d) for d in chunk]
-            for d, preds in zip(chunk, results):
-                rows = [
-                    {"dialogue_id": d.id, "utterance_id": u.utterance_id, "speaker": u.speaker, "text": u.text,
-                     "gold": u.emotion, "predicted": p.label,
-                     "probabilities": dict(zip(tagger.labels.labels, [round(x, 6) for x in p.probs]))}
-                    for u, p in zip(d.utterances, preds)
-                ]
-                f.write(json.dumps({"dialogue_id": d.id, "predictions": rows}, ensure_ascii=False) + "\n")
-                done[d.id] = rows
+            for d, preds in zip(chunk, tagger.tag_many(chunk)):
+                finish(d, preds)
                 bar.update(len(d))
-            f.flush()
             chunk.clear()
 
         for d in dialogues:
@@ -127,174 +126,130 @@ def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1) 
                     key = "gold" if tagger.history == "gold" else "predicted"
                     speakers.observe(d, [r[key] for r in done[d.id]])
                 bar.update(len(d))
-                continue
-            chunk.append(d)
-            if len(chunk) >= batch:
-                flush()
+            elif batch > 1 and tagger.fits(d) and d.id not in started:
+                chunk.append(d)
+                if len(chunk) >= batch:
+                    flush()
+            else:
+                one(d)
         if chunk:
             flush()
         bar.close()
     return [r for d in dialogues for r in done[d.id]]
 
 
-def plot_confusion(gold: list[str], pred: list[str], labels: LabelSet, path: Path, title: str) -> None:
-    import matplotlib
+def model_source(cfg: EvalConfig) -> str | None:
+    """The run to load: ``--run``, else the shipped model; None with ``--zero-shot`` (the bare backbone)."""
+    from erc_llm.run import SHIPPED
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(labels.labels)
-    cm = confusion_matrix(gold, pred, labels=names, normalize="true")
-    fig, ax = plt.subplots(figsize=(1.0 * len(names) + 2, 1.0 * len(names) + 1.5))
-    im = ax.imshow(np.nan_to_num(cm), vmin=0, vmax=1, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("gold")
-    ax.set_title(title, fontsize=9)
-    for i in range(len(names)):
-        for j in range(len(names)):
-            v = np.nan_to_num(cm[i, j])
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def render_report(m: dict) -> str:
-    lines = [
-        f"# Evaluation: {m['dataset']}/{m['split']} — {m['model']}",
-        "",
-        f"History: **{m['history']}**{' (DIAGNOSTIC: gold labels of earlier turns are visible)' if m['history'] == 'gold' else ''}  ",
-        f"Dialogues: {m['dialogues']}, utterances: {m['utterances']}, seconds: {m['seconds']:.1f}, "
-        f"utterances/s: {m['utterances_per_second']:.2f}",
-        "",
-        "| weighted F1 | accuracy (WA) | UA | macro F1 |",
-        "|---|---|---|---|",
-        f"| {m['weighted_f1']:.2f} | {m['accuracy']:.2f} | {m['unweighted_accuracy']:.2f} | {m['macro_f1']:.2f} |",
-        "",
-        "| class | precision | recall | F1 | support |",
-        "|---|---|---|---|---|",
-    ]
-    for name, c in m["per_class"].items():
-        lines.append(f"| {name} | {c['precision']:.2f} | {c['recall']:.2f} | {c['f1']:.2f} | {c['support']} |")
-    lines += ["", "![confusion](confusion.png)", "", f"Command: `{m['command']}`", ""]
-    return "\n".join(lines)
-
-
-def prompts_dir(cfg: EvalConfig) -> Path:
-    """Templates: the config's folder, else the ones the run's adapter was trained with, else the packaged ones."""
-    from erc_llm.prompting import PROMPTS_DIR
-
-    if cfg.prompts:
-        return Path(cfg.prompts)
-    if cfg.run and (Path(cfg.run) / "prompts").is_dir():
-        return Path(cfg.run) / "prompts"
-    return PROMPTS_DIR
-
-
-def speaker_context(cfg: EvalConfig, labels: LabelSet):
-    """(SpeakerContext or None, note token cap): the config's store if given, else the run's own."""
-    from erc_llm.speakers import open_context, settings_of
-
-    run = Path(cfg.run) if cfg.run else None
-    templates = prompts_dir(cfg)
-    settings, store = settings_of(cfg), cfg.speaker_store
-    if settings is None and run is not None:
-        settings, store = json.loads((run / RUN_FILE).read_text()).get("speakers"), run / "speaker_store"
-    if settings is None:
-        return None, cfg.speaker_note_tokens
-    return open_context(store, settings, templates, labels, seed=True), settings["note_tokens"]
-
-
-def audio_inputs(cfg: EvalConfig, dialogues, model):
-    """(AudioInputs, AudioProjector) of a run trained with audio soft tokens, else None."""
-    if not cfg.run or not (Path(cfg.run) / "adapter" / "audio.json").is_file():
+    if cfg.zero_shot:
         return None
-    from erc_llm.audio import load_source
-    from erc_llm.projector import AudioInputs
-
-    run = Path(cfg.run)
-    spec, projector = load_projector(run, model)
-    directory = cfg.audio_dir or json.loads((run / RUN_FILE).read_text())["audio"]["dir"]
-    if not Path(directory).is_dir():
-        raise FileNotFoundError(f"run {run} was trained with {spec.source} audio features from {directory}, which is "
-                                "not a folder here; pass --audio-dir with this split's features")
-    inputs = AudioInputs(spec, load_source(spec.source, directory, cfg.split),
-                         [u.utterance_id for d in dialogues for u in d.utterances])
-    log.info("audio %s: no features for %d utterances (they get the 'no audio' input)", spec.source, inputs.missing)
-    return inputs, projector
+    return cfg.run or SHIPPED
 
 
-def load_projector(run: Path, model):
-    """(AudioSpec, AudioProjector in eval mode) saved with a run's adapter."""
-    import torch
+def load_predictor(cfg: EvalConfig, labels: LabelSet):
+    from erc_llm.run import load
 
-    from erc_llm.projector import AudioProjector, AudioSpec
-
-    spec = AudioSpec.load(run / "adapter" / "audio.json")
-    projector = AudioProjector(spec.in_dim, model.config.hidden_size, spec.k_tokens, spec.frames)
-    projector.load_state_dict(torch.load(run / "adapter" / "projector.pt", weights_only=True))
-    return spec, projector.to(model.device).eval()
+    return load(model_source(cfg), model=cfg.model, dtype=cfg.dtype, labels=labels, prompts=cfg.prompts,
+                max_tokens=cfg.max_tokens, max_utterance_tokens=cfg.max_utterance_tokens, speaker_options=cfg)
 
 
 def evaluate(cfg: EvalConfig, command: str = "") -> dict:
-    """Config -> data -> model -> predictions -> metrics and reports in ``cfg.out``."""
+    """Config -> data -> model -> predictions -> metrics and reports in ``cfg.out``.
+
+    Under ``torchrun`` / ``accelerate launch`` with N processes (``erc-llm evaluate --processes N``), each
+    process tags every N-th dialogue and the first one merges the shards into the same ``predictions.jsonl``
+    and ``metrics.json`` a single process writes; each shard resumes on its own.
+    """
     import torch
 
-    from erc_llm.decoding import StreamingTagger
-    from erc_llm.prompting import PromptBuilder, Templates
-
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    dialogues, labels, report = load_split(cfg.dataset, cfg.split, cfg.data_dir, tuple(cfg.labels) or None)
+    shard = Shard.from_env()
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // shard.world))
+    dialogues, labels, report = load_split(cfg.dataset, cfg.split, cfg.data_dir, tuple(cfg.labels) or None,
+                                           cfg.on_bad_row)
     log.info("%s; label set %s = %s", report.summary(), labels.name, list(labels.labels))
     if cfg.limit:
         dialogues = dialogues[: cfg.limit]
-    model, tok, manifest = load_model_for_eval(cfg)
-    templates = Templates.load(prompts_dir(cfg))
-    speakers, note_tokens = speaker_context(cfg, labels)
-    if speakers is not None and speakers.settings.history:
+    p = load_predictor(cfg, labels)
+    labels, history = p.labels, p.history_mode(cfg.history)
+    if p.speakers is not None and p.speakers.settings.history:
         from erc_llm.speakers import dataset_order
 
+        if shard.world > 1:
+            raise ValueError("a model with cross-dialogue speaker history tags dialogues in story order, one after "
+                             "another; it cannot be sharded across processes: run it with --processes 1")
         dialogues = dataset_order(dialogues)  # the cross-dialogue memory follows story order
-    audio = audio_inputs(cfg, dialogues, model)
-    builder = PromptBuilder(tok, labels, templates, cfg.max_tokens, cfg.max_utterance_tokens, note_tokens,
-                            audio[0].spec.k_tokens if audio else 0)
-    batch = cfg.batch if speakers is None and audio is None else 1
-    if batch > 1:
-        from erc_llm.decoding import PackedTagger
-
-        tagger = PackedTagger(model, builder, cfg.history, batch)
-    else:
-        tagger = StreamingTagger(model, builder, cfg.history, speakers, audio)
+    mine = dialogues[shard.rank::shard.world]
+    audio = p.audio_inputs(cfg.split, mine, cfg.audio_dir)
+    tagger = p.tagger(cfg.history, cfg.batch, audio)
+    batch = cfg.batch if hasattr(tagger, "tag_many") else 1
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / "predictions.partial.jsonl"
+    partial = out / shard.name("predictions.partial.jsonl")
     t0 = time.time()
-    rows = predict(tagger, dialogues, partial, _fingerprint(cfg, manifest, templates.version), batch)
+    rows = predict(tagger, mine, partial, _fingerprint(cfg, p, mine), batch)
+    rows = shard.gather(rows, out, dialogues)
+    if rows is None:  # not the first process: its shard is written, the first one reports
+        partial.unlink(missing_ok=True)
+        return {}
     seconds = time.time() - t0
     scored = [r for r in rows if r["gold"] is not None]
     metrics = {
         **(compute_metrics([r["gold"] for r in scored], [r["predicted"] for r in scored], labels) if scored else {}),
-        "dataset": cfg.dataset, "split": cfg.split, "history": cfg.history, "labels": list(labels.labels),
+        "dataset": cfg.dataset, "split": cfg.split, "history": history, "context": p.context,
+        "labels": list(labels.labels),
         "dialogues": len(dialogues), "utterances": len(rows), "scored_utterances": len(scored),
-        "skipped_on_load": dict(report.skipped), "model": manifest.get("name", cfg.model),
-        "model_source": manifest.get("source"), "run": cfg.run or None, "prompt_version": templates.version,
-        "speakers": speakers.settings.__dict__ if speakers else None,
-        "audio": {"source": audio[0].spec.source, "missing": audio[0].missing} if audio else None,
-        "seconds": seconds, "utterances_per_second": len(rows) / max(seconds, 1e-9),
+        "skipped_on_load": dict(report.skipped), "model": p.name, "backbone": p.manifest.get("name", cfg.model),
+        "model_source": p.manifest.get("source"), "run": str(p.run_dir) if p.run_dir else None,
+        "prompt_version": p.builder.templates.version,
+        "speakers": p.speakers.settings.__dict__ if p.speakers else None,
+        "audio": {"source": audio.spec.source, "missing": audio.missing} if audio else None,
+        "seconds": seconds, "utterances_per_second": len(rows) / max(seconds, 1e-9), "processes": shard.world,
         "threads": torch.get_num_threads(), "config": to_dict(cfg), "command": command,
     }
     atomic_write_jsonl(out / "predictions.jsonl", rows)
     if scored:
         plot_confusion([r["gold"] for r in scored], [r["predicted"] for r in scored], labels, out / "confusion.png",
-                       f"{cfg.dataset}/{cfg.split} {metrics['model']} (history={cfg.history})")
+                       f"{cfg.dataset}/{cfg.split} {p.name} (history={history}, {p.context})")
         atomic_write_text(out / "report.md", render_report(metrics))
     else:
         log.warning("%s/%s has no gold labels: wrote predictions only (no metrics)", cfg.dataset, cfg.split)
     atomic_write_json(out / "metrics.json", metrics)
     partial.unlink(missing_ok=True)
     return metrics
+
+
+class Shard:
+    """This process's share of a sharded evaluation (``WORLD_SIZE`` / ``RANK`` as torchrun and accelerate set)."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+        self.state = None
+        if world > 1:
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=not __import__("torch").cuda.is_available())
+
+    @classmethod
+    def from_env(cls) -> "Shard":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+    def name(self, filename: str) -> str:
+        return filename if self.world == 1 else filename.replace(".jsonl", f".rank{self.rank}.jsonl")
+
+    def gather(self, rows: list[dict], out: Path, dialogues) -> list[dict] | None:
+        """All rows in dataset order on the first process (None on the others)."""
+        if self.world == 1:
+            return rows
+        atomic_write_jsonl(out / self.name("predictions.shard.jsonl"), rows)
+        self.state.wait_for_everyone()
+        if self.rank != 0:
+            return None
+        by_dialogue: dict[str, list[dict]] = {}
+        for r in range(self.world):
+            path = out / f"predictions.shard.rank{r}.jsonl"
+            for line in path.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                by_dialogue.setdefault(row["dialogue_id"], []).append(row)
+            path.unlink()
+        return [row for d in dialogues for row in by_dialogue[d.id]]

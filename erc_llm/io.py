@@ -50,7 +50,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    _remove_orphans(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", dir=final.parent))
     try:
         yield tmp
     except BaseException:
@@ -70,9 +71,33 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _remove_orphans(final: Path) -> None:
+    """Versions of ``final`` left half-written by a killed process (its pid is in the name and no longer
+    runs); the published version (the symlink's target) is never touched."""
+    live = final.resolve() if final.is_symlink() else None
+    for d in final.parent.glob(f".{final.name}.*.*"):
+        parts = d.name[len(final.name) + 2:].split(".")
+        if d == live or not parts[0].isdigit() or not d.is_dir():
+            continue
+        try:
+            os.kill(int(parts[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            continue
+
+
 def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+def content_digest(*parts) -> str:
+    """Fingerprint of the content of a resumable artifact's inputs (JSON-able parts: settings, texts, labels,
+    file digests). Every resumable artifact keys its reuse on one of these, so a changed input is redone,
+    never silently reused."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -75,3 +75,49 @@ def slot_logits(model, transcript: Transcript, label_token_ids: list[int], soft:
         bare = getattr(model, "module", model)  # embeddings of the wrapped model; the forward stays wrapped
         out = model(inputs_embeds=embed_ids(bare, x, soft), logits_to_keep=keep, use_cache=False)
     return out.logits[0][:, label_token_ids]
+
+
+def packed_slot_logits(model, transcripts: list[Transcript], label_token_ids: list[int],
+                       soft: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Several transcripts in one forward: concatenated, with position ids restarting at each transcript.
+
+    transformers turns restarting position ids into a block-diagonal causal mask (each transcript sees only
+    its own earlier tokens; sliding windows within it), so every transcript gets the logits it would get
+    alone, while the weights are read once for all of them. Returns one (n_slots, K) tensor per transcript.
+    ``soft``: the audio soft tokens of all kept turns, in transcript order.
+    """
+    from erc_llm.projector import embed_ids
+
+    if len(transcripts) == 1:
+        return [slot_logits(model, transcripts[0], label_token_ids, soft)]
+    device = next(model.parameters()).device
+    ids, pos, keep, sizes = [], [], [], []
+    for tr in transcripts:
+        keep.extend(len(ids) + s for s in tr.slots)
+        ids.extend(tr.input_ids)
+        pos.extend(range(len(tr.input_ids)))
+        sizes.append(len(tr.slots))
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    p = torch.tensor([pos], dtype=torch.long, device=device)
+    k = torch.tensor(keep, dtype=torch.long, device=device)
+    if soft is None:
+        out = model(input_ids=x, position_ids=p, logits_to_keep=k, use_cache=False)
+    else:
+        bare = getattr(model, "module", model)
+        out = model(inputs_embeds=embed_ids(bare, x, soft), position_ids=p, logits_to_keep=k, use_cache=False)
+    return list(out.logits[0][:, label_token_ids].split(sizes))
+
+
+def pack(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices grouped so each group's total length stays within ``budget`` (a longer item goes
+    alone); ``budget <= 0`` puts every item alone."""
+    groups: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(lengths):
+        if groups and budget > 0 and total + n <= budget:
+            groups[-1].append(i)
+            total += n
+        else:
+            groups.append([i])
+            total = n
+    return groups

@@ -21,6 +21,9 @@ from erc_llm.data.schema import Dialogue, LabelSet, Utterance
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 LABEL_FIELD = "{label}"
 AUDIO_FIELD = "{audio}"
+CONVERSATION_FIELD = "{conversation}"
+CONTEXTS = ("online", "offline")
+HISTORY_MODES = ("predicted", "gold")  # what a decoder writes into earlier turns' slots
 AUDIO_TOKEN = -1  # placeholder id of a soft audio token (filled by erc_llm.projector)
 _TEXT_END = "\x00"
 
@@ -34,13 +37,22 @@ class Templates:
     audio: str = ""  # audio.txt: wraps a turn's soft audio tokens ({audio}); written right after the text
 
     @classmethod
-    def load(cls, directory: str | Path = PROMPTS_DIR) -> "Templates":
+    def load(cls, directory: str | Path = PROMPTS_DIR, context: str = "online") -> "Templates":
+        """``context="offline"`` takes ``header_offline.txt``: the header also holds the whole conversation's
+        text (``{conversation}``), so every slot sees what follows it (batch evaluation of finished dialogues)."""
+        if context not in CONTEXTS:
+            raise ValueError(f"context {context!r} not supported; available = {list(CONTEXTS)}")
         directory = Path(directory)
-        files = {name: directory / f"{name}.txt" for name in ("header", "turn")}
+        files = {"header": directory / ("header.txt" if context == "online" else "header_offline.txt"),
+                 "turn": directory / "turn.txt"}
         missing = [str(p) for p in files.values() if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"prompt template(s) {missing} not found; expected header.txt and turn.txt in {directory}")
+            raise FileNotFoundError(f"prompt template(s) {missing} not found; expected {files['header'].name} and "
+                                    f"turn.txt in {directory}")
         header = files["header"].read_text(encoding="utf-8")
+        if (CONVERSATION_FIELD in header) != (context == "offline"):
+            raise ValueError(f"{files['header']}: an {context} header must {'' if context == 'offline' else 'not '}"
+                             f"contain {CONVERSATION_FIELD}")
         turn = files["turn"].read_text(encoding="utf-8")
         if turn.count(LABEL_FIELD) != 1:
             raise ValueError(f"{files['turn']}: must contain exactly one {LABEL_FIELD} slot, found {turn.count(LABEL_FIELD)}")
@@ -84,7 +96,9 @@ class PromptBuilder:
 
     def __init__(self, tokenizer, labels: LabelSet, templates: Templates | None = None,
                  max_tokens: int = 2048, max_utterance_tokens: int = 96, max_note_tokens: int = 64,
-                 audio_tokens: int = 0):
+                 audio_tokens: int = 0, write_labels: bool = True):
+        """``write_labels=False``: earlier turns carry no label in the transcript (the slot stays as a query
+        point, only the turn suffix follows it), so training and decoding see the same text-only history."""
         self.tokenizer = tokenizer
         self.labels = labels
         self.templates = templates or Templates.load()
@@ -92,6 +106,7 @@ class PromptBuilder:
         self.max_utterance_tokens = max_utterance_tokens
         self.max_note_tokens = max_note_tokens
         self.audio_tokens = audio_tokens
+        self.write_labels = write_labels
         if audio_tokens and not self.templates.audio:
             raise FileNotFoundError("audio soft tokens need an audio.txt prompt template with one {audio} field")
         space = self.templates.turn_prefix.endswith(" ")
@@ -110,7 +125,12 @@ class PromptBuilder:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def header_ids(self, dialogue: Dialogue) -> list[int]:
-        text = self.templates.header.format(labels=", ".join(self.labels.labels), speakers=", ".join(dialogue.speakers))
+        conversation = ""
+        if CONVERSATION_FIELD in self.templates.header:
+            conversation = "\n".join(f"{u.speaker}: {self._cap(u.text, self.max_utterance_tokens)}"
+                                      for u in dialogue.utterances)
+        text = self.templates.header.format(labels=", ".join(self.labels.labels), speakers=", ".join(dialogue.speakers),
+                                            conversation=conversation)
         return self.bos + self._encode(text)
 
     def _cap(self, text: str, limit: int) -> str:
@@ -132,8 +152,11 @@ class PromptBuilder:
         return self._encode(before + a_before) + [AUDIO_TOKEN] * self.audio_tokens + self._encode(a_after + after)
 
     def answer_ids(self, label: str) -> list[int]:
-        """Label tokens plus the turn suffix: what follows a turn's slot in the transcript."""
-        return self.label_ids[self.labels.index(label)] + self.suffix_ids
+        """Label tokens (unless labels are not written) plus the turn suffix: what follows a turn's slot."""
+        return self._answer(self.labels.index(label))
+
+    def _answer(self, index: int) -> list[int]:
+        return (self.label_ids[index] if self.write_labels else []) + self.suffix_ids
 
     def encode(self, dialogue: Dialogue, notes: list[str] | None = None) -> dict:
         """Tokenized segments of a dialogue (cacheable): header, per-turn prefixes, gold label indices (-1 = none)."""
@@ -153,14 +176,14 @@ class PromptBuilder:
         """
         if len(written) != len(turns):
             raise ValueError(f"{len(turns)} turns but {len(written)} labels")
-        answers = [self.label_ids[w] + self.suffix_ids for w in written]
+        answers = [self._answer(w) for w in written]
         k = fit_window(len(header), [len(t) + len(a) for t, a in zip(turns, answers)], self.max_tokens)
         ids = list(header)
         out = Transcript(ids, first_turn=k)
         for i in range(k, len(turns)):
             ids.extend(turns[i])
             out.slots.append(len(ids) - 1)
-            out.label_positions.append(list(range(len(ids), len(ids) + len(self.label_ids[written[i]]))))
+            out.label_positions.append(list(range(len(ids), len(ids) + len(answers[i]) - len(self.suffix_ids))))
             out.turn_index.append(i)
             ids.extend(answers[i])
         return out

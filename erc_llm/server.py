@@ -93,18 +93,48 @@ class Dialogues:
             session.reset()  # its predicted labels go into the speaker memory
 
 
+class BodyLimit:
+    """ASGI middleware: the body limit holds on the bytes actually received (a chunked body has no
+    Content-Length), so an oversized request is answered 413 before anything parses it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = JSONResponse({"error": f"request body over {self.limit} bytes"}, status_code=413)
+        size = dict(scope.get("headers") or []).get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > self.limit):
+            return await too_big(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await too_big(scope, receive, send)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
     app = FastAPI(title="erc-llm", description="Emotion recognition in conversation: label turns as they arrive.")
     store = Dialogues(engine, limits)
     app.state.dialogues = store
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
-            return JSONResponse({"error": f"request body over {limits.max_body_bytes} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
@@ -178,8 +208,9 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     return app
 
 
-def serve(run: str | None, host: str, port: int, model: str = "", threads: int = 0, dtype: str = "float32") -> None:
+def serve(run: str | None, host: str, port: int, model: str = "", threads: int = 0, dtype: str = "float32",
+          zero_shot: bool = False) -> None:
     import uvicorn
 
-    engine = Engine.load(run or None, model=model, threads=threads, dtype=dtype)
+    engine = Engine.load(run or None, model=model, threads=threads, dtype=dtype, zero_shot=zero_shot)
     uvicorn.run(create_app(engine), host=host, port=port, log_level="info")

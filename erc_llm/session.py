@@ -1,7 +1,7 @@
 """Chat-style emotion queries: feed a live conversation turn by turn, ask how each speaker feels.
 
     from erc_llm.session import ERCSession
-    s = ERCSession.from_run("runs/meld")          # or ERCSession.from_run(None): zero-shot backbone
+    s = ERCSession.from_run()                     # the shipped model; or a run folder; zero_shot=True: bare backbone
     s.add_turn("Ross", "We were on a break!")     # -> TurnResult(label='anger', probs={...})
     s.speaker_summary("Ross")
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from erc_llm.data.schema import MELD_LABELS, DataError, Dialogue, LabelSet, Utterance
+from erc_llm.data.schema import DataError, Dialogue, LabelSet, Utterance
 
 
 @dataclass
@@ -53,27 +53,22 @@ class Engine:
 
     @classmethod
     def load(cls, run: str | Path | None = None, model: str = "", labels: LabelSet | None = None,
-             dtype: str = "float32", threads: int = 0) -> "Engine":
+             dtype: str = "float32", threads: int = 0, zero_shot: bool = False) -> "Engine":
+        """``run``: a run folder or shipped name (default: the shipped model); ``zero_shot=True``: the bare
+        ``model`` backbone with ``labels`` (default MELD's)."""
         import os
 
-        from erc_llm.config import EvalConfig
         from erc_llm.decoding import LabelTrie
-        from erc_llm.evaluate import RUN_FILE, load_model_for_eval, load_projector, speaker_context
-        from erc_llm.prompting import PromptBuilder, Templates
+        from erc_llm.run import SHIPPED, load
 
+        if run and zero_shot:
+            raise ValueError("give a run or zero_shot=True, not both")
         torch.set_num_threads(threads or os.cpu_count() or 1)
-        cfg = EvalConfig(run=str(run or ""), dtype=dtype, **({"model": model} if model else {}))
-        meta = json.loads((Path(run) / RUN_FILE).read_text()) if run else {}
-        if meta and labels is None:
-            labels = LabelSet(meta.get("dataset", "run"), tuple(meta["labels"]))
-        labels = labels or MELD_LABELS
-        net, tok, manifest = load_model_for_eval(cfg)
-        templates = Templates.load(Path(run) / "prompts") if run else Templates.load()
-        speakers, note_tokens = speaker_context(cfg, labels)
-        audio = load_projector(Path(run), net) if run and (Path(run) / "adapter" / "audio.json").is_file() else None
-        builder = PromptBuilder(tok, labels, templates, meta.get("max_tokens", 2048),
-                                meta.get("max_utterance_tokens", 96), note_tokens, audio[0].k_tokens if audio else 0)
-        return cls(net, builder, labels, speakers, audio, manifest.get("name", cfg.model), LabelTrie(builder.label_ids))
+        p = load(None if zero_shot else (run or SHIPPED), model=model, dtype=dtype, labels=labels)
+        if p.context != "online":
+            raise ValueError(f"model {p.name} was trained with {p.context} context (the whole dialogue's text comes "
+                             "first); a live session only knows the turns so far: use a model trained with context: online")
+        return cls(p.model, p.builder, p.labels, p.speakers, p.audio, p.name, LabelTrie(p.builder.label_ids))
 
     def soft_tokens(self, audio) -> torch.Tensor | None:
         """Soft tokens of one turn: ``audio`` = a wav path (features extracted as in training), a feature
@@ -118,6 +113,8 @@ class ERCSession:
 
     @classmethod
     def from_run(cls, run: str | Path | None = None, participants: list[str] | None = None, **kw) -> "ERCSession":
+        """A session on a run folder or shipped model (default: the shipped model); ``zero_shot=True`` and
+        ``model=...`` for the bare backbone."""
         return cls(Engine.load(run, **kw), participants)
 
     # ------------------------------------------------------------------------------- dialogue
@@ -196,18 +193,29 @@ class ERCSession:
 
 def load_dialogue_file(path: str | Path) -> list[tuple[str, str]]:
     """(speaker, text) turns of the first dialogue in a generic-format JSONL file."""
+    from erc_llm.data.jsonl import parse_dialogue
+
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected a .jsonl file holding one dialogue per line")
     try:
-        line = next(ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip())
-        row = json.loads(line)
-        return [(str(u["speaker"]), str(u["text"])) for u in row["utterances"]]
+        lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except StopIteration:
-        raise DataError(f"{path}: empty; expected one JSON object per line (a dialogue)") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataError(f"{path}, line 1: expected {{\"dialogue_id\": ..., \"utterances\": [{{\"speaker\": ..., "
-                        f"\"text\": ...}}]}} ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected a .jsonl file of dialogues") from None
+    n, line = next(((i, ln) for i, ln in enumerate(lines, 1) if ln.strip()), (0, ""))
+    if not n:
+        raise DataError(f"{path}: empty; expected one JSON object per line (a dialogue)")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {n}: invalid JSON ({e.msg} at column {e.colno})") from None
+    problems: list[str] = []
+    d = parse_dialogue(obj, f"{path}, line {n}", None, problems)
+    if problems:
+        raise DataError(f"{len(problems)} problem(s); nothing was added:\n" + "\n".join(problems[:10]))
+    return [(u.speaker, u.text) for u in d.utterances]
 
 
 __all__ = ["ERCSession", "Engine", "TurnResult", "load_dialogue_file"]

@@ -17,7 +17,6 @@ from it), and ``eval/test_predicted``, ``eval/test_gold`` with the final test ev
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -36,17 +35,24 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from erc_llm.backbone import resolve_dtype
 from erc_llm.config import TrainConfig, build, to_dict
 from erc_llm.data import LabelSet, label_counts, load_split
-from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text
+from erc_llm.data.schema import dialogues_digest
+from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text, content_digest
 from erc_llm.losses import class_weights, label_loss
-from erc_llm.objective import corrupt_history, first_token_ids, slot_logits
+from erc_llm.objective import corrupt_history, first_token_ids, pack, packed_slot_logits
 from erc_llm.prompting import PROMPTS_DIR, PromptBuilder, Templates
+from erc_llm.run import RunSpec
 
 log = logging.getLogger("erc_llm.train")
 
 
 # ----------------------------------------------------------------------------------------- data
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite."""
+
 
 def tokenized(builder: PromptBuilder, dialogues, source_digest: str, notes: dict | None = None):
     """Tokenized segments of every dialogue as a ``datasets.Dataset``, cached on disk by content."""
@@ -54,11 +60,11 @@ def tokenized(builder: PromptBuilder, dialogues, source_digest: str, notes: dict
 
     from erc_llm.backbone import cache_root
 
-    key = hashlib.sha256(json.dumps([
-        "v2", source_digest, builder.templates.version, builder.max_utterance_tokens, builder.labels.labels, notes,
-        builder.max_note_tokens, builder.audio_tokens, builder.templates.audio,
+    key = content_digest(
+        "v3", source_digest, builder.templates.version, builder.max_utterance_tokens, builder.labels.labels, notes,
+        builder.max_note_tokens, builder.audio_tokens, builder.templates.audio, builder.write_labels,
         builder.tokenizer.name_or_path, len(builder.tokenizer), builder.label_ids,
-    ]).encode()).hexdigest()[:16]
+    )[:16]
     path = cache_root() / "tokenized" / key
     if path.is_dir():
         return datasets.load_from_disk(str(path))
@@ -66,14 +72,6 @@ def tokenized(builder: PromptBuilder, dialogues, source_digest: str, notes: dict
     with atomic_dir(path) as tmp:
         ds.save_to_disk(str(tmp))
     return datasets.load_from_disk(str(path))
-
-
-def digest_dialogues(dialogues) -> str:
-    h = hashlib.sha256()
-    for d in dialogues:
-        for u in d.utterances:
-            h.update(f"{d.id}\0{u.utterance_id}\0{u.speaker}\0{u.text}\0{u.emotion}\n".encode())
-    return h.hexdigest()
 
 
 def epoch_order(n: int, seed: int, epoch: int, world: int, per_step: int) -> list[int]:
@@ -135,7 +133,7 @@ def dev_metrics(model, builder: PromptBuilder, dialogues, history: str, speakers
     """Dev metrics; ``speakers`` = a fresh SpeakerContext (dialogues must then be in dataset order);
     ``audio`` = (AudioInputs, AudioProjector)."""
     from erc_llm.decoding import StreamingTagger
-    from erc_llm.evaluate import compute_metrics
+    from erc_llm.metrics import compute_metrics
 
     was_training = model.training
     model.eval()
@@ -165,13 +163,13 @@ def write_run_files(run: Path, cfg: TrainConfig, labels: LabelSet, templates: Te
     if cfg.speaker_store:
         copy_store(cfg.speaker_store, run / "speaker_store")
     atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    atomic_write_json(run / "run.json", {
-        "model": cfg.model, "backbone": manifest, "dataset": cfg.dataset, "labels": list(labels.labels),
-        "prompt_version": templates.version, "max_tokens": cfg.max_tokens,
-        "max_utterance_tokens": cfg.max_utterance_tokens, "speakers": settings_of(cfg),
-        "audio": {"source": cfg.audio_source, "dir": str(Path(cfg.audio_dir).resolve()), "k_tokens": cfg.audio_k_tokens}
+    RunSpec(
+        model=cfg.model, labels=tuple(labels.labels), dataset=cfg.dataset, backbone=manifest,
+        prompt_version=templates.version, max_tokens=cfg.max_tokens, max_utterance_tokens=cfg.max_utterance_tokens,
+        context=cfg.context, label_history=cfg.label_history, speakers=settings_of(cfg), train_dtype=manifest.get("dtype"),
+        audio={"source": cfg.audio_source, "dir": str(Path(cfg.audio_dir).resolve()), "k_tokens": cfg.audio_k_tokens}
         if cfg.audio_source != "none" else None,
-    })
+    ).write(run)
 
 
 def prompts_dir(cfg: TrainConfig) -> Path:
@@ -237,8 +235,8 @@ def train(cfg: TrainConfig) -> dict:
     run = Path(cfg.out)
 
     # data
-    train_d, labels, report = load_split(cfg.dataset, "train", cfg.data_dir, tuple(cfg.labels) or None)
-    dev_d, _, dev_report = load_split(cfg.dataset, "dev", cfg.data_dir, labels.labels)
+    train_d, labels, report = load_split(cfg.dataset, "train", cfg.data_dir, tuple(cfg.labels) or None, cfg.on_bad_row)
+    dev_d, _, dev_report = load_split(cfg.dataset, "dev", cfg.data_dir, labels.labels, cfg.on_bad_row)
     if cfg.limit_train:
         train_d = train_d[: cfg.limit_train]
     if cfg.eval_dialogues:
@@ -247,10 +245,18 @@ def train(cfg: TrainConfig) -> dict:
         log.info("%s | %s | label set %s", report.summary(), dev_report.summary(), list(labels.labels))
 
     # model
-    model, tok, manifest = load_for_training(cfg.model, cfg.dtype, cfg.quant)
-    templates = Templates.load(cfg.prompts) if cfg.prompts else Templates.load()
+    dtype = resolve_dtype(cfg.dtype)
+    model, tok, manifest = load_for_training(cfg.model, dtype, cfg.quant)
+    manifest = {**manifest, "dtype": dtype}
+    if cfg.attention == "block":
+        from erc_llm.attention import register
+
+        model.set_attn_implementation(register())
+    if main:
+        log.info("training with %s backbone weights (dtype %s), %s attention", dtype, cfg.dtype, cfg.attention)
+    templates = Templates.load(prompts_dir(cfg), cfg.context)
     builder = PromptBuilder(tok, labels, templates, cfg.max_tokens, cfg.max_utterance_tokens, cfg.speaker_note_tokens,
-                            cfg.audio_k_tokens if cfg.audio_source != "none" else 0)
+                            cfg.audio_k_tokens if cfg.audio_source != "none" else 0, cfg.label_history)
     label_tokens = first_token_ids(builder)
     notes, dev_speakers = speaker_setup(cfg, labels, train_d)
     if dev_speakers is not None:
@@ -258,7 +264,7 @@ def train(cfg: TrainConfig) -> dict:
 
         dev_d = dataset_order(dev_d)  # the cross-dialogue memory follows story order
     with accelerator.main_process_first():
-        data = tokenized(builder, train_d, digest_dialogues(train_d), notes)
+        data = tokenized(builder, train_d, dialogues_digest(train_d), notes)
     counts = label_counts(train_d)
     weights = class_weights([counts.get(lab, 0) for lab in labels.labels], cfg.class_weights)
     prior = np.array([counts.get(lab, 0) for lab in labels.labels], dtype=np.float64)
@@ -291,9 +297,9 @@ def train(cfg: TrainConfig) -> dict:
         if main:
             log.info("resumed from %s/checkpoint at step %d", run, state["step"])
             _truncate_log(run / "log.jsonl", state["step"])
-    elif main:
-        for stale in ("log.jsonl", "best.json"):
-            (run / stale).unlink(missing_ok=True)
+    elif main and cfg.overwrite and run.is_dir():
+        log.warning("--overwrite: replacing the run in %s", run)
+        shutil.rmtree(run)
     if main:
         write_run_files(run, cfg, labels, templates, manifest)
 
@@ -311,25 +317,38 @@ def train(cfg: TrainConfig) -> dict:
         batch = order[state["position"]: state["position"] + cfg.batch_dialogues]
         t_step = time.time()
         step_loss, step_tokens, step_labels = 0.0, 0, 0
-        for i, idx in enumerate(batch):
-            row = data[idx]
-            rng = np.random.default_rng([cfg.seed, state["epoch"], idx])
-            written = corrupt_history(row["labels"], cfg.history_noise, prior, rng)
-            tr = builder.assemble(row["header"], row["turns"], written)
-            targets = torch.tensor([row["labels"][j] for j in tr.turn_index], device=accelerator.device)
-            keep = targets >= 0
-            sync = contextlib.nullcontext() if i == len(batch) - 1 else accelerator.no_sync(model)
+        rows = [data[idx] for idx in batch]
+        trs = [builder.assemble(row["header"], row["turns"], corrupt_history(
+            row["labels"], cfg.history_noise, prior, np.random.default_rng([cfg.seed, state["epoch"], idx])))
+            for idx, row in zip(batch, rows)]
+        packs = pack([len(tr.input_ids) for tr in trs], cfg.pack_tokens)
+        for i, group in enumerate(packs):
+            sync = contextlib.nullcontext() if i == len(packs) - 1 else accelerator.no_sync(model)
             with sync:
                 with autocast:
-                    soft = (train_audio.soft_tokens(projector, [row["utterance_ids"][j] for j in tr.turn_index])
+                    soft = (train_audio.soft_tokens(projector, [rows[j]["utterance_ids"][t] for j in group
+                                                                for t in trs[j].turn_index])
                             if projector is not None else None)
-                    logits = slot_logits(model, tr, label_tokens, soft)
-                loss = label_loss(logits[keep], targets[keep], weights, cfg.focal_gamma) / len(batch)
+                    logits = packed_slot_logits(model, [trs[j] for j in group], label_tokens, soft)
+                loss = 0.0
+                for j, lg in zip(group, logits):
+                    targets = torch.tensor([rows[j]["labels"][t] for t in trs[j].turn_index], device=accelerator.device)
+                    keep = targets >= 0
+                    loss = loss + label_loss(lg[keep], targets[keep], weights, cfg.focal_gamma) / len(batch)
+                    step_tokens += len(trs[j].input_ids)
+                    step_labels += int(keep.sum())
                 accelerator.backward(loss)
             step_loss += loss.item()
-            step_tokens += len(tr.input_ids)
-            step_labels += int(keep.sum())
-        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        if not math.isfinite(step_loss):
+            raise TrainingDiverged(
+                f"training loss is {step_loss} at step {state['step'] + 1} (lr {scheduler.get_last_lr()[0]:.3g}); "
+                f"stopped before the weights were updated. The best adapter so far stays in {run}/adapter "
+                f"({'none yet' if state['best'] is None else 'step ' + str(state['best']['step'])}). Lower lr or "
+                "max_grad_norm and start again")
+        norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        if norm is not None and not math.isfinite(float(norm)):
+            raise TrainingDiverged(f"gradient norm is {float(norm)} at step {state['step'] + 1}; stopped before the "
+                                   f"weights were updated (the best adapter so far stays in {run}/adapter). Lower lr")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -368,6 +387,9 @@ def train(cfg: TrainConfig) -> dict:
 def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state, speakers=None, audio=None) -> None:
     """Dev evaluation on the main process with predicted history; the best adapter (with the audio
     projector, if any) goes to ``run/adapter``."""
+    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        raise TrainingDiverged(f"adapter weights became NaN/inf by step {state['step']}; nothing was saved from this "
+                               f"step (the best adapter so far stays in {run}/adapter). Lower lr")
     if accelerator.is_main_process:
         t0 = time.time()
         m = dev_metrics(model, builder, dev_d, "predicted", speakers() if speakers else None,
@@ -404,11 +426,13 @@ def test_evaluation(cfg: TrainConfig, run: Path) -> dict:
     from erc_llm.evaluate import evaluate
 
     out = {}
-    for history in ("predicted", "gold") if cfg.test_gold else ("predicted",):
+    # a text-only history (label_history false) writes no labels: gold and predicted history are the same run
+    for history in ("predicted", "gold") if cfg.test_gold and cfg.label_history else ("predicted",):
         ecfg = build(EvalConfig, None, {
             "dataset": cfg.dataset, "split": "test", "data_dir": cfg.data_dir, "labels": cfg.labels, "run": str(run),
             "out": str(run / "eval" / f"test_{history}"), "history": history, "max_tokens": cfg.max_tokens,
-            "max_utterance_tokens": cfg.max_utterance_tokens, "dtype": cfg.dtype, "threads": cfg.threads})
+            "max_utterance_tokens": cfg.max_utterance_tokens, "dtype": "float32", "threads": cfg.threads,
+            "on_bad_row": cfg.on_bad_row})
         m = evaluate(ecfg, command=f"erc-llm evaluate --dataset {cfg.dataset} --split test --data-dir {cfg.data_dir} "
                                    f"--run {run} --history {history} --out {ecfg.out}")
         out[history] = {k: m[k] for k in ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1")}
@@ -418,21 +442,20 @@ def test_evaluation(cfg: TrainConfig, run: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from erc_llm.config import ConfigError, add_arguments, from_args
-    from erc_llm.data import DataError
+    from erc_llm.config import add_arguments, from_args
+    from erc_llm.errors import EXIT_USER_ERROR, run_command
 
     parser = argparse.ArgumentParser(prog="erc_llm/train.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, TrainConfig)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    try:
-        cfg = from_args(TrainConfig, args)
-        result = train(cfg)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return 2
+    box: dict = {}
+    if run_command(lambda: box.update(result=train(from_args(TrainConfig, args))), "train", args.debug):
+        return EXIT_USER_ERROR
+    result = box["result"]
     if result.get("best"):
         print(f"best dev weighted F1 {result['best']['dev_predicted']['weighted_f1']:.2f} at step {result['best']['step']}")
     if result.get("test"):

@@ -1,6 +1,7 @@
-"""Performance benchmark (issue 8): naive windowed generate vs our streaming constrained decoder, one process.
+"""Performance benchmarks: naive windowed generate vs our streaming constrained decoder (one process), and training throughput.
 
-    python eval/bench.py --data-dir ../shared/data/meld --run runs/meld_gemma_seed0 --full-test
+    python eval/bench.py --data-dir ../shared/data/meld --full-test
+    python eval/bench.py training --meld-dir ../shared/data/meld --iemocap-dir ../shared/data/iemocap
 
 Same as `erc-llm bench ...`; the harness lives in erc_llm/bench.py. Writes eval/results/bench/{bench.json,bench.md}.
 """

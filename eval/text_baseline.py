@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from erc_llm.data import load_split
-from erc_llm.evaluate import compute_metrics
+from erc_llm.metrics import compute_metrics
 from erc_llm.io import atomic_write_json
 
 

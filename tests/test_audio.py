@@ -68,10 +68,20 @@ def test_bad_audio_is_skipped_and_reported_and_extraction_resumes(wavs, tmp_path
     assert r["extracted"] == 3 and set(r["failed"]) == {"broken", "empty"}
     assert "cannot read audio" in r["failed"]["broken"] and "empty audio" in r["failed"]["empty"]
     assert json.loads((out / "report.json").read_text())["failed"] == r["failed"]
-    # resume: a partial file from an interrupted run is picked up and finished
-    (out / ".features.partial.jsonl").write_text(json.dumps({"id": "03a01Wa", "v": [1.0] * 8}) + "\n{torn")
+    # resume: a partial file from an interrupted run is picked up and finished (rows of the same audio bytes only)
+    digest = json.loads((out / "sources.json").read_text())["03a01Wa"]
+    (out / ".features.partial.jsonl").write_text(json.dumps({"id": "03a01Wa", "v": [1.0] * 8, "d": digest}) + "\n"
+                                                 + json.dumps({"id": "03a01Nc", "v": [1.0] * 8, "d": "stale"}) + "\n{torn")
     extract_dir("praat", wavs, out)
-    assert load_feature_csv(out / "features.csv").values["03a01Wa"].tolist() == [1.0] * 8
+    table = load_feature_csv(out / "features.csv").values
+    assert table["03a01Wa"].tolist() == [1.0] * 8 and table["03a01Nc"].tolist() != [1.0] * 8
+    # a file whose bytes changed is extracted again, not served from the cache
+    import shutil
+
+    shutil.copy(wavs / "03a02Ta.wav", wavs / "03a01Wa.wav")
+    extract_dir("praat", wavs, out)
+    table = load_feature_csv(out / "features.csv").values
+    assert np.allclose(table["03a01Wa"], table["03a02Ta"], equal_nan=True)
 
 
 @needs_emodb

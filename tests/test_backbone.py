@@ -30,12 +30,14 @@ def test_half_written_cache_is_rebuilt_not_used(tmp_path, monkeypatch):
     def fake_convert(name, spec, target):
         converted.append(target)
         target.mkdir(parents=True, exist_ok=True)
-        (target / "manifest.json").write_text(json.dumps({"name": name}))
-        return {"name": name}
+        (target / "config.json").write_text("{}")
+        manifest = {"name": name, "files": {"config.json": {"bytes": 2, "sha256": "x"}}}
+        (target / "manifest.json").write_text(json.dumps(manifest))
+        return manifest
 
     monkeypatch.setattr(bb, "_convert", fake_convert)
     path, manifest = prepare_model("gemma-3-270m", tmp_path)
-    assert converted == [broken] and manifest == {"name": "gemma-3-270m"}
+    assert converted == [broken] and manifest["name"] == "gemma-3-270m"
     prepare_model("gemma-3-270m", tmp_path)
     assert len(converted) == 1  # second call uses the now-complete cache
 

@@ -61,7 +61,7 @@ def test_naive_baseline_labels_every_utterance(tiny_tokenizer, tiny_model):
 
 
 def test_bench_end_to_end_writes_json_and_table(tiny_model_dir, meld_dir, tmp_path):
-    assert main(["--data-dir", str(meld_dir), "--model", str(tiny_model_dir), "--dialogues", "2",
+    assert main(["--data-dir", str(meld_dir), "--zero-shot", "--model", str(tiny_model_dir), "--dialogues", "2",
                  "--train-dialogues", "1", "--lengths", "3,6", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "bench.json").read_text())
     assert set(r["eval"]) == {"naive", "ours_fp32", "ours_bf16", "ours_bf16_packed"}

@@ -8,10 +8,10 @@ def test_evaluate_command_end_to_end(tmp_path, tiny_model_dir, capsys):
     data = write_jsonl_dataset(tmp_path / "data")
     out = tmp_path / "out"
     rc = main(["evaluate", "--dataset", "jsonl", "--split", "dev", "--data-dir", str(data), "--model", str(tiny_model_dir),
-               "--out", str(out), "--history", "gold"])
+               "--zero-shot", "true", "--out", str(out), "--history", "gold"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "jsonl/dev (gold history): weighted F1" in printed
+    assert "jsonl/dev — " in printed and "(zero-shot) (gold history, online): weighted F1" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["history"] == "gold" and metrics["command"].startswith("erc-llm ")
     assert "DIAGNOSTIC" in (out / "report.md").read_text()
@@ -49,3 +49,31 @@ def test_download_offline_message(tmp_path, capsys, monkeypatch):
     assert main(["data", "download", "meld", "--out", str(tmp_path)]) == 2
     assert "seems to be offline" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sharded_evaluation_equals_one_process(tmp_path, tiny_model_dir):
+    """`--processes 2` (torchrun, 2 CPU processes) writes the predictions and metrics of one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = write_jsonl_dataset(tmp_path / "data", 5)
+    base = [str(Path(sys.executable).parent / "erc-llm"), "evaluate", "--dataset", "jsonl", "--split", "test",
+            "--data-dir", str(data), "--model", str(tiny_model_dir), "--zero-shot", "true", "--batch", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for n in (1, 2):
+        r = subprocess.run(base + ["--processes", str(n), "--out", str(tmp_path / f"p{n}")], capture_output=True,
+                           text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = ([json.loads(x) for x in (tmp_path / f"p{n}" / "predictions.jsonl").read_text().splitlines()]
+                for n in (1, 2))
+    assert [r["utterance_id"] for r in two] == [r["utterance_id"] for r in one]  # dataset order, nothing lost
+    assert [r["predicted"] for r in two] == [r["predicted"] for r in one]
+    for a, b in zip(one, two):
+        assert a["probabilities"] == b["probabilities"]
+    m1, m2 = (json.loads((tmp_path / f"p{n}" / "metrics.json").read_text()) for n in (1, 2))
+    assert m2["processes"] == 2 and m2["utterances"] == m1["utterances"] == 3 + 4 + 5 + 6 + 7
+    for key in ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1", "per_class"):
+        assert m2[key] == m1[key]
+    assert not list((tmp_path / "p2").glob("*rank*"))  # shard files merged and removed

@@ -19,7 +19,7 @@ def test_validation_lists_every_problem(tmp_path):
                                  "max_utterance_tokens": "4"})
     msg = str(e.value)
     for needle in ["dataset: 'friends' is not valid; expected one of ['meld', 'iemocap', 'jsonl']",
-                   "history: 'oracle'", "does not exist", "max_utterance_tokens: 4 is too small"]:
+                   "history: 'oracle'", "does not exist", "max_utterance_tokens: 4 is out of range; expected 0 (the run's) or >= 8"]:
         assert needle in msg
     assert msg.startswith("4 config problem")
 
@@ -47,7 +47,7 @@ def test_speaker_and_audio_options_are_validated_together(tmp_path):
     msg = str(e.value)
     assert "3 config problem(s)" in msg
     assert "speaker_bios/speaker_history: need speaker_store" in msg
-    assert "speaker_top_k >= 1" in msg
+    assert "speaker_top_k: 0 is out of range; expected >= 1" in msg
     assert "audio_dir: " in msg and "is not a directory (needed for audio_source: npy)" in msg
     with pytest.raises(ConfigError, match="has no manifest.json; build one with `erc-llm speakers build"):
         build(TrainConfig, None, {"data_dir": str(tmp_path), "speaker_store": str(tmp_path), "speaker_bios": True})

@@ -29,6 +29,7 @@ def test_metrics_include_classes_never_seen():
 
 def _cfg(tmp_path, model_dir, **kw):
     data = write_jsonl_dataset(tmp_path / "data")
+    kw.setdefault("zero_shot", "run" not in kw)
     return build(EvalConfig, None, {"dataset": "jsonl", "split": "test", "data_dir": str(data), "model": str(model_dir),
                                     "out": str(tmp_path / "out"), **kw})
 
@@ -63,11 +64,11 @@ def test_evaluate_resumes_after_interruption(tmp_path, tiny_model_dir, monkeypat
     def crash_after_one(tagger, dialogues, partial, fingerprint, batch):
         original = tagger.tag
 
-        def tag(d):
+        def tag(d, **kw):
             if calls:
                 raise KeyboardInterrupt
             calls.append(d.id)
-            return original(d)
+            return original(d, **kw)
 
         tagger.tag = tag
         return real_tag(tagger, dialogues, partial, fingerprint, batch)
@@ -76,13 +77,14 @@ def test_evaluate_resumes_after_interruption(tmp_path, tiny_model_dir, monkeypat
     with pytest.raises(KeyboardInterrupt):
         evaluate(cfg)
     partial = tmp_path / "out" / "predictions.partial.jsonl"
-    assert len(partial.read_text().splitlines()) == 2  # fingerprint + one dialogue
+    rows = [json.loads(x) for x in partial.read_text().splitlines()]
+    assert "fingerprint" in rows[0] and [r["dialogue_id"] for r in rows if "predictions" in r] == ["test0"]
     monkeypatch.setattr(ev, "predict", real_tag)
     seen = []
     from erc_llm.decoding import StreamingTagger
 
     orig = StreamingTagger.tag
-    monkeypatch.setattr(StreamingTagger, "tag", lambda self, d: seen.append(d.id) or orig(self, d))
+    monkeypatch.setattr(StreamingTagger, "tag", lambda self, d, **kw: seen.append(d.id) or orig(self, d, **kw))
     resumed = evaluate(cfg)
     assert seen == ["test1", "test2"]  # the finished dialogue was not redone
     assert resumed["weighted_f1"] == pytest.approx(full["weighted_f1"])
@@ -100,14 +102,20 @@ def test_evaluate_with_run_dir_merges_adapter(tmp_path, tiny_model_dir, tiny_mod
     torch.manual_seed(1)
     run = tmp_path / "run"
     peft_model.save_pretrained(run / "adapter")
-    (run / "run.json").write_text(json.dumps({"model": str(tiny_model_dir), "prompt_version": "x"}))
+    (run / "run.json").write_text(json.dumps({"model": str(tiny_model_dir), "prompt_version": "x",
+                                              "labels": ["surprise", "joy", "neutral", "anger"]}))
     base = evaluate(_cfg(tmp_path, tiny_model_dir, out=str(tmp_path / "o1")))
     tuned = evaluate(_cfg(tmp_path, tiny_model_dir, out=str(tmp_path / "o2"), run=str(run)))
     p1 = (tmp_path / "o1" / "predictions.jsonl").read_text()
     p2 = (tmp_path / "o2" / "predictions.jsonl").read_text()
     assert p1 != p2 and tuned["run"] == str(run) and base["run"] is None
+    assert base["model"].endswith("(zero-shot)") and tuned["model"] == str(run)
+    (run / "run.json").write_text(json.dumps({"model": str(tiny_model_dir), "labels": ["joy", "fear"]}))
+    with pytest.raises(ValueError, match=r"differ from those of model .*--run with a model trained on this label set, "
+                                         r"or --zero-shot"):
+        evaluate(_cfg(tmp_path, tiny_model_dir, out=str(tmp_path / "o4"), run=str(run)))
     (run / "run.json").unlink()
-    with pytest.raises(FileNotFoundError, match="has no run.json"):
+    with pytest.raises(ValueError, match="run.json not found"):
         evaluate(_cfg(tmp_path, tiny_model_dir, out=str(tmp_path / "o3"), run=str(run)))
 
 

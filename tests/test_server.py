@@ -17,7 +17,7 @@ from tests.conftest import LABELS, toy_dialogue
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    return Engine.load(None, model=str(tiny_model_dir), labels=LABELS)
+    return Engine.load(None, model=str(tiny_model_dir), labels=LABELS, zero_shot=True)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from tests.test_decoding import brute_force_probs
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    return Engine.load(None, model=str(tiny_model_dir), labels=LABELS)
+    return Engine.load(None, model=str(tiny_model_dir), labels=LABELS, zero_shot=True)
 
 
 def test_session_with_participants_equals_batch_tagging(engine):
@@ -84,7 +84,7 @@ def test_repl_commands_and_questions(engine, tmp_path):
 
 def test_chat_piped_end_to_end(tiny_model_dir, tmp_path):
     script = "Ross: We were on a break!\nRachel: Oh, that's great.\nhow does Ross feel?\n/history\n/quit\nJoey: never read\n"
-    r = subprocess.run([sys.executable, "-m", "erc_llm.cli", "chat", "--model", str(tiny_model_dir)], input=script,
+    r = subprocess.run([sys.executable, "-m", "erc_llm.cli", "chat", "--zero-shot", "--model", str(tiny_model_dir)], input=script,
                        capture_output=True, text=True, timeout=300, cwd=REPO,
                        env={"PATH": "/usr/bin:/bin", "ERC_LLM_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-2000:]

@@ -140,7 +140,8 @@ def test_test_time_history_never_reads_gold_test_labels(store_dir, tmp_path, tin
                         {"speaker": u.speaker, "text": u.text, "emotion": u.emotion} for u in d.utterances]}) + "\n")
         cfg = build(EvalConfig, None, {
             "dataset": "jsonl", "split": "test", "data_dir": str(data), "labels": list(LABELS.labels),
-            "model": str(tiny_model_dir), "out": str(tmp_path / f"out_{name}"), "speaker_store": str(store_dir),
+            "model": str(tiny_model_dir), "zero_shot": True, "out": str(tmp_path / f"out_{name}"),
+            "speaker_store": str(store_dir),
             "speaker_bios": True, "speaker_history": 4})
         evaluate(cfg)
         rows = [json.loads(r) for r in (tmp_path / f"out_{name}" / "predictions.jsonl").read_text().splitlines()]

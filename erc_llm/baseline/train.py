@@ -23,7 +23,7 @@ from erc_llm.baseline.features import audio_features, dialogue_arrays, encoder_p
 from erc_llm.baseline.model import FusedERC
 from erc_llm.config import BaselineConfig, build, to_dict
 from erc_llm.data import LabelSet, label_counts, load_split
-from erc_llm.evaluate import compute_metrics, plot_confusion, render_report
+from erc_llm.metrics import compute_metrics, plot_confusion, render_report
 from erc_llm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from erc_llm.losses import class_weights, per_example_loss
 

@@ -13,6 +13,7 @@ from erc_llm.data.meld import load_meld
 from erc_llm.data.schema import (
     IEMOCAP_LABELS,
     MELD_LABELS,
+    BAD_ROW_MODES,
     DataError,
     Dialogue,
     LabelSet,
@@ -25,22 +26,24 @@ DATASETS = ("meld", "iemocap", "jsonl")
 
 
 def load_split(
-    dataset: str, split: str, data_dir: str | Path, labels: tuple[str, ...] | None = None
+    dataset: str, split: str, data_dir: str | Path, labels: tuple[str, ...] | None = None, on_bad_row: str = "error"
 ) -> tuple[list[Dialogue], LabelSet, LoadReport]:
     """Load one split of a dataset; returns dialogues, the label set and what was read/skipped.
 
     For ``jsonl`` the label set is ``labels`` when given, else inferred from the train split
-    (the caller should print ``label_set.labels`` so users see what was inferred).
+    (the caller should print ``label_set.labels`` so users see what was inferred). ``on_bad_row``:
+    ``error`` (default) reports every bad row of a file at once; ``skip`` leaves them out, counted in the report.
     """
     if dataset == "meld":
-        dialogues, report = load_meld(data_dir, split)
+        dialogues, report = load_meld(data_dir, split, on_bad_row)
         return dialogues, MELD_LABELS, report
     if dataset == "iemocap":
         dialogues, report = load_iemocap(data_dir, split)
         return dialogues, IEMOCAP_LABELS, report
     if dataset == "jsonl":
-        label_set = LabelSet("jsonl", tuple(labels)) if labels else infer_labels(load_jsonl(data_dir, "train", None)[0])
-        dialogues, report = load_jsonl(data_dir, split, label_set)
+        label_set = (LabelSet("jsonl", tuple(labels)) if labels
+                     else infer_labels(load_jsonl(data_dir, "train", None, on_bad_row)[0]))
+        dialogues, report = load_jsonl(data_dir, split, label_set, on_bad_row)
         return dialogues, label_set, report
     raise DataError(f"dataset {dataset!r} not found; available datasets = {list(DATASETS)}")
 
@@ -63,6 +66,6 @@ def to_hf_dataset(dialogues: list[Dialogue]):
 
 
 __all__ = [
-    "DATASETS", "DataError", "Dialogue", "IEMOCAP_LABELS", "LabelSet", "LoadReport", "MELD_LABELS", "Utterance",
+    "BAD_ROW_MODES", "DATASETS", "DataError", "Dialogue", "IEMOCAP_LABELS", "LabelSet", "LoadReport", "MELD_LABELS", "Utterance",
     "label_counts", "load_split", "to_hf_dataset",
 ]

@@ -9,7 +9,8 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from erc_llm.data.schema import MELD_LABELS, DataError, Dialogue, LoadReport, Utterance, check_unique_ids
+from erc_llm.data.schema import (MELD_LABELS, DataError, Dialogue, LoadReport, Utterance, check_unique_ids, problem_reason,
+                                 raise_problems)
 from erc_llm.data.text import normalize_speaker, normalize_text
 
 SPLITS = ("train", "dev", "test")
@@ -44,10 +45,11 @@ def read_utf8(path: Path) -> str:
         ) from None
 
 
-def load_meld(data_dir: str | Path, split: str) -> tuple[list[Dialogue], LoadReport]:
+def load_meld(data_dir: str | Path, split: str, on_bad_row: str = "error") -> tuple[list[Dialogue], LoadReport]:
     """Load one MELD split as dialogues in dataset order (Dialogue_ID), turns by Utterance_ID.
 
-    Utterance ids are ``dia{D}_utt{U}``, the key MELD's audio files and feature sets use.
+    Utterance ids are ``dia{D}_utt{U}``, the key MELD's audio files and feature sets use. Every bad row is
+    reported at once; ``on_bad_row="skip"`` leaves them out instead, counted by reason in the report.
     """
     path = split_path(data_dir, split)
     reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
@@ -84,9 +86,10 @@ def load_meld(data_dir: str | Path, split: str) -> tuple[list[Dialogue], LoadRep
         meta = {c: row[c] for c in META_COLUMNS if c in row}
         meta["line"] = reader.line_num
         rows[d_id].append((u_id, Utterance(speaker, text, emotion, f"dia{d_id}_utt{u_id}", None, meta)))
-    if problems:
-        more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise DataError(f"{len(problems)} problem(s) in {path}:\n" + "\n".join(problems[:20]) + more)
+    if problems and on_bad_row == "error":
+        raise_problems(problems, path)
+    for p in problems:
+        report.skip(problem_reason(p))
     dialogues = []
     for d_id in sorted(rows):
         turns = [u for _, u in sorted(rows[d_id], key=lambda t: t[0])]

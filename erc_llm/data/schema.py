@@ -11,6 +11,24 @@ class DataError(ValueError):
     """Bad input data. The message names the file, the line/row and field, and what was expected."""
 
 
+BAD_ROW_MODES = ("error", "skip")
+
+
+def problem_reason(problem: str) -> str:
+    """What a problem line counts as in a load report: its field and what was wrong, without file and line."""
+    tail = problem.split("field ", 1)[1] if "field " in problem else problem.rsplit(": ", 1)[-1]
+    for cut in (";", ", got", " (dialogue"):
+        tail = tail.split(cut)[0]
+    return tail
+
+
+def raise_problems(problems: list[str], path) -> None:
+    """One DataError listing every problem of a file (the first 20) and the way on."""
+    more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    raise DataError(f"{len(problems)} problem(s) in {path}:\n" + "\n".join(problems[:20]) + more +
+                    "\nFix these rows, or pass --on-bad-row skip to leave them out (each is counted in the load report).")
+
+
 @dataclass(frozen=True)
 class LabelSet:
     """An ordered set of emotion labels; the order fixes class indices everywhere."""
@@ -108,3 +126,11 @@ def check_unique_ids(dialogues: list[Dialogue], source: str) -> None:
                     "utterance ids must be unique within a split"
                 )
             utt.add(u.utterance_id)
+
+
+def dialogues_digest(dialogues: Iterable[Dialogue]) -> str:
+    """Content fingerprint of dialogues: ids, speakers, texts, gold labels and audio references, in order."""
+    from erc_llm.io import content_digest
+
+    return content_digest([[d.id, [[u.utterance_id, u.speaker, u.text, u.emotion, u.audio] for u in d.utterances]]
+                           for d in dialogues])

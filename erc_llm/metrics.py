@@ -1,0 +1,76 @@
+"""ERC metrics and their reports (scikit-learn): weighted F1, WA, UA, macro F1, per class; the confusion
+plot and a markdown report. Shared by the LLM evaluation and the classical baseline; imports no model code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+from erc_llm.data.schema import LabelSet
+
+
+def compute_metrics(gold: list[str], pred: list[str], labels: LabelSet) -> dict:
+    """Standard ERC metrics (scikit-learn): weighted F1, WA (accuracy), UA (balanced accuracy), macro F1."""
+    names = list(labels.labels)
+    p, r, f, s = precision_recall_fscore_support(gold, pred, labels=names, zero_division=0)
+    return {
+        "weighted_f1": 100 * f1_score(gold, pred, labels=names, average="weighted", zero_division=0),
+        "accuracy": 100 * accuracy_score(gold, pred),
+        "unweighted_accuracy": 100 * balanced_accuracy_score(gold, pred),
+        "macro_f1": 100 * f1_score(gold, pred, labels=names, average="macro", zero_division=0),
+        "per_class": {
+            n: {"precision": 100 * float(p[i]), "recall": 100 * float(r[i]), "f1": 100 * float(f[i]), "support": int(s[i])}
+            for i, n in enumerate(names)
+        },
+    }
+
+
+def plot_confusion(gold: list[str], pred: list[str], labels: LabelSet, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(labels.labels)
+    cm = confusion_matrix(gold, pred, labels=names, normalize="true")
+    fig, ax = plt.subplots(figsize=(1.0 * len(names) + 2, 1.0 * len(names) + 1.5))
+    im = ax.imshow(np.nan_to_num(cm), vmin=0, vmax=1, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(title, fontsize=9)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            v = np.nan_to_num(cm[i, j])
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def render_report(m: dict) -> str:
+    lines = [
+        f"# Evaluation: {m['dataset']}/{m['split']} — {m['model']}",
+        "",
+        f"History: **{m['history']}**{' (DIAGNOSTIC: gold labels of earlier turns are visible)' if m['history'] == 'gold' else ''}  ",
+        f"Dialogues: {m['dialogues']}, utterances: {m['utterances']}, seconds: {m['seconds']:.1f}, "
+        f"utterances/s: {m['utterances_per_second']:.2f}",
+        "",
+        "| weighted F1 | accuracy (WA) | UA | macro F1 |",
+        "|---|---|---|---|",
+        f"| {m['weighted_f1']:.2f} | {m['accuracy']:.2f} | {m['unweighted_accuracy']:.2f} | {m['macro_f1']:.2f} |",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in m["per_class"].items():
+        lines.append(f"| {name} | {c['precision']:.2f} | {c['recall']:.2f} | {c['f1']:.2f} | {c['support']} |")
+    lines += ["", "![confusion](confusion.png)", "", f"Command: `{m['command']}`", ""]
+    return "\n".join(lines)

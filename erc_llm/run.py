@@ -1,0 +1,235 @@
+"""A trained run, and loading a model for inference: the one owner of ``run.json``.
+
+A *run* is a folder written by ``erc_llm/train.py`` (or shipped inside the package, see ``pretrained/``):
+``adapter/`` (PEFT LoRA, plus ``projector.pt`` / ``audio.json`` when trained with audio), ``run.json`` (the
+:class:`RunSpec`), ``prompts/`` (the templates it was trained with) and, with speaker memory,
+``speaker_store/``. :func:`load` turns a run, the shipped model's name, or a bare backbone (zero-shot) into
+one :class:`Predictor` — model, prompt builder, label set, speaker context and audio projector — from which
+batch evaluation, chat sessions, the HTTP service, the benchmark and training's test evaluation all get
+their taggers.
+
+    from erc_llm.run import load
+    p = load("meld-gemma3-270m")                 # the shipped model (also the default of every command)
+    p = load("runs/meld_seed0", dtype="bfloat16")
+    p = load(None, model="gemma-3-270m", labels=MELD_LABELS)   # zero-shot backbone
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from erc_llm.data.schema import MELD_LABELS, LabelSet
+from erc_llm.io import atomic_write_json
+from erc_llm.prompting import CONTEXTS, PROMPTS_DIR, PromptBuilder, Templates
+
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+SHIPPED = "meld-gemma3-270m"  # the default model of every command
+
+
+class RunError(ValueError):
+    """A run folder that cannot be used (missing or malformed files); the message says what to do."""
+
+
+def shipped_models() -> list[str]:
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / RUN_FILE).is_file()) if PRETRAINED_DIR.is_dir() else []
+
+
+def resolve(run: str | Path) -> Path:
+    """A run folder, or the folder of a shipped model given by name."""
+    if str(run) in shipped_models():
+        return PRETRAINED_DIR / str(run)
+    path = Path(run)
+    if path.is_dir():
+        return path
+    raise RunError(f"run {str(run)!r} not found; expected a run folder written by erc_llm/train.py or a shipped "
+                   f"model name; shipped models = {shipped_models()}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a trained adapter needs at inference: written once by training, read by everything else."""
+
+    model: str  # backbone name / dir / hub id
+    labels: tuple[str, ...]
+    dataset: str = "jsonl"
+    backbone: dict = field(default_factory=dict)  # the backbone's cache manifest at training time
+    prompt_version: str = ""
+    max_tokens: int = 2048
+    max_utterance_tokens: int = 96
+    context: str = "online"  # online: causal; offline: the whole dialogue's text first (header_offline.txt)
+    label_history: bool = True  # labels of earlier turns written into the transcript
+    speakers: dict | None = None  # speaker-note settings (bios, history, top_k, note_tokens)
+    audio: dict | None = None  # {"source", "dir", "k_tokens"}
+    train_dtype: str | None = None
+
+    @classmethod
+    def read(cls, run: str | Path) -> "RunSpec":
+        path = Path(run) / RUN_FILE
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunError(f"{path} not found; expected a run folder written by erc_llm/train.py") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RunError(f"{path}: not valid JSON ({e}); the run folder is damaged — train again or restore it") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("model"), str) or not raw.get("labels"):
+            raise RunError(f"{path}: expected an object with 'model' and 'labels'; the run folder is damaged")
+        known = {f.name for f in dataclasses.fields(cls)}
+        spec = cls(**{k: (tuple(v) if k == "labels" else v) for k, v in raw.items() if k in known})
+        if spec.context not in CONTEXTS:
+            raise RunError(f"{path}: context {spec.context!r} is not one of {list(CONTEXTS)}")
+        return spec
+
+    def write(self, run: str | Path) -> Path:
+        return atomic_write_json(Path(run) / RUN_FILE, {**dataclasses.asdict(self), "labels": list(self.labels)})
+
+    @property
+    def label_set(self) -> LabelSet:
+        return LabelSet(self.dataset, self.labels)
+
+
+@dataclass
+class Predictor:
+    """Everything inference needs, loaded once: tagger factories for batch evaluation and live sessions."""
+
+    model: object
+    tokenizer: object
+    builder: PromptBuilder
+    labels: LabelSet
+    manifest: dict
+    name: str  # what outputs call the model: the shipped name, the run folder, or "<backbone> (zero-shot)"
+    spec: RunSpec | None = None  # None = zero-shot backbone
+    run_dir: Path | None = None
+    speakers: object = None  # SpeakerContext
+    audio: tuple | None = None  # (AudioSpec, AudioProjector)
+
+    @property
+    def context(self) -> str:
+        return self.spec.context if self.spec else "online"
+
+    def history_mode(self, history: str) -> str:
+        """What earlier turns carry: 'none' for a text-only model, else the requested predicted/gold."""
+        return history if self.builder.write_labels else "none"
+
+    def audio_inputs(self, split: str, dialogues, audio_dir: str = ""):
+        """The projector inputs of ``dialogues`` for a run trained with audio (None otherwise)."""
+        if self.audio is None:
+            return None
+        from erc_llm.audio import load_source
+        from erc_llm.projector import AudioInputs
+
+        spec, _ = self.audio
+        directory = audio_dir or (self.spec.audio or {}).get("dir", "")
+        if not Path(directory).is_dir():
+            raise RunError(f"run {self.run_dir} was trained with {spec.source} audio features from {directory!r}, "
+                           "which is not a folder here; pass --audio-dir with this split's features")
+        inputs = AudioInputs(spec, load_source(spec.source, directory, split),
+                             [u.utterance_id for d in dialogues for u in d.utterances])
+        log.info("audio %s: no features for %d utterances (they get the 'no audio' input)", spec.source, inputs.missing)
+        return inputs
+
+    def tagger(self, history: str = "predicted", batch: int = 1, audio_inputs=None):
+        """A PackedTagger (``batch`` > 1, no speaker memory, no audio) or a StreamingTagger."""
+        from erc_llm.decoding import PackedTagger, StreamingTagger
+
+        if batch > 1 and self.speakers is None and audio_inputs is None:
+            return PackedTagger(self.model, self.builder, history, batch)
+        audio = (audio_inputs, self.audio[1]) if audio_inputs is not None else None
+        return StreamingTagger(self.model, self.builder, history, self.speakers, audio)
+
+
+def check_reference(run_dir: Path) -> None:
+    """A packaged model (``reference.json`` beside its adapter) must hold the adapter it was packaged with."""
+    from erc_llm.io import sha256_file
+
+    ref_file, weights = run_dir / "reference.json", run_dir / "adapter" / "adapter_model.safetensors"
+    if not ref_file.is_file() or not weights.is_file():
+        return
+    expected = json.loads(ref_file.read_text()).get("adapter_sha256")
+    if expected and sha256_file(weights) != expected:
+        raise RunError(f"{weights} does not match the sha256 recorded when the model was packaged "
+                       f"({ref_file}): the file is corrupted or was replaced; reinstall erc-llm or restore the folder")
+
+
+def _merge_adapter(model, run: Path):
+    from peft import PeftModel
+
+    if not (run / "adapter" / "adapter_config.json").is_file():
+        raise RunError(f"run {run} has no adapter/adapter_config.json; expected a run folder written by "
+                       "erc_llm/train.py (training saves the adapter at its first dev evaluation)")
+    merged = PeftModel.from_pretrained(model, str(run / "adapter")).merge_and_unload()
+    return merged.eval()
+
+
+def _projector(run: Path, model):
+    import torch
+
+    from erc_llm.projector import AudioProjector, AudioSpec
+
+    if not (run / "adapter" / "audio.json").is_file():
+        return None
+    spec = AudioSpec.load(run / "adapter" / "audio.json")
+    projector = AudioProjector(spec.in_dim, model.config.hidden_size, spec.k_tokens, spec.frames)
+    projector.load_state_dict(torch.load(run / "adapter" / "projector.pt", weights_only=True))
+    return spec, projector.to(model.device).eval()
+
+
+def check_labels(data_labels: LabelSet, spec: RunSpec, where: str) -> LabelSet:
+    """The run's label set when the data's labels are the same set (the run's order fixes the classes)."""
+    if set(data_labels.labels) != set(spec.labels):
+        raise RunError(f"the data's labels {list(data_labels.labels)} differ from those of model {where} "
+                       f"{list(spec.labels)}; pass --run with a model trained on this label set, or --zero-shot "
+                       "to use the bare backbone with the data's labels")
+    return spec.label_set
+
+
+def load(run: str | Path | None, *, model: str = "", dtype: str = "float32", labels: LabelSet | None = None,
+         prompts: str = "", max_tokens: int = 0, max_utterance_tokens: int = 0, speaker_options=None) -> Predictor:
+    """A run folder or shipped name (``run``), or with ``run=None`` the bare ``model`` backbone (zero-shot).
+
+    ``labels``: the data's label set (checked against a run's; the label set of a zero-shot model).
+    ``max_tokens`` / ``max_utterance_tokens``: 0 = the run's (2,048 / 96 zero-shot). ``speaker_options``:
+    a config with speaker fields whose ``speaker_store`` overrides the run's own store.
+    """
+    from erc_llm.backbone import DEFAULT_MODEL, load_backbone
+
+    run_dir = resolve(run) if run else None
+    spec = RunSpec.read(run_dir) if run_dir else None
+    if run_dir is not None:
+        check_reference(run_dir)
+    if spec is not None:
+        labels = check_labels(labels, spec, str(run)) if labels is not None else spec.label_set
+        net, tok, manifest = load_backbone(spec.model, dtype)
+        net = _merge_adapter(net, run_dir)
+        manifest = {**manifest, "run": str(run_dir), "run_prompt_version": spec.prompt_version}
+        name = str(run) if str(run) in shipped_models() else str(run_dir)
+    else:
+        net, tok, manifest = load_backbone(model or DEFAULT_MODEL, dtype)
+        labels = labels or MELD_LABELS
+        name = f"{manifest.get('name', model)} (zero-shot)"
+    prompt_dir = Path(prompts) if prompts else (run_dir / "prompts" if run_dir and (run_dir / "prompts").is_dir()
+                                                else PROMPTS_DIR)
+    templates = Templates.load(prompt_dir, spec.context if spec else "online")
+    speakers, note_tokens = _speakers(spec, run_dir, speaker_options, prompt_dir, labels)
+    audio = _projector(run_dir, net) if run_dir else None
+    builder = PromptBuilder(tok, labels, templates, max_tokens or (spec.max_tokens if spec else 2048),
+                            max_utterance_tokens or (spec.max_utterance_tokens if spec else 96), note_tokens,
+                            audio[0].k_tokens if audio else 0, spec.label_history if spec else True)
+    return Predictor(net, tok, builder, labels, manifest, name, spec, run_dir, speakers, audio)
+
+
+def _speakers(spec, run_dir, options, prompt_dir: Path, labels: LabelSet):
+    """(SpeakerContext or None, note token cap): the options' store if given, else the run's own."""
+    from erc_llm.speakers import open_context, settings_of
+
+    settings, store = (settings_of(options), options.speaker_store) if options is not None else (None, "")
+    if settings is None and spec is not None and spec.speakers:
+        settings, store = spec.speakers, run_dir / "speaker_store"
+    if settings is None:
+        return None, getattr(options, "speaker_note_tokens", 64)
+    return open_context(store, settings, prompt_dir, labels, seed=True), settings["note_tokens"]

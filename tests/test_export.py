@@ -1,0 +1,136 @@
+"""Export (a standard PEFT folder + prompts + card) and the shipped model."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from erc_llm.data.schema import LabelSet
+from erc_llm.export import REFERENCE, export
+from erc_llm.run import PRETRAINED_DIR, SHIPPED, RunError, RunSpec, load
+from tests.conftest import LABELS, REPO, toy_dialogue
+
+
+def plain_peft_probs(model, tok, folder: Path, labels: tuple, dialogue, write_labels: bool) -> list[list[float]]:
+    """The recipe the model card documents, with transformers + peft only (no erc-llm code)."""
+    header = (folder / "prompts" / "header.txt").read_text()
+    prefix, suffix = (folder / "prompts" / "turn.txt").read_text().split("{label}")
+    space = prefix.endswith(" ")
+    prefix = prefix[:-1] if space else prefix
+
+    def enc(text):
+        return tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+    firsts = [enc((" " if space else "") + lab)[0] for lab in labels]
+    speakers = list(dict.fromkeys(u.speaker for u in dialogue.utterances))
+    ids = [tok.bos_token_id] + enc(header.format(labels=", ".join(labels), speakers=", ".join(speakers)))
+    out = []
+    with torch.no_grad():
+        for u in dialogue.utterances:
+            ids += enc(prefix.format(speaker=u.speaker, text=u.text))
+            p = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, -1, firsts].float(), -1)
+            out.append(p.tolist())
+            ids += (enc((" " if space else "") + labels[int(p.argmax())]) if write_labels else []) + enc(suffix)
+    return out
+
+
+def _tiny_run(tmp_path, tiny_model, tiny_model_dir, label_history: bool) -> Path:
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                init_lora_weights=False))
+    run = tmp_path / f"run_{label_history}"
+    peft.save_pretrained(run / "adapter")
+    shutil.copytree(REPO / "prompts", run / "prompts")
+    RunSpec(model=str(tiny_model_dir), labels=LABELS.labels, label_history=label_history).write(run)
+    return run
+
+
+@pytest.mark.parametrize("label_history", [True, False])
+def test_exported_folder_loads_with_plain_peft_and_gives_erc_llm_probabilities(tmp_path, tiny_model, tiny_model_dir,
+                                                                               label_history):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = export(_tiny_run(tmp_path, tiny_model, tiny_model_dir, label_history), tmp_path / "exported")
+    for name in ("adapter_config.json", "adapter_model.safetensors", "run.json", "prompts/header.txt", "README.md"):
+        assert (out / name).is_file(), name
+    d = toy_dialogue(5)
+    ours = [t.probs for t in load(out).tagger("predicted").tag(d)]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    plain = plain_peft_probs(PeftModel.from_pretrained(base, str(out)).eval(), AutoTokenizer.from_pretrained(tiny_model_dir),
+                             out, LABELS.labels, d, label_history)
+    for a, b in zip(ours, plain):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_cli_export_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
+    from erc_llm.cli import main
+
+    assert main(["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "not found; expected a run folder" in capsys.readouterr().err
+
+
+needs_shipped = pytest.mark.skipif(not (PRETRAINED_DIR / SHIPPED / REFERENCE).is_file(), reason="no shipped model")
+MELD_DIR = REPO.parent / "shared" / "data" / "meld"
+
+
+@pytest.mark.slow
+@needs_shipped
+def test_shipped_model_reproduces_its_packaging_predictions():
+    from erc_llm.data import load_split
+
+    ref = json.loads((PRETRAINED_DIR / SHIPPED / REFERENCE).read_text())
+    dev, _, _ = load_split("meld", "dev", MELD_DIR)
+    dev = {d.id: d for d in dev}
+    tagger = load(SHIPPED, dtype="float32").tagger("predicted")
+    for row in ref["dialogues"]:
+        preds = tagger.tag(dev[row["dialogue_id"]])
+        assert [p.label for p in preds] == row["labels"], row["dialogue_id"]
+        for p, q in zip(preds, row["probs"]):
+            assert p.probs == pytest.approx(q, abs=1e-5)
+
+
+@pytest.mark.slow
+@needs_shipped
+def test_a_corrupted_shipped_adapter_is_refused(tmp_path):
+    copy = tmp_path / SHIPPED
+    shutil.copytree(PRETRAINED_DIR / SHIPPED, copy)
+    f = copy / "adapter" / "adapter_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(RunError, match="does not match the sha256 recorded when the model was packaged"):
+        load(copy)
+
+
+@pytest.mark.slow
+@needs_shipped
+def test_shipped_model_with_plain_peft_on_three_meld_dialogues(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from erc_llm.backbone import prepare_model
+    from erc_llm.data import load_split
+
+    out = export(SHIPPED, tmp_path / "exported")
+    spec = RunSpec.read(out)
+    path, _ = prepare_model(spec.model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), str(out)).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    ours = load(out).tagger("predicted")
+    for d in load_split("meld", "dev", MELD_DIR)[0][:3]:
+        plain = plain_peft_probs(model, tok, out, spec.labels, d, spec.label_history)
+        for a, b in zip([t.probs for t in ours.tag(d)], plain):
+            assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_label_sets_must_match_the_run(tmp_path, tiny_model, tiny_model_dir):
+    run = _tiny_run(tmp_path, tiny_model, tiny_model_dir, True)
+    with pytest.raises(RunError, match=r"differ from those of model .* --zero-shot"):
+        load(run, labels=LabelSet("other", ("happy", "sad")))
