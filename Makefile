@@ -1,5 +1,5 @@
 # erc-llm: set-up and the two jobs the README names.
-#   make demo   install everything, then run the main job (zero-shot constrained evaluation on MELD dev)
+#   make demo   install everything, then run the main job: the shipped model on MELD test, and a chat example
 #   make test   install everything, then run the test suite (real-model tests included)
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(VENV)/bin/erc-llm prepare-model gemma-3-270m
-	$(VENV)/bin/erc-llm evaluate --config configs/eval_meld.yaml --split dev --data-dir $(DATA_DIR) --out eval/out/demo_meld_dev
+	$(VENV)/bin/erc-llm evaluate --config configs/eval_meld.yaml --split test --data-dir $(DATA_DIR) --out eval/out/demo_meld_test
+	$(VENV)/bin/erc-llm chat < eval/demo_chat.txt
 
 test: install
 	$(PY) -m pytest -q

@@ -113,10 +113,9 @@ def prepare_model(name: str = DEFAULT_MODEL, cache: Path | None = None) -> tuple
         manifest = read_manifest(target)
         if manifest is not None and not manifest.get("files"):
             log.warning("cache %s was written without file checksums (an older erc-llm); rebuilding it", target)
-            manifest = None
-        if manifest is None:
-            if target.exists():
-                log.warning("cache %s has no valid manifest (interrupted, corrupted or foreign); rebuilding it", target)
+        elif manifest is None and target.exists():
+            log.warning("cache %s has no valid manifest (interrupted, corrupted or foreign); rebuilding it", target)
+        if manifest is None or not manifest.get("files"):
             _check_writable(target.parent)
             manifest = _convert(name, PACKAGED[name], target)
         return str(target), manifest

@@ -42,7 +42,8 @@ erc-llm chat                                                              # labe
 ```
 
 With plain transformers + peft: load the backbone (`erc-llm prepare-model gemma-3-270m` writes it to
-`~/.cache/erc_llm/models/gemma-3-270m`), then `PeftModel.from_pretrained(model, THIS_FOLDER)`. The prompt is
+`~/.cache/erc_llm/models/gemma-3-270m`), then `PeftModel.from_pretrained(model, THIS_FOLDER/adapter)` (or
+`erc-llm export` for a folder with the adapter at the top level). The prompt is
 `prompts/header.txt` (labels, participants) followed, per turn, by `prompts/turn.txt` up to `{label}`; each
 piece is tokenized on its own (no special tokens) and the pieces concatenated after the BOS token. The
 label distribution at a turn is the softmax over the first tokens of " neutral", " joy", ... at the last
@@ -71,6 +72,13 @@ def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     cfg = (Path(args.run) / "config.yaml").read_text()
     export(args.run, target, "bfloat16", card="(being packaged)\n")
+    if target.is_symlink():  # atomic_dir publishes a versioned folder behind a symlink; the package needs the folder
+        real = target.resolve()
+        target.unlink()
+        real.rename(target)
+        target.chmod(0o755)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # the package keeps one copy, in adapter/
+        (target / name).unlink()
     dev, _, _ = load_split("meld", "dev", args.data_dir)
     record_reference(target, dev[: args.reference_dialogues], target)
     t = time.time()

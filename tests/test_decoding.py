@@ -131,3 +131,15 @@ def test_packed_dialogues_equal_one_at_a_time(tiny_tokenizer, arch, history):
         assert [p.label for p in r] == [p.label for p in g]
         for a, b in zip(r, g):
             assert a.probs == pytest.approx(b.probs, abs=1e-4)
+
+
+def test_text_only_history_decoding_equals_full_forward(tiny_tokenizer, tiny_model):
+    """With no labels written, the KV-cached decoder still matches a full forward per turn and prefix."""
+    builder = PromptBuilder(tiny_tokenizer, LABELS, write_labels=False)
+    d = toy_dialogue(5)
+    preds = StreamingTagger(tiny_model, builder).tag(d)
+    ref = brute_force_probs(tiny_model, builder, d, [p.label for p in preds])
+    for p, r in zip(preds, ref):
+        assert p.probs == pytest.approx(r, abs=1e-4)
+    packed = PackedTagger(tiny_model, builder, batch=4).tag_many([d, toy_dialogue(3, "d2")])[0]
+    assert [p.label for p in packed] == [p.label for p in preds]

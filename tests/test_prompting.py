@@ -79,3 +79,27 @@ def test_long_utterance_is_capped(tiny_tokenizer):
 ])
 def test_fit_window(header, segs, budget, k):
     assert fit_window(header, segs, budget) == k
+
+
+def test_text_only_history_writes_no_labels_in_training_or_decoding(tiny_tokenizer):
+    b = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=4096, write_labels=False)
+    d = toy_dialogue(4)
+    with_gold = b.build(d, [u.emotion for u in d.utterances])
+    with_other = b.build(d, ["neutral"] * 4)
+    assert with_gold.input_ids == with_other.input_ids  # nothing of the labels reaches the transcript
+    assert all(pos == [] for pos in with_gold.label_positions)
+    assert b.answer_ids("joy") == b.suffix_ids
+    labelled = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=4096)
+    assert len(labelled.build(d, ["joy"] * 4).input_ids) > len(with_gold.input_ids)
+
+
+def test_offline_header_holds_the_whole_conversation(tiny_tokenizer):
+    d = toy_dialogue(3)
+    b = PromptBuilder(tiny_tokenizer, LABELS, Templates.load(context="offline"))
+    header = tiny_tokenizer.decode(b.header_ids(d))
+    last = d.utterances[-1]
+    assert f"{last.speaker}: {last.text}" in header  # the future is in the header, before the first slot
+    online = PromptBuilder(tiny_tokenizer, LABELS)
+    assert last.text not in tiny_tokenizer.decode(online.header_ids(d))
+    with pytest.raises(ValueError, match="context 'future' not supported"):
+        Templates.load(context="future")

