@@ -375,7 +375,7 @@ def copy_store(src: str | Path, dst: str | Path) -> None:
 
 
 def settings_of(cfg) -> dict | None:
-    """The speaker settings of a Train/EvalConfig as stored in run.json (None = speaker memory off)."""
+    """The speaker settings of a Train/EvalConfig as a RunSpec stores them (None = speaker memory off)."""
     if not cfg.speaker_store:
         return None
     return {"bios": cfg.speaker_bios, "history": cfg.speaker_history, "top_k": cfg.speaker_top_k,

@@ -47,7 +47,9 @@ def recipe_run(config: str, data_dir: str, path: str, steps: int, work: Path, th
     if child.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({child.returncode}): {child.stderr.read()[-2000:]}")
     summary = json.loads((out / "train_summary.json").read_text())
-    dtype = json.loads((out / "run.json").read_text()).get("train_dtype")
+    from erc_llm.run import RunSpec
+
+    dtype = RunSpec.read(out).train_dtype
     return {"tokens_per_second": summary["tokens_per_second"], "labels_per_second": summary["labels_per_second"],
             "train_seconds": summary["train_seconds"], "wall_seconds": time.perf_counter() - t,
             "peak_rss_gb": hwm / 1024**2, "dtype": dtype, "command": " ".join(cmd[1:])}

@@ -8,7 +8,7 @@
 Flow: config -> data (tokenized once, cached with `datasets`) -> backbone + LoRA -> loop (one forward
 per dialogue, loss at the emotion slots only) -> dev selection -> run dir -> test evaluation.
 
-Run directory: ``adapter/`` (best on dev), ``run.json`` (backbone manifest, label set, prompt version),
+Run directory: ``adapter/`` (best on dev), the run spec (``erc_llm.run.RunSpec``: backbone, labels, prompt options),
 ``config.yaml``, ``prompts/``, ``log.jsonl`` (loss, dev metrics, tokens/s), ``best.json``,
 ``checkpoint/`` (adapter, optimizer, scheduler, RNG and data position; ``--resume true`` continues
 from it), and ``eval/test_predicted``, ``eval/test_gold`` with the final test evaluation.
