@@ -16,7 +16,6 @@ matmul peak, time against dialogue length, and (``--full-test``) MELD test end t
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import subprocess
@@ -307,7 +306,6 @@ def render(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import json
     import platform
 
     argv = sys.argv[1:] if argv is None else argv

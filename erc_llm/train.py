@@ -25,6 +25,7 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python erc_llm/train.py` / `accelerate launch erc_llm/train.py`
@@ -222,14 +223,43 @@ def append_log(run: Path, row: dict) -> None:
 
 # ----------------------------------------------------------------------------------------- main
 
-def train(cfg: TrainConfig) -> dict:
+@dataclass
+class Recipe:
+    """What :func:`setup` builds and :func:`fit` runs: one typed bundle instead of loose locals."""
+
+    cfg: TrainConfig
+    accelerator: object
+    run: Path
+    model: object  # wrapped by accelerate (DDP) where there are several processes
+    unwrapped: object
+    optimizer: object
+    scheduler: object
+    params: list
+    builder: PromptBuilder
+    data: object  # tokenized training dialogues (datasets.Dataset)
+    dev_d: list
+    label_tokens: list
+    weights: object
+    prior: np.ndarray
+    total: int
+    state: dict
+    projector: object = None
+    bare_projector: object = None
+    train_audio: object = None
+    audio: dict | None = None
+    dev_speakers: object = None
+
+
+def setup(cfg: TrainConfig) -> "Recipe":
+    """Config -> data (tokenized, cached) -> backbone + LoRA (+ projector) -> optimizer, schedule, state (resumed
+    from the checkpoint with ``--resume``) -> the run directory's spec files."""
     from accelerate import Accelerator
     from transformers import get_linear_schedule_with_warmup
 
     from erc_llm.backbone import load_for_training
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    world, main = accelerator.num_processes, accelerator.is_main_process
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(cfg.seed)
     run = Path(cfg.out)
@@ -302,7 +332,17 @@ def train(cfg: TrainConfig) -> dict:
         shutil.rmtree(run)
     if main:
         write_run_files(run, cfg, labels, templates, manifest)
+    return Recipe(cfg, accelerator, run, model, unwrapped, optimizer, scheduler, params, builder, data, dev_d,
+                  label_tokens, weights, prior, total, state, projector, bare_projector, train_audio, audio, dev_speakers)
 
+
+def fit(r: "Recipe") -> None:
+    """The optimisation loop: steps, logging, dev selection every ``eval_every``, checkpoints every ``save_every``."""
+    cfg, accelerator, run, model, unwrapped = r.cfg, r.accelerator, r.run, r.model, r.unwrapped
+    optimizer, scheduler, params, builder, data, state = r.optimizer, r.scheduler, r.params, r.builder, r.data, r.state
+    projector, bare_projector, train_audio = r.projector, r.bare_projector, r.train_audio
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    total, prior, weights, label_tokens = r.total, r.prior, r.weights, r.label_tokens
     autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if cfg.autocast_bf16 else contextlib.nullcontext()
     bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", disable=not main, dynamic_ncols=True)
     model.train()
@@ -365,12 +405,19 @@ def train(cfg: TrainConfig) -> dict:
                              "lr": scheduler.get_last_lr()[0], "tokens_per_second": tps,
                              "labels_per_second": state["labels_seen"] / max(state["train_seconds"], 1e-9)})
         if state["step"] % cfg.eval_every == 0 or state["step"] == total:
-            evaluate_and_select(cfg, run, accelerator, unwrapped, builder, dev_d, state, dev_speakers, audio)
+            evaluate_and_select(cfg, run, accelerator, unwrapped, builder, r.dev_d, state, r.dev_speakers, r.audio)
         if state["step"] % cfg.save_every == 0 or state["step"] == total:
             if main:
                 save_checkpoint(run, unwrapped, optimizer, scheduler, state, bare_projector)
             accelerator.wait_for_everyone()
     bar.close()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """setup -> fit (dev selection inside) -> summary and the test evaluation of the selected adapter."""
+    r = setup(cfg)
+    fit(r)
+    run, state, accelerator, main = r.run, r.state, r.accelerator, r.accelerator.is_main_process
     result = {"best": state["best"], "steps": state["step"], "train_seconds": state["train_seconds"],
               "tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
               "labels_per_second": state["labels_seen"] / max(state["train_seconds"], 1e-9)}

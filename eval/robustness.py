@@ -6,7 +6,6 @@ Each case is a pytest test that asserts what a user must get (a one-line error n
 value and the way on; no stale or lost results); the same file runs in CI with the rest of the suite.
 """
 
-import json
 import subprocess
 import sys
 import tempfile

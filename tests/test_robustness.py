@@ -12,7 +12,7 @@ import pytest
 
 from erc_llm.config import ConfigError, EvalConfig, TrainConfig, build
 from erc_llm.data import DataError, load_split
-from tests.conftest import LABELS, REPO, toy_dialogue, write_jsonl_dataset
+from tests.conftest import LABELS, toy_dialogue, write_jsonl_dataset
 
 BIN = Path(sys.executable).parent
 
