@@ -166,6 +166,15 @@ def _convert(name: str, spec: PackagedModel, target: Path) -> dict:
     return manifest
 
 
+def native_bf16_cpu() -> str | None:
+    """The CPU's native bf16 matmul extension ("amx_bf16" or "avx512_bf16", from /proc/cpuinfo), else None."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+
+
 def resolve_dtype(dtype: str) -> str:
     """``auto`` -> ``bfloat16`` where bf16 matmuls run natively (a CUDA device with bf16, or a CPU with AMX or
     avx512_bf16, read from /proc/cpuinfo), else ``float32``; other values pass through."""
@@ -175,11 +184,7 @@ def resolve_dtype(dtype: str) -> str:
 
     if torch.cuda.is_available():
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "float32"
-    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+    return "bfloat16" if native_bf16_cpu() else "float32"
 
 
 def fetch_hub_model(name: str) -> str:

@@ -10,6 +10,7 @@ import sys
 
 from erc_llm.config import BaselineConfig, EvalConfig, add_arguments, from_args
 from erc_llm.errors import run_command
+from erc_llm.run import SHIPPED
 
 
 def _prepare_model(args) -> None:
@@ -36,8 +37,7 @@ def _evaluate(args) -> int | None:
     if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:  # shard over processes: relaunch under torchrun
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.processes),
                "-m", "erc_llm.cli", *sys.argv[1:]]
-        return subprocess.run(cmd, env={**os.environ, "ACCELERATE_USE_CPU": os.environ.get("ACCELERATE_USE_CPU", "true")
-                                        if not _has_cuda() else "false"}).returncode
+        return subprocess.run(cmd).returncode
     m = evaluate(cfg, command="erc-llm " + shlex.join(sys.argv[1:]))
     if not m:  # a shard of a sharded evaluation: the first process reports
         return None
@@ -54,12 +54,6 @@ def _export(args) -> None:
 
     out = export(args.run, args.out, args.dtype)
     print(f"exported {args.run} -> {out} (PEFT adapter, run.json, prompts/, README.md)")
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _baseline_train(args) -> None:
@@ -241,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=_serve)
 
     ex = sub.add_parser("export", help="write a run as a standard PEFT adapter folder + prompts + model card")
-    ex.add_argument("--run", default="meld-gemma3-270m", help="run folder or shipped model name")
+    ex.add_argument("--run", default=SHIPPED, help=f"run folder or shipped model name (default: {SHIPPED})")
     ex.add_argument("--out", required=True, help="folder to write (replaced atomically)")
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="adapter storage dtype")
     ex.set_defaults(func=_export)

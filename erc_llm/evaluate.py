@@ -226,9 +226,10 @@ class Shard:
         self.rank, self.world = rank, world
         self.state = None
         if world > 1:
+            import torch
             from accelerate import PartialState
 
-            self.state = PartialState(cpu=not __import__("torch").cuda.is_available())
+            self.state = PartialState(cpu=not torch.cuda.is_available())
 
     @classmethod
     def from_env(cls) -> "Shard":

@@ -154,9 +154,10 @@ def _machine() -> str:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         cpu = "unknown CPU"
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
-    return f"{cpu}, {os.cpu_count()} cores, " + ("AMX" if "amx_bf16" in flags else
-                                                  "avx512_bf16" if "avx512_bf16" in flags else "no native bf16")
+    from erc_llm.backbone import native_bf16_cpu
+
+    bf16 = {"amx_bf16": "AMX", "avx512_bf16": "avx512_bf16"}.get(native_bf16_cpu(), "no native bf16")
+    return f"{cpu}, {os.cpu_count()} cores, {bf16}"
 
 
 def render(r: dict) -> str:

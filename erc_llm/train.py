@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from erc_llm.config import add_arguments, from_args
-    from erc_llm.errors import EXIT_USER_ERROR, run_command
+    from erc_llm.errors import run_command
 
     parser = argparse.ArgumentParser(prog="erc_llm/train.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -499,10 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    box: dict = {}
-    if run_command(lambda: box.update(result=train(from_args(TrainConfig, args))), "train", args.debug):
-        return EXIT_USER_ERROR
-    result = box["result"]
+    return run_command(lambda: _train_and_report(from_args(TrainConfig, args)), "train", args.debug)
+
+
+def _train_and_report(cfg: TrainConfig) -> int:
+    result = train(cfg)
     if result.get("best"):
         print(f"best dev weighted F1 {result['best']['dev_predicted']['weighted_f1']:.2f} at step {result['best']['step']}")
     if result.get("test"):
