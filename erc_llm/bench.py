@@ -313,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         from erc_llm.throughput import main as training_main
 
         return training_main(argv[1:])
+    if argv[:1] == ["decoding"]:  # batch evaluation speed by corpus and dialogue length
+        from erc_llm.throughput import decoding_main
+
+        return decoding_main(argv[1:])
 
     from erc_llm.data import load_split
     from erc_llm.io import atomic_write_json, atomic_write_text
@@ -348,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     from erc_llm.backbone import DEFAULT_MODEL, load_for_training
     from erc_llm.config import TrainConfig
-    from erc_llm.train import wrap_lora
+    from erc_llm.lora import wrap_lora
 
     name = manifest.get("path") or args.model or DEFAULT_MODEL
     lora, _, _ = load_for_training(name, "float32")

@@ -107,8 +107,9 @@ class EvalConfig(SpeakerOptions):
     max_utterance_tokens: int = _f(0, "longest utterance text in tokens; longer ones are cut (0 = the run's; 96 "
                                    "zero-shot)", ge=0)
     limit: int = _f(0, "evaluate only the first N dialogues (0 = all)", ge=0)
-    batch: int = _f(8, "dialogues decoded together, packed into one forward per turn step (1 = one at a time; "
-                    "runs with speaker memory or audio decode one at a time)", ge=1)
+    batch: int = _f(8, "dialogues decoded together, packed into one forward per turn step, at most 2 x max_tokens "
+                    "transcript tokens a group (1 = one at a time; runs with speaker memory or audio decode one at "
+                    "a time)", ge=1)
     dtype: str = _f("float32", "model dtype", ("float32", "bfloat16"))
     threads: int = _f(0, "torch CPU threads (0 = all cores)", ge=0)
     prompts: str = _f("", "folder with prompt templates (default: the packaged prompts/)")
@@ -276,10 +277,13 @@ class TrainConfig(AudioOptions, SpeakerOptions):
                     "bfloat16 where the hardware computes it natively (CPU with AMX/avx512_bf16, GPU with bf16), "
                     "else float32; the choice is logged and stored in the run", ("auto", "float32", "bfloat16"))
     autocast_bf16: bool = _f(False, "bf16 autocast for matmuls over float32 weights (measured slower than bfloat16 "
-                             "weights on CPUs)")
+                             "weights on CPUs; over a bfloat16 backbone the adapters always run under bf16 autocast)")
     attention: str = _f("block", "attention in the training forward: block (query blocks attend only to the keys "
                         "they can see: cost linear in length on sliding-window layers) or sdpa (full masked attention)",
                         ("block", "sdpa"))
+    activation_checkpointing: bool = _f(False, "keep only each layer's input in the forward and recompute the "
+                                        "rest in the backward: far less memory on long transcripts and large "
+                                        "models for about a third more forward compute")
     pack_tokens: int = _f(2048, "pack consecutive dialogues of a step into one forward up to this many tokens "
                           "(block-diagonal attention; 0 = one forward per dialogue)", ge=0)
     quant: str = _f("none", "QLoRA: '4bit' loads the backbone in bitsandbytes NF4 (falls back with a warning "

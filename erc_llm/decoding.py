@@ -250,29 +250,42 @@ class PackedTagger:
     :class:`StreamingTagger` (which truncates).
     """
 
-    def __init__(self, model, builder: PromptBuilder, history: str = "predicted", batch: int = 8):
+    def __init__(self, model, builder: PromptBuilder, history: str = "predicted", batch: int = 8,
+                 group_tokens: int | None = None):
         self.single = StreamingTagger(model, builder, history)
         self.model, self.builder, self.history, self.batch = model, builder, history, batch
+        # a group's shared cache (the keys every query of a step is scored against) stays within this many tokens
+        self.group_tokens = group_tokens or 2 * builder.max_tokens
         self.labels = builder.labels
         self.columns = [ids[0] for ids in self.single.trie.label_ids]
         cfg = model.config
         self.window = getattr(cfg, "sliding_window", None)
         self.layer_types = set(getattr(cfg, "layer_types", None) or [])
 
-    def fits(self, dialogue: Dialogue) -> bool:
+    def size(self, dialogue: Dialogue) -> int:
+        """Tokens the dialogue's whole transcript takes (longest label written after every turn)."""
         b = self.builder
         longest = max(len(a) for a in b.label_ids) + len(b.suffix_ids)
-        n = len(b.header_ids(dialogue)) + sum(len(b.turn_ids(u)) + longest for u in dialogue.utterances)
-        return self.single.trie.single_token and n <= b.max_tokens
+        return len(b.header_ids(dialogue)) + sum(len(b.turn_ids(u)) + longest for u in dialogue.utterances)
+
+    def fits(self, dialogue: Dialogue) -> bool:
+        return self.single.trie.single_token and self.size(dialogue) <= self.builder.max_tokens
+
+    def groups(self, sizes: list[int]) -> list[list[int]]:
+        """Consecutive indices grouped by at most ``batch`` dialogues and ``group_tokens`` tokens: every query
+        attends over the whole shared cache (masked), so long dialogues go in smaller groups."""
+        from erc_llm.objective import pack
+
+        return [g[k: k + self.batch] for g in pack(sizes, self.group_tokens) for k in range(0, len(g), self.batch)]
 
     def tag_many(self, dialogues: list[Dialogue]) -> list[list[TurnPrediction]]:
         out: list = [None] * len(dialogues)
         packable = [i for i, d in enumerate(dialogues) if self.fits(d)]
         for i in set(range(len(dialogues))) - set(packable):
             out[i] = self.single.tag(dialogues[i])
-        for k in range(0, len(packable), self.batch):
-            group = packable[k: k + self.batch]
-            for i, preds in zip(group, self._tag_group([dialogues[i] for i in group])):
+        for group in self.groups([self.size(dialogues[i]) for i in packable]):
+            members = [packable[j] for j in group]
+            for i, preds in zip(members, self._tag_group([dialogues[i] for i in members])):
                 out[i] = preds
         return out
 

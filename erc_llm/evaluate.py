@@ -113,12 +113,14 @@ def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1) 
             finish(d, single.tag(d, resume=resume, on_turn=on_turn))
 
         chunk: list = []
+        sizes: list[int] = []  # transcript tokens of the chunk's dialogues
 
         def flush():
             for d, preds in zip(chunk, tagger.tag_many(chunk)):
                 finish(d, preds)
                 bar.update(len(d))
             chunk.clear()
+            sizes.clear()
 
         for d in dialogues:
             if d.id in done:
@@ -127,7 +129,11 @@ def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1) 
                     speakers.observe(d, [r[key] for r in done[d.id]])
                 bar.update(len(d))
             elif batch > 1 and tagger.fits(d) and d.id not in started:
+                size = tagger.size(d)
+                if chunk and len(tagger.groups(sizes + [size])) > 1:  # d starts the next group
+                    flush()
                 chunk.append(d)
+                sizes.append(size)
                 if len(chunk) >= batch:
                     flush()
             else:

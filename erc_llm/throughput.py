@@ -4,8 +4,10 @@ measured matmul peak, peak memory, and cost per token against dialogue length (t
     python eval/bench.py training --meld-dir ../shared/data/meld --iemocap-dir ../shared/data/iemocap
 
 *Before* is the original loop (float32 weights, masked sdpa attention, one forward per dialogue:
-``--dtype float32 --attention sdpa --pack-tokens 0``); *after* is the default (``--dtype auto``: bfloat16
-weights where the CPU computes bf16 natively, block attention, dialogues packed into one forward). Each
+``--dtype float32 --attention sdpa --pack-tokens 0``); *after* is the recipe as configured (``--dtype auto``:
+bfloat16 weights where the CPU computes bf16 natively, with the adapters under bf16 autocast; block attention;
+dialogues packed into one forward; the vectorised LoRA dropout of ``erc_llm.lora``; activation checkpointing
+where the recipe turns it on). Each
 recipe runs as a real ``erc_llm/train.py`` child process for the same steps on the same dialogues;
 tokens/s is the optimisation time only (as ``train_summary.json`` reports it) and peak RSS is the child's
 ``VmHWM``. Writes ``bench.json`` and ``bench.md``.
@@ -24,35 +26,48 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-PATHS = {"before": ["--dtype", "float32", "--attention", "sdpa", "--pack-tokens", "0"],
+PATHS = {"before": ["--dtype", "float32", "--attention", "sdpa", "--pack-tokens", "0", "--activation-checkpointing", "false"],
          "after": ["--dtype", "auto", "--attention", "block"]}
 RECIPES = {"meld": ("configs/meld.yaml", "meld_dir"), "iemocap": ("configs/iemocap.yaml", "iemocap_dir")}
 
 
+def run_child(cmd: list[str]) -> tuple[float, int]:
+    """Run ``cmd``; its wall seconds and peak RSS in kB (``VmHWM``, polled)."""
+    from erc_llm.bench import _vm_hwm_kb
+
+    t = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a child's progress output never blocks it
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        hwm = 0
+        while child.poll() is None:
+            hwm = max(hwm, _vm_hwm_kb(child.pid))
+            time.sleep(0.2)
+        if child.returncode:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed ({child.returncode}): {err.read()[-2000:]}")
+    return time.perf_counter() - t, hwm
+
+
 def recipe_run(config: str, data_dir: str, path: str, steps: int, work: Path, threads: int) -> dict:
     """One training child process for ``steps`` optimizer steps; tokens/s, labels/s, seconds, peak RSS."""
-    from erc_llm.bench import _vm_hwm_kb
 
     out = work / f"{Path(config).stem}_{path}"
     cmd = [sys.executable, str(REPO / "erc_llm" / "train.py"), "--config", str(REPO / config), "--data-dir", data_dir,
            "--out", str(out), "--overwrite", "true", "--max-steps", str(steps), "--eval-every", str(10 * steps),
            "--eval-dialogues", "1", "--save-every", str(10 * steps), "--test-eval", "false",
            "--threads", str(threads), *PATHS[path]]
-    t = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    hwm = 0
-    while child.poll() is None:
-        hwm = max(hwm, _vm_hwm_kb(child.pid))
-        time.sleep(0.2)
-    if child.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({child.returncode}): {child.stderr.read()[-2000:]}")
+    wall, hwm = run_child(cmd)
     summary = json.loads((out / "train_summary.json").read_text())
     from erc_llm.run import RunSpec
 
+    import yaml
+
     dtype = RunSpec.read(out).train_dtype
+    checkpointing = bool(yaml.safe_load((out / "config.yaml").read_text()).get("activation_checkpointing"))
     return {"tokens_per_second": summary["tokens_per_second"], "labels_per_second": summary["labels_per_second"],
-            "train_seconds": summary["train_seconds"], "wall_seconds": time.perf_counter() - t,
-            "peak_rss_gb": hwm / 1024**2, "dtype": dtype, "command": " ".join(cmd[1:])}
+            "train_seconds": summary["train_seconds"], "wall_seconds": wall,
+            "peak_rss_gb": hwm / 1024**2, "dtype": dtype, "activation_checkpointing": checkpointing,
+            "command": " ".join(cmd[1:])}
 
 
 def train_flops_per_token(model, tokens: int) -> float:
@@ -88,7 +103,7 @@ def length_scaling(model_name: str, data_dir: str, lengths: list[int], reps: int
     from erc_llm.losses import label_loss
     from erc_llm.objective import first_token_ids, slot_logits
     from erc_llm.prompting import PromptBuilder
-    from erc_llm.train import wrap_lora
+    from erc_llm.lora import compute_context, wrap_lora
 
     dialogues, labels, _ = load_split("jsonl", "train", data_dir)
     rows = []
@@ -109,7 +124,9 @@ def length_scaling(model_name: str, data_dir: str, lengths: list[int], reps: int
             best = float("inf")
             for _ in range(reps):
                 t = time.perf_counter()
-                label_loss(slot_logits(m, tr, first_token_ids(b)).float(), targets, None, 0.0).backward()
+                with compute_context(m, next(m.parameters()).dtype, "cpu"):
+                    logits = slot_logits(m, tr, first_token_ids(b))
+                label_loss(logits.float(), targets, None, 0.0).backward()
                 m.zero_grad(set_to_none=True)
                 best = min(best, time.perf_counter() - t)
             row[f"train_{path}_tokens_per_second"] = len(tr.input_ids) / best
@@ -148,6 +165,74 @@ def run(args) -> dict:
     return result
 
 
+def evaluate_child(args: list[str], out: Path) -> dict:
+    """``erc-llm evaluate ARGS --out OUT --dtype bfloat16`` as a child process: wall time, utterances/s, weighted F1,
+    peak RSS (the child's ``VmHWM``)."""
+
+    cmd = [sys.executable, "-m", "erc_llm.cli", "evaluate", *args, "--dtype", "bfloat16", "--out", str(out)]
+    wall, hwm = run_child(cmd)
+    m = json.loads((out / "metrics.json").read_text())
+    return {"utterances": m["utterances"], "seconds": wall, "utterances_per_second": m["utterances_per_second"],
+            "weighted_f1": m.get("weighted_f1"), "peak_rss_gb": hwm / 1024**2,
+            "command": "erc-llm evaluate " + " ".join(args) + " --dtype bfloat16 --out OUT"}
+
+
+def long_dialogue_dir(data_dir: str, turns: int, work: Path) -> Path:
+    """A JSONL data folder whose test split is one dialogue of ``turns`` real IEMOCAP training utterances."""
+    from erc_llm.bench import synthetic
+    from erc_llm.data import load_split
+
+    dialogues, _, _ = load_split("jsonl", "train", data_dir)
+    utts = [u for d in dialogues for u in d.utterances]
+    d = synthetic([type(dialogues[0])("all", utts * (turns // len(utts) + 1))], turns)
+    folder = work / f"long{turns}"
+    folder.mkdir(parents=True, exist_ok=True)
+    row = {"dialogue_id": d.id, "utterances": [{"speaker": u.speaker, "text": u.text, "emotion": u.emotion,
+                                                 "utterance_id": u.utterance_id} for u in d.utterances]}
+    (folder / "test.jsonl").write_text(json.dumps(row) + "\n")
+    return folder
+
+
+def decoding(args) -> dict:
+    """Batch evaluation speed: MELD test (the shipped model) and IEMOCAP test (``--iemocap-run``) through
+    ``erc-llm evaluate`` in bf16, and one synthetic dialogue per ``--turns`` length (IEMOCAP utterances, the
+    IEMOCAP run; transcripts truncated at the run's token budget) to show time proportional to length."""
+    result = {"command": "python eval/bench.py decoding " + " ".join(args.argv), "machine": _machine(), "corpora": {}}
+    with tempfile.TemporaryDirectory(prefix="erc_llm_bench_") as tmp:
+        work = Path(tmp)
+        result["corpora"]["meld"] = evaluate_child(
+            ["--dataset", "meld", "--split", "test", "--data-dir", args.meld_dir], work / "meld")
+        result["corpora"]["iemocap"] = evaluate_child(
+            ["--dataset", "jsonl", "--split", "test", "--data-dir", args.iemocap_dir, "--run", args.iemocap_run],
+            work / "iemocap")
+        c = result["corpora"]
+        result["iemocap_vs_meld"] = c["iemocap"]["utterances_per_second"] / c["meld"]["utterances_per_second"]
+        from erc_llm.run import RunSpec
+
+        labels = ",".join(RunSpec.read(Path(args.iemocap_run)).labels)
+        result["long_dialogue"] = []
+        for n in [int(x) for x in args.turns.split(",")]:
+            folder = long_dialogue_dir(args.iemocap_dir, n, work)
+            r = evaluate_child(["--dataset", "jsonl", "--split", "test", "--data-dir", str(folder), "--labels", labels,
+                                "--run", args.iemocap_run], work / f"out{n}")
+            result["long_dialogue"].append({"turns": n, **r, "seconds_per_turn": r["seconds"] / n})
+    return result
+
+
+def render_decoding(r: dict) -> str:
+    c = r["corpora"]
+    lines = ["# Batch evaluation speed", "", f"Command: `{r['command']}` — {r['machine']}; bf16, packed, one process.", "",
+             "| corpus | utterances | seconds | utterances/s | weighted F1 | peak RSS GB |", "|---|---|---|---|---|---|"]
+    for name, x in c.items():
+        lines.append(f"| {name} test | {x['utterances']} | {x['seconds']:.0f} | {x['utterances_per_second']:.1f} | "
+                     f"{x['weighted_f1']:.2f} | {x['peak_rss_gb']:.2f} |")
+    lines += ["", f"IEMOCAP / MELD utterances/s: **{r['iemocap_vs_meld']:.2f}**", "",
+              "| one dialogue of N turns | seconds | seconds per turn | peak RSS GB |", "|---|---|---|---|"]
+    for x in r["long_dialogue"]:
+        lines.append(f"| {x['turns']} | {x['seconds']:.0f} | {x['seconds_per_turn']:.3f} | {x['peak_rss_gb']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _machine() -> str:
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -165,14 +250,16 @@ def render(r: dict) -> str:
     lines = [f"# Training throughput ({r['model']})", "", f"Command: `{r['command']}` — {r['machine']}, "
              f"{r['threads']} threads. Measured matmul peak: fp32 {hw['matmul_fp32_gflops']:.0f} GFLOP/s, bf16 "
              f"{hw['matmul_bf16_gflops']:.0f} GFLOP/s.", "",
-             "Before: float32 weights, masked sdpa attention, one forward per dialogue. After: the default "
-             "(bfloat16 weights where native, block attention, packed dialogues).", "",
+             "Before: float32 weights, masked sdpa attention, one forward per dialogue. After: the recipe's "
+             "config (bfloat16 weights where native with the adapters under bf16 autocast, block attention, "
+             "packed dialogues, vectorised LoRA dropout; `activation_checkpointing` as the recipe sets it).", "",
              "| recipe | path | weights | tokens/s | labels/s | GFLOP/s | % of fp32 peak | % of bf16 peak | peak RSS GB | speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in r["training"].items():
         for path in PATHS:
             s = t[path]
-            lines.append(f"| {name} | {path} | {s['dtype']} | {s['tokens_per_second']:.0f} | {s['labels_per_second']:.1f} | "
+            weights = s["dtype"] + (" + activation checkpointing" if s.get("activation_checkpointing") else "")
+            lines.append(f"| {name} | {path} | {weights} | {s['tokens_per_second']:.0f} | {s['labels_per_second']:.1f} | "
                          f"{s['gflop_per_second']:.0f} | {100 * s['gflop_per_second'] / hw['matmul_fp32_gflops']:.0f}% | "
                          f"{100 * s['gflop_per_second'] / hw['matmul_bf16_gflops']:.0f}% | {s['peak_rss_gb']:.2f} | "
                          + (f"**{t['speedup']:.2f}x** |" if path == "after" else "1.00x |"))
@@ -185,23 +272,42 @@ def render(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> int:
+def _parser(prog: str, description: str):
     import argparse
 
-    from erc_llm.io import atomic_write_json, atomic_write_text
-
-    p = argparse.ArgumentParser(prog="eval/bench.py training", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--meld-dir", required=True, help="MELD csv folder")
     p.add_argument("--iemocap-dir", required=True, help="IEMOCAP JSONL folder ({train,dev,test}.jsonl)")
+    p.add_argument("--out", default="eval/results/bench_training")
+    return p
+
+
+def _save(out: str, stem: str, result: dict, text: str) -> int:
+    from erc_llm.io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(Path(out) / f"{stem}.json", result)
+    atomic_write_text(Path(out) / f"{stem}.md", text)
+    print(text)
+    return 0
+
+
+def decoding_main(argv: list[str]) -> int:
+    p = _parser("eval/bench.py decoding", decoding.__doc__.split("\n\n")[0])
+    p.add_argument("--iemocap-run", required=True, help="a run trained on IEMOCAP (configs/iemocap.yaml)")
+    p.add_argument("--turns", default="1000,5000", help="lengths of the synthetic long dialogues")
+    args = p.parse_args(argv)
+    args.argv = argv
+    result = decoding(args)
+    return _save(args.out, "eval_speed", result, render_decoding(result))
+
+
+def main(argv: list[str]) -> int:
+    p = _parser("eval/bench.py training", __doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per recipe and path")
     p.add_argument("--lengths", default="10,50,100,200")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", default="eval/results/bench_training")
     args = p.parse_args(argv)
     args.argv = argv
     result = run(args)
-    atomic_write_json(Path(args.out) / "bench.json", result)
-    atomic_write_text(Path(args.out) / "bench.md", render(result))
-    print(render(result))
-    return 0
+    return _save(args.out, "bench", result, render(result))

@@ -41,6 +41,7 @@ from erc_llm.config import TrainConfig, build, to_dict
 from erc_llm.data import LabelSet, label_counts, load_split
 from erc_llm.data.schema import dialogues_digest
 from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text, content_digest
+from erc_llm.lora import compute_context, wrap_lora
 from erc_llm.losses import class_weights, label_loss
 from erc_llm.objective import corrupt_history, first_token_ids, pack, packed_slot_logits
 from erc_llm.prompting import PROMPTS_DIR, PromptBuilder, Templates
@@ -80,19 +81,6 @@ def epoch_order(n: int, seed: int, epoch: int, world: int, per_step: int) -> lis
     order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
     usable = len(order) - len(order) % (world * per_step)
     return order[:usable]
-
-
-# ---------------------------------------------------------------------------------------- model
-
-def wrap_lora(model, cfg: TrainConfig):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    targets = "all-linear" if cfg.lora_targets == ["all-linear"] else list(cfg.lora_targets)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-                      layers_to_transform=[int(i) for i in cfg.lora_layers] or None, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -301,6 +289,8 @@ def setup(cfg: TrainConfig) -> "Recipe":
     prior /= prior.sum()
     spec, train_audio, dev_audio, projector = audio_setup(cfg, train_d, dev_d, model)
     model = wrap_lora(model, cfg)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": params}]
     if projector is not None:
@@ -343,7 +333,7 @@ def fit(r: "Recipe") -> None:
     projector, bare_projector, train_audio = r.projector, r.bare_projector, r.train_audio
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     total, prior, weights, label_tokens = r.total, r.prior, r.weights, r.label_tokens
-    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if cfg.autocast_bf16 else contextlib.nullcontext()
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[resolve_dtype(cfg.dtype)]
     bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", disable=not main, dynamic_ncols=True)
     model.train()
     if projector is not None:
@@ -365,7 +355,7 @@ def fit(r: "Recipe") -> None:
         for i, group in enumerate(packs):
             sync = contextlib.nullcontext() if i == len(packs) - 1 else accelerator.no_sync(model)
             with sync:
-                with autocast:
+                with compute_context(unwrapped, dtype, accelerator.device.type, cfg.autocast_bf16):
                     soft = (train_audio.soft_tokens(projector, [rows[j]["utterance_ids"][t] for j in group
                                                                 for t in trs[j].turn_index])
                             if projector is not None else None)

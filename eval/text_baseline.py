@@ -16,7 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from erc_llm.data import load_split

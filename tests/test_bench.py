@@ -69,3 +69,20 @@ def test_bench_end_to_end_writes_json_and_table(tiny_model_dir, meld_dir, tmp_pa
     assert r["train"]["ratio"] > 0 and r["hardware"]["matmul_fp32_gflops"] > 0
     assert [row["utterances"] for row in r["scaling"]] == [3, 6]
     assert "speed-up vs naive" in (tmp_path / "bench.md").read_text()
+
+
+def test_long_dialogue_folder_is_one_loadable_dialogue_of_n_turns(tmp_path):
+    """The decoding bench's synthetic long dialogue: real training utterances repeated in order up to N turns, one
+    dialogue in test.jsonl that the JSONL loader accepts with the run's labels."""
+    from erc_llm.data import load_split
+    from erc_llm.throughput import long_dialogue_dir
+    from tests.conftest import write_jsonl_dataset
+
+    data = write_jsonl_dataset(tmp_path / "data", 3)  # 3 + 4 + 5 = 12 training utterances
+    folder = long_dialogue_dir(str(data), 30, tmp_path / "work")
+    (d,), _, _ = load_split("jsonl", "test", folder, tuple(LABELS.labels))
+    train, _, _ = load_split("jsonl", "train", data)
+    texts = [u.text for t in train for u in t.utterances]
+    assert len(d.utterances) == 30
+    assert [u.text for u in d.utterances] == (texts * 3)[:30]
+    assert len({u.utterance_id for u in d.utterances}) == 30

@@ -133,6 +133,24 @@ def test_packed_dialogues_equal_one_at_a_time(tiny_tokenizer, arch, history):
             assert a.probs == pytest.approx(b.probs, abs=1e-4)
 
 
+def test_packed_groups_bound_the_shared_cache(tiny_tokenizer, tiny_model):
+    """Groups hold at most ``batch`` dialogues and ``group_tokens`` transcript tokens (a longer dialogue goes
+    alone), in order; grouping changes no prediction."""
+    builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=4096)
+    tagger = PackedTagger(tiny_model, builder, batch=3, group_tokens=100)
+    assert tagger.groups([40, 40, 40, 10, 150, 30, 30, 30, 30]) == [[0, 1], [2, 3], [4], [5, 6, 7], [8]]
+    assert PackedTagger(tiny_model, builder).group_tokens == 2 * 4096
+    ds = [toy_dialogue(n, f"d{n}") for n in (4, 6, 2, 5)]
+    sizes = [tagger.size(d) for d in ds]
+    small = PackedTagger(tiny_model, builder, batch=8, group_tokens=max(sizes) + 1)  # every dialogue alone
+    assert small.groups(sizes) == [[0], [1], [2], [3]]
+    ref = PackedTagger(tiny_model, builder, batch=8, group_tokens=10**6).tag_many(ds)
+    for r, g in zip(ref, small.tag_many(ds)):
+        assert [p.label for p in r] == [p.label for p in g]
+        for a, b in zip(r, g):
+            assert a.probs == pytest.approx(b.probs, abs=1e-4)
+
+
 def test_text_only_history_decoding_equals_full_forward(tiny_tokenizer, tiny_model):
     """With no labels written, the KV-cached decoder still matches a full forward per turn and prefix."""
     builder = PromptBuilder(tiny_tokenizer, LABELS, write_labels=False)

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.conftest import LABELS, REPO, toy_dialogue, write_jsonl_dataset
@@ -46,7 +45,7 @@ def test_lora_changes_adapter_only(tiny_model_dir):
     from erc_llm.losses import label_loss
     from erc_llm.objective import first_token_ids, slot_logits
     from erc_llm.prompting import PromptBuilder
-    from erc_llm.train import wrap_lora
+    from erc_llm.lora import wrap_lora
 
     model, tok, _ = load_for_training(str(tiny_model_dir))
     model = wrap_lora(model, TrainConfig(data_dir=".", lora_r=4))

@@ -30,7 +30,7 @@ def write_iemocap(root: Path, dialogues_per_session: int = 3) -> Path:
                 uid = f"{name}_{suffix}"
                 trans.append(f"{uid} [{start:08.4f}-{end:08.4f}]: {text}")
                 evals.append(f"[{start:.4f} - {end:.4f}]\t{uid}\t{lab}\t[2.5000, 3.0000, 3.5000]")
-                evals.append(f"C-E1:\tNeutral;\t()")
+                evals.append("C-E1:\tNeutral;\t()")
                 evals.append("")
             trans.append("M: [BREATHING]")
             (tdir / f"{name}.txt").write_text("\n".join(trans) + "\n")

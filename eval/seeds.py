@@ -1,0 +1,78 @@
+"""Mean ± std over seeds of LLM training runs (their committed results folders): test metrics of the selected
+adapter and the dev score it was selected by. Writes ``summary.json`` and prints a Markdown row.
+
+    python eval/seeds.py eval/results/iemocap_lora_gemma-3-270m_textonly_seed0 \
+        eval/results/iemocap_lora_gemma-3-270m_textonly_seed1 eval/results/iemocap_lora_gemma-3-270m_textonly_seed2 \
+        --out eval/results/iemocap_lora_gemma-3-270m_textonly_seeds
+
+Each folder holds ``best.json`` (dev selection), ``config.yaml`` and ``test_predicted/metrics.json``, as the
+training command writes them. The std is the sample standard deviation (n - 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from erc_llm.io import atomic_write_json  # noqa: E402
+
+KEYS = ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1")
+# where a run was written and how it was run; they do not change the model (resume: tested bit-identical)
+RUNTIME = ("seed", "out", "data_dir", "resume", "overwrite", "threads", "on_bad_row", "activation_checkpointing")
+
+
+def read_run(folder: Path) -> dict:
+    missing = [p for p in ("best.json", "config.yaml", "test_predicted/metrics.json") if not (folder / p).is_file()]
+    if missing:
+        raise SystemExit(f"{folder}: missing {', '.join(missing)}; expected a results folder written by a training run")
+    test = json.loads((folder / "test_predicted" / "metrics.json").read_text())
+    best = json.loads((folder / "best.json").read_text())
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    return {"folder": str(folder), "seed": cfg["seed"], "dev_weighted_f1": best["dev_predicted"]["weighted_f1"],
+            "best_step": best["step"], **{k: test[k] for k in KEYS},
+            "per_class_f1": {c: v["f1"] for c, v in test["per_class"].items()},
+            "recipe": {k: v for k, v in cfg.items() if k not in RUNTIME}}
+
+
+def summarize(runs: list[dict]) -> dict:
+    common = set.intersection(*(set(r["recipe"]) for r in runs))  # options added later are left at their default
+    differ = sorted(k for k in common if len({json.dumps(r["recipe"][k]) for r in runs}) > 1)
+    if differ:
+        raise SystemExit(f"the runs differ in more than the seed ({', '.join(differ)}): "
+                         + "; ".join(r["folder"] for r in runs))
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"duplicate seeds {seeds}")
+
+    def stat(values):
+        v = np.array(values, dtype=float)
+        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+
+    out = {"seeds": seeds, "runs": [r["folder"] for r in runs], "recipe": runs[0]["recipe"],
+           "dev_weighted_f1": stat([r["dev_weighted_f1"] for r in runs]), **{k: stat([r[k] for r in runs]) for k in KEYS}}
+    out["per_class_f1"] = {c: stat([r["per_class_f1"][c] for r in runs]) for c in runs[0]["per_class_f1"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folders", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="folder for summary.json")
+    args = p.parse_args(argv)
+    s = summarize([read_run(f) for f in args.folders])
+    atomic_write_json(args.out / "summary.json", {**s, "command": "python eval/seeds.py " + " ".join(argv or sys.argv[1:])})
+    cells = " | ".join(f"{s[k]['mean']:.2f} ± {s[k]['std']:.2f}" for k in ("dev_weighted_f1", *KEYS))
+    print(f"| seeds {s['seeds']} | {cells} |")
+    print("per class F1: " + ", ".join(f"{c} {v['mean']:.1f}" for c, v in s["per_class_f1"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
