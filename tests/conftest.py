@@ -104,3 +104,21 @@ def write_jsonl_dataset(directory: Path, n_dialogues: int = 3) -> Path:
                 f.write(json.dumps({"dialogue_id": d.id, "utterances": [
                     {"speaker": u.speaker, "text": u.text, "emotion": u.emotion} for u in d.utterances]}) + "\n")
     return directory
+
+
+def write_lora_run(run: Path, tiny_model, tiny_model_dir, seed: int = 0, label_history: bool = False) -> Path:
+    """A run folder as training writes it: a random (non-zero) LoRA adapter on the tiny model, prompts, run.json."""
+    import copy
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    from erc_llm.run import RunSpec
+
+    torch.manual_seed(seed)
+    peft = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                init_lora_weights=False))
+    peft.save_pretrained(run / "adapter")
+    shutil.copytree(REPO / "prompts", run / "prompts")
+    RunSpec(model=str(tiny_model_dir), labels=LABELS.labels, label_history=label_history).write(run)
+    return run

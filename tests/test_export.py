@@ -10,7 +10,7 @@ import torch
 from erc_llm.data.schema import LabelSet
 from erc_llm.export import REFERENCE, export
 from erc_llm.run import PRETRAINED_DIR, SHIPPED, RunError, RunSpec, load
-from tests.conftest import LABELS, REPO, toy_dialogue
+from tests.conftest import LABELS, REPO, toy_dialogue, write_lora_run
 
 
 def plain_peft_probs(model, tok, folder: Path, labels: tuple, dialogue, write_labels: bool) -> list[list[float]]:
@@ -37,18 +37,7 @@ def plain_peft_probs(model, tok, folder: Path, labels: tuple, dialogue, write_la
 
 
 def _tiny_run(tmp_path, tiny_model, tiny_model_dir, label_history: bool) -> Path:
-    import copy
-
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    peft = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                                init_lora_weights=False))
-    run = tmp_path / f"run_{label_history}"
-    peft.save_pretrained(run / "adapter")
-    shutil.copytree(REPO / "prompts", run / "prompts")
-    RunSpec(model=str(tiny_model_dir), labels=LABELS.labels, label_history=label_history).write(run)
-    return run
+    return write_lora_run(tmp_path / f"run_{label_history}", tiny_model, tiny_model_dir, label_history=label_history)
 
 
 @pytest.mark.parametrize("label_history", [True, False])

@@ -1,0 +1,108 @@
+"""Probability ensemble of several models' evaluations of one split: each utterance's label probabilities are
+averaged over the members and the label with the highest mean is the prediction. Writes ``predictions.jsonl``,
+``metrics.json``, ``report.md`` and ``confusion.png`` like ``erc-llm evaluate``.
+
+    python eval/ensemble.py runs/meld_s0/eval/dev runs/meld_s1/eval/dev runs/meld_s2/eval/dev \
+        --out eval/results/meld_lora_gemma-3-270m_textonly_ensemble/dev
+
+Each input is a folder written by ``erc-llm evaluate`` (``metrics.json`` + ``predictions.jsonl``). Averaging
+finished predictions equals decoding with the ensemble only when no member wrote its labels into the
+transcript (``history: none``, the text-only recipe): with predicted labels in the history each member would
+have read the ensemble's labels, not its own, so such evaluations are refused. The members must cover the
+same dataset, split, context, label set and utterances.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from erc_llm.data.schema import LabelSet  # noqa: E402
+from erc_llm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text  # noqa: E402
+from erc_llm.metrics import compute_metrics, plot_confusion, render_report  # noqa: E402
+
+MUST_MATCH = ("dataset", "split", "context", "labels")
+
+
+def read_member(folder: Path) -> tuple[dict, list[dict]]:
+    missing = [n for n in ("metrics.json", "predictions.jsonl") if not (folder / n).is_file()]
+    if missing:
+        raise SystemExit(f"{folder}: missing {', '.join(missing)}; expected a folder written by erc-llm evaluate")
+    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    if metrics.get("history") != "none":
+        raise SystemExit(f"{folder}: history is {metrics.get('history')!r}; averaging finished predictions is an "
+                         "ensemble only for models that write no labels into the transcript (history 'none')")
+    with open(folder / "predictions.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return metrics, rows
+
+
+def check_members(members: list[tuple[Path, dict, list[dict]]]) -> None:
+    """Report every mismatch between the first member and the others at once."""
+    (first, ref, ref_rows), problems = members[0], []
+    ids = [r["utterance_id"] for r in ref_rows]
+    for folder, metrics, rows in members[1:]:
+        problems += [f"{folder}: {k} = {metrics.get(k)!r}, but {first} has {ref.get(k)!r}"
+                     for k in MUST_MATCH if metrics.get(k) != ref.get(k)]
+        if [r["utterance_id"] for r in rows] != ids:
+            problems.append(f"{folder}: its {len(rows)} utterances are not the {len(ids)} of {first} in the same order")
+    if problems:
+        raise SystemExit("cannot ensemble these evaluations:\n  " + "\n  ".join(problems))
+
+
+def average(members: list[list[dict]], labels: list[str]) -> list[dict]:
+    """Mean probabilities per utterance; the prediction is their argmax (ties: the label set's order)."""
+    probs = np.mean([[[r["probabilities"][n] for n in labels] for r in rows] for rows in members], axis=0)
+    out = []
+    for i, row in enumerate(members[0]):
+        p = {n: round(float(v), 6) for n, v in zip(labels, probs[i])}
+        out.append({**row, "predicted": labels[int(np.argmax(probs[i]))], "probabilities": p})
+    return out
+
+
+def ensemble(folders: list[Path], out: Path, command: str = "") -> dict:
+    members = [(f, *read_member(f)) for f in folders]
+    check_members(members)
+    ref = members[0][1]
+    labels = LabelSet(name=ref["dataset"], labels=tuple(ref["labels"]))
+    rows = average([m[2] for m in members], list(labels.labels))
+    scored = [r for r in rows if r["gold"] is not None]
+    gold, pred = [r["gold"] for r in scored], [r["predicted"] for r in scored]
+    name = f"ensemble of {len(folders)}"
+    metrics = {**compute_metrics(gold, pred, labels), **{k: ref[k] for k in MUST_MATCH}, "history": "none",
+               "dialogues": ref["dialogues"], "utterances": len(rows), "scored_utterances": len(scored),
+               "model": name, "members": [{"folder": str(f), "model": m.get("model"), "weighted_f1": m.get("weighted_f1")}
+                                          for f, m, _ in members],
+               "seconds": sum(m.get("seconds", 0.0) for _, m, _ in members),
+               "utterances_per_second": len(rows) / max(sum(m.get("seconds", 0.0) for _, m, _ in members), 1e-9),
+               "command": command}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(out / "predictions.jsonl", rows)
+    plot_confusion(gold, pred, labels, out / "confusion.png",
+                   f"{ref['dataset']}/{ref['split']} {name} (history=none, {ref['context']})")
+    atomic_write_text(out / "report.md", render_report(metrics))
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("members", nargs="+", type=Path, help="evaluation folders (metrics.json + predictions.jsonl)")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the ensemble's predictions and metrics")
+    args = ap.parse_args(argv)
+    if len(args.members) < 2:
+        ap.error(f"an ensemble needs at least 2 evaluation folders; got {len(args.members)}")
+    m = ensemble(args.members, args.out, "python eval/ensemble.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    members = " · ".join(f"{x['weighted_f1']:.2f}" for x in m["members"])
+    print(f"{m['dataset']}/{m['split']} ensemble of {len(args.members)} ({members}): weighted F1 {m['weighted_f1']:.2f}, "
+          f"WA {m['accuracy']:.2f}, UA {m['unweighted_accuracy']:.2f}, macro F1 {m['macro_f1']:.2f} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
