@@ -304,10 +304,10 @@ class TrainConfig(AudioOptions, SpeakerOptions):
     max_grad_norm: float = _f(1.0, "gradient clipping", gt=0)
     class_weights: str = _f("sqrt_inverse", "class weighting of the loss", ("none", "inverse", "sqrt_inverse"))
     focal_gamma: float = _f(0.0, "focal loss gamma (0 = plain cross-entropy)", ge=0)
-    label_history: bool = _f(True, "write each earlier turn's emotion label into the transcript (gold, with "
+    label_history: bool = _f(False, "write each earlier turn's emotion label into the transcript (gold, with "
                              "history_noise, in training; the model's own predictions at test time); false = the "
                              "transcript carries text only, the same in training and at test (no exposure bias)")
-    history_noise: float = _f(0.2, "probability that an earlier turn's written label is replaced by one drawn from "
+    history_noise: float = _f(0.0, "probability that an earlier turn's written label is replaced by one drawn from "
                               "the training prior (label corruption against exposure bias)", ge=0, le=1)
     context: str = _f("online", "online: each slot sees only earlier turns (chat, streaming); offline: the "
                       "whole dialogue's text comes first (header_offline.txt), for batch labelling of finished "
@@ -342,6 +342,9 @@ class TrainConfig(AudioOptions, SpeakerOptions):
         p.extend(_out_problems(self.out))
         if self.prompts and not Path(self.prompts).is_dir():
             p.append(f"prompts: {self.prompts!r} is not a directory")
+        if self.history_noise > 0 and not self.label_history:
+            p.append(f"history_noise: {self.history_noise} corrupts written labels, but label_history is false (no "
+                     "labels are written); set label_history: true or history_noise: 0")
         if self.audio_source == "meld_prosody" and self.dataset != "meld":
             p.append("audio_source: meld_prosody features only exist for dataset: meld")
         return p + self.speaker_problems() + self.audio_problems()

@@ -200,7 +200,7 @@ class StreamingTagger:
     """
 
     def __init__(self, model, builder: PromptBuilder, history: str = "predicted", speakers=None, audio=None):
-        """``audio``: (AudioInputs, AudioProjector) when the prompt carries audio soft tokens."""
+        """``audio``: an AudioFeed when the prompt carries audio soft tokens."""
         if history not in HISTORY_MODES:
             raise ValueError(f"history {history!r} not supported; available = {list(HISTORY_MODES)}")
         self.model, self.builder, self.history, self.speakers = model, builder, history, speakers
@@ -219,7 +219,7 @@ class StreamingTagger:
         notes = self.speakers.notes(dialogue) if self.speakers else [""] * len(dialogue.utterances)
         preds, written = [], []
         for i, (utt, note) in enumerate(zip(dialogue.utterances, notes)):
-            soft = self.audio[0].soft_tokens(self.audio[1], [utt.utterance_id]) if self.audio else None
+            soft = self.audio.soft_tokens([utt.utterance_id]) if self.audio else None
             if i < len(resume):
                 written.append(written_label(self.history, utt, resume[i].label))
                 state.replay(utt, written[-1], note, soft)

@@ -153,3 +153,41 @@ class AudioInputs:
         device = next(projector.parameters()).device
         out = projector([self.inputs[u].to(device) for u in utterance_ids])
         return out.reshape(-1, out.shape[-1])
+
+
+@dataclass
+class AudioModel:
+    """A trained projector and the spec of the features it reads; a run keeps them as ``adapter/audio.json``
+    and ``adapter/projector.pt``."""
+
+    spec: AudioSpec
+    projector: AudioProjector
+
+    def save(self, directory: Path) -> None:
+        torch.save(self.projector.state_dict(), Path(directory) / "projector.pt")
+        self.spec.save(Path(directory) / "audio.json")
+
+    @classmethod
+    def load(cls, directory: Path, hidden_size: int, device) -> "AudioModel | None":
+        """The audio model saved in ``directory`` (None when the run was trained without audio)."""
+        directory = Path(directory)
+        if not (directory / "audio.json").is_file():
+            return None
+        spec = AudioSpec.load(directory / "audio.json")
+        projector = AudioProjector(spec.in_dim, hidden_size, spec.k_tokens, spec.frames)
+        projector.load_state_dict(torch.load(directory / "projector.pt", weights_only=True))
+        return cls(spec, projector.to(device).eval())
+
+    def feed(self, inputs: AudioInputs) -> "AudioFeed":
+        return AudioFeed(inputs, self.projector)
+
+
+@dataclass
+class AudioFeed:
+    """What a tagger needs to give each turn its soft tokens: one split's inputs and the projector."""
+
+    inputs: AudioInputs
+    projector: AudioProjector
+
+    def soft_tokens(self, utterance_ids: list[str]) -> torch.Tensor:
+        return self.inputs.soft_tokens(self.projector, utterance_ids)

@@ -106,7 +106,7 @@ class Predictor:
     spec: RunSpec | None = None  # None = zero-shot backbone
     run_dir: Path | None = None
     speakers: object = None  # SpeakerContext
-    audio: tuple | None = None  # (AudioSpec, AudioProjector)
+    audio: object = None  # AudioModel (projector + feature spec) of a run trained with audio
 
     @property
     def context(self) -> str:
@@ -123,7 +123,7 @@ class Predictor:
         from erc_llm.audio import load_source
         from erc_llm.projector import AudioInputs
 
-        spec, _ = self.audio
+        spec = self.audio.spec
         directory = audio_dir or (self.spec.audio or {}).get("dir", "")
         if not Path(directory).is_dir():
             raise RunError(f"run {self.run_dir} was trained with {spec.source} audio features from {directory!r}, "
@@ -139,7 +139,7 @@ class Predictor:
 
         if batch > 1 and self.speakers is None and audio_inputs is None:
             return PackedTagger(self.model, self.builder, history, batch)
-        audio = (audio_inputs, self.audio[1]) if audio_inputs is not None else None
+        audio = self.audio.feed(audio_inputs) if audio_inputs is not None else None
         return StreamingTagger(self.model, self.builder, history, self.speakers, audio)
 
 
@@ -166,17 +166,10 @@ def _merge_adapter(model, run: Path):
     return merged.eval()
 
 
-def _projector(run: Path, model):
-    import torch
+def _audio_model(run_dir: Path | None, model):
+    from erc_llm.projector import AudioModel
 
-    from erc_llm.projector import AudioProjector, AudioSpec
-
-    if not (run / "adapter" / "audio.json").is_file():
-        return None
-    spec = AudioSpec.load(run / "adapter" / "audio.json")
-    projector = AudioProjector(spec.in_dim, model.config.hidden_size, spec.k_tokens, spec.frames)
-    projector.load_state_dict(torch.load(run / "adapter" / "projector.pt", weights_only=True))
-    return spec, projector.to(model.device).eval()
+    return AudioModel.load(run_dir / "adapter", model.config.hidden_size, model.device) if run_dir else None
 
 
 def check_labels(data_labels: LabelSet, spec: RunSpec, where: str) -> LabelSet:
@@ -216,10 +209,10 @@ def load(run: str | Path | None, *, model: str = "", dtype: str = "float32", lab
                                                 else PROMPTS_DIR)
     templates = Templates.load(prompt_dir, spec.context if spec else "online")
     speakers, note_tokens = _speakers(spec, run_dir, speaker_options, prompt_dir, labels)
-    audio = _projector(run_dir, net) if run_dir else None
+    audio = _audio_model(run_dir, net)
     builder = PromptBuilder(tok, labels, templates, max_tokens or (spec.max_tokens if spec else 2048),
                             max_utterance_tokens or (spec.max_utterance_tokens if spec else 96), note_tokens,
-                            audio[0].k_tokens if audio else 0, spec.label_history if spec else True)
+                            audio.spec.k_tokens if audio else 0, spec.label_history if spec else True)
     return Predictor(net, tok, builder, labels, manifest, name, spec, run_dir, speakers, audio)
 
 

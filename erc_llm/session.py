@@ -46,7 +46,7 @@ class Engine:
     builder: object
     labels: LabelSet
     speakers: object = None  # SpeakerContext (its cross-dialogue memory is updated when a dialogue ends)
-    audio: tuple | None = None  # (AudioSpec, AudioProjector)
+    audio: object = None  # AudioModel (projector + feature spec) of a run trained with audio
     name: str = ""
     trie: object = None  # LabelTrie of the builder's labels
     lock: threading.Lock = field(default_factory=threading.Lock)  # one forward at a time on the shared model
@@ -79,7 +79,7 @@ class Engine:
             return None
         from erc_llm.projector import model_input
 
-        spec, projector = self.audio
+        spec, projector = self.audio.spec, self.audio.projector
         raw = None if audio is None else self._features(spec, audio)
         with torch.inference_mode():
             return projector([model_input(spec, raw).to(next(projector.parameters()).device)])[0]

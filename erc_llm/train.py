@@ -44,6 +44,7 @@ from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text, content
 from erc_llm.lora import compute_context, wrap_lora
 from erc_llm.losses import class_weights, label_loss
 from erc_llm.objective import corrupt_history, first_token_ids, pack, packed_slot_logits
+from erc_llm.projector import AudioModel
 from erc_llm.prompting import PROMPTS_DIR, PromptBuilder, Templates
 from erc_llm.run import RunSpec
 
@@ -120,14 +121,14 @@ def load_checkpoint(run: Path, model, optimizer, scheduler, projector=None) -> d
 @torch.no_grad()
 def dev_metrics(model, builder: PromptBuilder, dialogues, history: str, speakers=None, audio=None) -> dict:
     """Dev metrics; ``speakers`` = a fresh SpeakerContext (dialogues must then be in dataset order);
-    ``audio`` = (AudioInputs, AudioProjector)."""
+    ``audio`` = an AudioFeed of the dev split."""
     from erc_llm.decoding import StreamingTagger
     from erc_llm.metrics import compute_metrics
 
     was_training = model.training
     model.eval()
     if audio:
-        audio[1].eval()
+        audio.projector.eval()
     tagger = StreamingTagger(model, builder, history, speakers, audio)
     gold, pred = [], []
     for d in dialogues:
@@ -137,7 +138,7 @@ def dev_metrics(model, builder: PromptBuilder, dialogues, history: str, speakers
                 pred.append(p.label)
     model.train(was_training)
     if audio:
-        audio[1].train(was_training)
+        audio.projector.train(was_training)
     m = compute_metrics(gold, pred, builder.labels)
     return {k: m[k] for k in ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1")}
 
@@ -234,7 +235,8 @@ class Recipe:
     projector: object = None
     bare_projector: object = None
     train_audio: object = None
-    audio: dict | None = None
+    audio: object = None  # AudioModel: the unwrapped projector and its feature spec (saved with the adapter)
+    dev_audio: object = None  # AudioInputs of the dev split
     dev_speakers: object = None
 
 
@@ -309,7 +311,7 @@ def setup(cfg: TrainConfig) -> "Recipe":
         model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     bare_projector = accelerator.unwrap_model(projector) if projector is not None else None
-    audio = {"spec": spec, "projector": bare_projector, "dev": (dev_audio, bare_projector)} if projector is not None else None
+    audio = AudioModel(spec, bare_projector) if projector is not None else None
 
     state = {"step": 0, "epoch": 0, "position": 0, "best": None, "tokens": 0, "labels_seen": 0, "train_seconds": 0.0}
     if cfg.resume:
@@ -323,7 +325,8 @@ def setup(cfg: TrainConfig) -> "Recipe":
     if main:
         write_run_files(run, cfg, labels, templates, manifest)
     return Recipe(cfg, accelerator, run, model, unwrapped, optimizer, scheduler, params, builder, data, dev_d,
-                  label_tokens, weights, prior, total, state, projector, bare_projector, train_audio, audio, dev_speakers)
+                  label_tokens, weights, prior, total, state, projector, bare_projector, train_audio, audio, dev_audio,
+                  dev_speakers)
 
 
 def fit(r: "Recipe") -> None:
@@ -395,7 +398,8 @@ def fit(r: "Recipe") -> None:
                              "lr": scheduler.get_last_lr()[0], "tokens_per_second": tps,
                              "labels_per_second": state["labels_seen"] / max(state["train_seconds"], 1e-9)})
         if state["step"] % cfg.eval_every == 0 or state["step"] == total:
-            evaluate_and_select(cfg, run, accelerator, unwrapped, builder, r.dev_d, state, r.dev_speakers, r.audio)
+            evaluate_and_select(cfg, run, accelerator, unwrapped, builder, r.dev_d, state, r.dev_speakers,
+                                r.audio.feed(r.dev_audio) if r.audio else None, r.audio)
         if state["step"] % cfg.save_every == 0 or state["step"] == total:
             if main:
                 save_checkpoint(run, unwrapped, optimizer, scheduler, state, bare_projector)
@@ -421,24 +425,23 @@ def train(cfg: TrainConfig) -> dict:
     return result
 
 
-def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state, speakers=None, audio=None) -> None:
-    """Dev evaluation on the main process with predicted history; the best adapter (with the audio
-    projector, if any) goes to ``run/adapter``."""
+def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state, speakers=None, dev_audio=None,
+                        audio=None) -> None:
+    """Dev evaluation on the main process with predicted history (``dev_audio``: the dev split's AudioFeed);
+    the best adapter (with ``audio``, the AudioModel, if any) goes to ``run/adapter``."""
     if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
         raise TrainingDiverged(f"adapter weights became NaN/inf by step {state['step']}; nothing was saved from this "
                                f"step (the best adapter so far stays in {run}/adapter). Lower lr")
     if accelerator.is_main_process:
         t0 = time.time()
-        m = dev_metrics(model, builder, dev_d, "predicted", speakers() if speakers else None,
-                        audio["dev"] if audio else None)
+        m = dev_metrics(model, builder, dev_d, "predicted", speakers() if speakers else None, dev_audio)
         row = {"step": state["step"], "dev_predicted": m, "eval_seconds": time.time() - t0}
         if state["best"] is None or m["weighted_f1"] > state["best"]["dev_predicted"]["weighted_f1"]:
             state["best"] = {"step": state["step"], "dev_predicted": m}
             with atomic_dir(run / "adapter") as tmp:
                 model.save_pretrained(tmp)
                 if audio:
-                    torch.save(audio["projector"].state_dict(), tmp / "projector.pt")
-                    audio["spec"].save(tmp / "audio.json")
+                    audio.save(tmp)
             atomic_write_json(run / "best.json", state["best"])
         append_log(run, row)
         log.info("step %d dev weighted F1 %.2f (best %.2f at step %d)", state["step"], m["weighted_f1"],

@@ -38,6 +38,24 @@ def test_shipped_configs_are_valid(meld_dir):
     assert cfg.dataset == "meld" and cfg.history == "predicted"
 
 
+@pytest.mark.parametrize("name", ["meld", "meld_offline", "iemocap", "iemocap_offline", "jsonl", "meld_ablation"])
+def test_training_configs_are_valid(name, meld_dir, tmp_path):
+    """Every training YAML the README names builds with no problems; the offline ones select the offline
+    header, the others stay causal."""
+    from pathlib import Path
+
+    from erc_llm.config import TrainConfig
+
+    path = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
+    dataset = path.read_text().split("dataset:")[1].split()[0]
+    if dataset == "jsonl":
+        for split in ("train", "dev", "test"):
+            (tmp_path / f"{split}.jsonl").write_text("")
+    cfg = build(TrainConfig, str(path), {"data_dir": str(meld_dir if dataset == "meld" else tmp_path)})
+    assert cfg.context == ("offline" if name.endswith("offline") else "online")
+    assert cfg.label_history is (name == "meld_ablation")
+
+
 def test_speaker_and_audio_options_are_validated_together(tmp_path):
     from erc_llm.config import ConfigError, TrainConfig, build
 
@@ -53,3 +71,13 @@ def test_speaker_and_audio_options_are_validated_together(tmp_path):
         build(TrainConfig, None, {"data_dir": str(tmp_path), "speaker_store": str(tmp_path), "speaker_bios": True})
     with pytest.raises(ConfigError, match="audio_source: 'wav' is not valid; expected one of"):
         build(TrainConfig, None, {"data_dir": str(tmp_path), "audio_source": "wav"})
+
+
+def test_history_noise_needs_written_labels(tmp_path):
+    from erc_llm.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=r"history_noise: 0.2 corrupts written labels, but label_history is false"):
+        build(TrainConfig, None, {"data_dir": str(tmp_path), "dataset": "jsonl", "history_noise": "0.2"})
+    cfg = build(TrainConfig, None, {"data_dir": str(tmp_path), "dataset": "jsonl", "history_noise": "0.2",
+                                    "label_history": "true"})
+    assert cfg.label_history and cfg.history_noise == 0.2

@@ -8,7 +8,7 @@ from erc_llm.audio import FeatureTable
 from erc_llm.data.schema import DataError
 from erc_llm.decoding import StreamingTagger
 from erc_llm.objective import slot_logits
-from erc_llm.projector import AudioInputs, AudioProjector, embed_ids, embedding_rms, fit_spec
+from erc_llm.projector import AudioFeed, AudioInputs, AudioModel, AudioProjector, embed_ids, embedding_rms, fit_spec
 from erc_llm.prompting import AUDIO_TOKEN, PromptBuilder
 from tests.conftest import LABELS, make_model, toy_dialogue
 
@@ -74,7 +74,7 @@ def test_streaming_with_audio_equals_full_forward(tiny_tokenizer, frames):
     proj = AudioProjector(spec.in_dim, model.config.hidden_size, 2, frames, target_rms=embedding_rms(model)).eval()
     for budget in (4096, 160):
         builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=budget, max_utterance_tokens=16, audio_tokens=2)
-        preds = StreamingTagger(model, builder, "predicted", audio=(inputs, proj)).tag(d)
+        preds = StreamingTagger(model, builder, "predicted", audio=AudioFeed(inputs, proj)).tag(d)
         if budget == 4096:  # reference: full forward over the transcript with the same written labels
             tr = builder.build(d, [p.label for p in preds])
             with torch.no_grad():
@@ -94,3 +94,18 @@ def test_audio_changes_predictions_and_placeholders_need_soft_tokens(tiny_tokeni
     e = embed_ids(model, x, torch.full((1, model.config.hidden_size), 3.0))
     assert torch.equal(e[0, 1], torch.full((model.config.hidden_size,), 3.0))
     assert torch.equal(e[0, 0], model.get_input_embeddings()(torch.tensor(5)))
+
+
+def test_audio_model_round_trips_through_a_run_folder(tmp_path, tiny_model):
+    """What training saves beside the adapter loads back into the same projector and spec; a folder without
+    audio.json is a run trained without audio."""
+    ids = ["a", "b", "c"]
+    spec = fit_spec("npy", 2, _table(ids), ids)
+    saved = AudioModel(spec, AudioProjector(spec.in_dim, tiny_model.config.hidden_size, 2, False).eval())
+    saved.save(tmp_path)
+    loaded = AudioModel.load(tmp_path, tiny_model.config.hidden_size, "cpu")
+    assert loaded.spec == spec and not loaded.projector.training
+    inputs = AudioInputs(spec, _table(ids[:2]), ids)
+    with torch.no_grad():
+        assert torch.equal(saved.feed(inputs).soft_tokens(ids), loaded.feed(inputs).soft_tokens(ids))
+    assert AudioModel.load(tmp_path / "none", tiny_model.config.hidden_size, "cpu") is None

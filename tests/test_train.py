@@ -17,7 +17,7 @@ BIN = Path(sys.executable).parent
 
 def _args(data, model_dir, out, **kw):
     base = {"dataset": "jsonl", "data-dir": str(data), "model": str(model_dir), "out": str(out), "batch-dialogues": "2",
-            "eval-every": "2", "save-every": "1", "lr": "0.01", "epochs": "1", "history-noise": "0.3",
+            "eval-every": "2", "save-every": "1", "lr": "0.01", "epochs": "1", "label-history": "true", "history-noise": "0.3",
             "test-eval": "false"}
     base.update({k.replace("_", "-"): str(v) for k, v in kw.items()})
     return [a for k, v in base.items() for a in (f"--{k}", v)]
