@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from erc_llm.config import EvalConfig, to_dict
 from erc_llm.data import LabelSet, load_split
-from erc_llm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from erc_llm.metrics import compute_metrics, plot_confusion, render_report
+from erc_llm.io import atomic_write_jsonl
+from erc_llm.metrics import write_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +199,11 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
         partial.unlink(missing_ok=True)
         return {}
     seconds = time.time() - t0
-    scored = [r for r in rows if r["gold"] is not None]
-    metrics = {
-        **(compute_metrics([r["gold"] for r in scored], [r["predicted"] for r in scored], labels) if scored else {}),
+    scored = sum(r["gold"] is not None for r in rows)
+    info = {
         "dataset": cfg.dataset, "split": cfg.split, "history": history, "context": p.context,
         "labels": list(labels.labels),
-        "dialogues": len(dialogues), "utterances": len(rows), "scored_utterances": len(scored),
+        "dialogues": len(dialogues), "utterances": len(rows), "scored_utterances": scored,
         "skipped_on_load": dict(report.skipped), "model": p.name, "backbone": p.manifest.get("name", cfg.model),
         "model_source": p.manifest.get("source"), "run": str(p.run_dir) if p.run_dir else None,
         "prompt_version": p.builder.templates.version,
@@ -213,14 +212,9 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
         "seconds": seconds, "utterances_per_second": len(rows) / max(seconds, 1e-9), "processes": shard.world,
         "threads": torch.get_num_threads(), "config": to_dict(cfg), "command": command,
     }
-    atomic_write_jsonl(out / "predictions.jsonl", rows)
-    if scored:
-        plot_confusion([r["gold"] for r in scored], [r["predicted"] for r in scored], labels, out / "confusion.png",
-                       f"{cfg.dataset}/{cfg.split} {p.name} (history={history}, {p.context})")
-        atomic_write_text(out / "report.md", render_report(metrics))
-    else:
+    metrics = write_evaluation(out, rows, labels, info, f"{cfg.dataset}/{cfg.split} {p.name} (history={history}, {p.context})")
+    if not scored:
         log.warning("%s/%s has no gold labels: wrote predictions only (no metrics)", cfg.dataset, cfg.split)
-    atomic_write_json(out / "metrics.json", metrics)
     partial.unlink(missing_ok=True)
     return metrics
 

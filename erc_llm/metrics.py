@@ -10,6 +10,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from erc_llm.data.schema import LabelSet
+from erc_llm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 
 def compute_metrics(gold: list[str], pred: list[str], labels: LabelSet) -> dict:
@@ -74,3 +75,20 @@ def render_report(m: dict) -> str:
         lines.append(f"| {name} | {c['precision']:.2f} | {c['recall']:.2f} | {c['f1']:.2f} | {c['support']} |")
     lines += ["", "![confusion](confusion.png)", "", f"Command: `{m['command']}`", ""]
     return "\n".join(lines)
+
+
+def write_evaluation(out: Path, rows: list[dict], labels: LabelSet, info: dict, title: str, note: str = "") -> dict:
+    """An evaluation folder as every scorer here writes it: ``predictions.jsonl`` (``rows``, each with ``gold``
+    and ``predicted``) and ``metrics.json`` (the metrics of the rows that have a gold label, then ``info``);
+    when any row has a gold label also ``confusion.png`` (titled ``title``) and ``report.md`` (``note``
+    appended). Returns the metrics."""
+    scored = [r for r in rows if r["gold"] is not None]
+    gold, pred = [r["gold"] for r in scored], [r["predicted"] for r in scored]
+    metrics = {**(compute_metrics(gold, pred, labels) if scored else {}), **info}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(out / "predictions.jsonl", rows)
+    if scored:
+        plot_confusion(gold, pred, labels, out / "confusion.png", title)
+        atomic_write_text(out / "report.md", render_report(metrics) + note)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics

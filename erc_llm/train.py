@@ -232,8 +232,7 @@ class Recipe:
     prior: np.ndarray
     total: int
     state: dict
-    projector: object = None
-    bare_projector: object = None
+    projector: object = None  # as accelerate prepared it (the training forward); the unwrapped one is audio.projector
     train_audio: object = None
     audio: object = None  # AudioModel: the unwrapped projector and its feature spec (saved with the adapter)
     dev_audio: object = None  # AudioInputs of the dev split
@@ -310,12 +309,11 @@ def setup(cfg: TrainConfig) -> "Recipe":
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    bare_projector = accelerator.unwrap_model(projector) if projector is not None else None
-    audio = AudioModel(spec, bare_projector) if projector is not None else None
+    audio = AudioModel(spec, accelerator.unwrap_model(projector)) if projector is not None else None
 
     state = {"step": 0, "epoch": 0, "position": 0, "best": None, "tokens": 0, "labels_seen": 0, "train_seconds": 0.0}
     if cfg.resume:
-        state = load_checkpoint(run, unwrapped, optimizer, scheduler, bare_projector)
+        state = load_checkpoint(run, unwrapped, optimizer, scheduler, audio.projector if audio else None)
         if main:
             log.info("resumed from %s/checkpoint at step %d", run, state["step"])
             _truncate_log(run / "log.jsonl", state["step"])
@@ -325,7 +323,7 @@ def setup(cfg: TrainConfig) -> "Recipe":
     if main:
         write_run_files(run, cfg, labels, templates, manifest)
     return Recipe(cfg, accelerator, run, model, unwrapped, optimizer, scheduler, params, builder, data, dev_d,
-                  label_tokens, weights, prior, total, state, projector, bare_projector, train_audio, audio, dev_audio,
+                  label_tokens, weights, prior, total, state, projector, train_audio, audio, dev_audio,
                   dev_speakers)
 
 
@@ -333,7 +331,7 @@ def fit(r: "Recipe") -> None:
     """The optimisation loop: steps, logging, dev selection every ``eval_every``, checkpoints every ``save_every``."""
     cfg, accelerator, run, model, unwrapped = r.cfg, r.accelerator, r.run, r.model, r.unwrapped
     optimizer, scheduler, params, builder, data, state = r.optimizer, r.scheduler, r.params, r.builder, r.data, r.state
-    projector, bare_projector, train_audio = r.projector, r.bare_projector, r.train_audio
+    projector, train_audio = r.projector, r.train_audio
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     total, prior, weights, label_tokens = r.total, r.prior, r.weights, r.label_tokens
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[resolve_dtype(cfg.dtype)]
@@ -399,10 +397,10 @@ def fit(r: "Recipe") -> None:
                              "labels_per_second": state["labels_seen"] / max(state["train_seconds"], 1e-9)})
         if state["step"] % cfg.eval_every == 0 or state["step"] == total:
             evaluate_and_select(cfg, run, accelerator, unwrapped, builder, r.dev_d, state, r.dev_speakers,
-                                r.audio.feed(r.dev_audio) if r.audio else None, r.audio)
+                                r.audio, r.dev_audio)
         if state["step"] % cfg.save_every == 0 or state["step"] == total:
             if main:
-                save_checkpoint(run, unwrapped, optimizer, scheduler, state, bare_projector)
+                save_checkpoint(run, unwrapped, optimizer, scheduler, state, r.audio.projector if r.audio else None)
             accelerator.wait_for_everyone()
     bar.close()
 
@@ -425,16 +423,17 @@ def train(cfg: TrainConfig) -> dict:
     return result
 
 
-def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state, speakers=None, dev_audio=None,
-                        audio=None) -> None:
-    """Dev evaluation on the main process with predicted history (``dev_audio``: the dev split's AudioFeed);
-    the best adapter (with ``audio``, the AudioModel, if any) goes to ``run/adapter``."""
+def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state, speakers=None, audio=None,
+                        dev_audio=None) -> None:
+    """Dev evaluation on the main process with predicted history; the best adapter (with ``audio``, the
+    AudioModel, if any) goes to ``run/adapter``. ``dev_audio``: the dev split's AudioInputs."""
     if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
         raise TrainingDiverged(f"adapter weights became NaN/inf by step {state['step']}; nothing was saved from this "
                                f"step (the best adapter so far stays in {run}/adapter). Lower lr")
     if accelerator.is_main_process:
         t0 = time.time()
-        m = dev_metrics(model, builder, dev_d, "predicted", speakers() if speakers else None, dev_audio)
+        m = dev_metrics(model, builder, dev_d, "predicted", speakers() if speakers else None,
+                        audio.feed(dev_audio) if audio else None)
         row = {"step": state["step"], "dev_predicted": m, "eval_seconds": time.time() - t0}
         if state["best"] is None or m["weighted_f1"] > state["best"]["dev_predicted"]["weighted_f1"]:
             state["best"] = {"step": state["step"], "dev_predicted": m}

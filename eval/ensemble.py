@@ -24,8 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from erc_llm.data.schema import LabelSet  # noqa: E402
-from erc_llm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text  # noqa: E402
-from erc_llm.metrics import compute_metrics, plot_confusion, render_report  # noqa: E402
+from erc_llm.metrics import write_evaluation  # noqa: E402
 
 MUST_MATCH = ("dataset", "split", "context", "labels")
 
@@ -72,23 +71,15 @@ def ensemble(folders: list[Path], out: Path, command: str = "") -> dict:
     ref = members[0][1]
     labels = LabelSet(name=ref["dataset"], labels=tuple(ref["labels"]))
     rows = average([m[2] for m in members], list(labels.labels))
-    scored = [r for r in rows if r["gold"] is not None]
-    gold, pred = [r["gold"] for r in scored], [r["predicted"] for r in scored]
     name = f"ensemble of {len(folders)}"
-    metrics = {**compute_metrics(gold, pred, labels), **{k: ref[k] for k in MUST_MATCH}, "history": "none",
-               "dialogues": ref["dialogues"], "utterances": len(rows), "scored_utterances": len(scored),
-               "model": name, "members": [{"folder": str(f), "model": m.get("model"), "weighted_f1": m.get("weighted_f1")}
-                                          for f, m, _ in members],
-               "seconds": sum(m.get("seconds", 0.0) for _, m, _ in members),
-               "utterances_per_second": len(rows) / max(sum(m.get("seconds", 0.0) for _, m, _ in members), 1e-9),
-               "command": command}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_jsonl(out / "predictions.jsonl", rows)
-    plot_confusion(gold, pred, labels, out / "confusion.png",
-                   f"{ref['dataset']}/{ref['split']} {name} (history=none, {ref['context']})")
-    atomic_write_text(out / "report.md", render_report(metrics))
-    atomic_write_json(out / "metrics.json", metrics)
-    return metrics
+    seconds = sum(m.get("seconds", 0.0) for _, m, _ in members)
+    info = {**{k: ref[k] for k in MUST_MATCH}, "history": "none",
+            "dialogues": ref["dialogues"], "utterances": len(rows),
+            "scored_utterances": sum(r["gold"] is not None for r in rows),
+            "model": name, "members": [{"folder": str(f), "model": m.get("model"), "weighted_f1": m.get("weighted_f1")}
+                                       for f, m, _ in members],
+            "seconds": seconds, "utterances_per_second": len(rows) / max(seconds, 1e-9), "command": command}
+    return write_evaluation(out, rows, labels, info, f"{ref['dataset']}/{ref['split']} {name} (history=none, {ref['context']})")
 
 
 def main(argv: list[str] | None = None) -> None:

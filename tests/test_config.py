@@ -44,10 +44,12 @@ def test_training_configs_are_valid(name, meld_dir, tmp_path):
     header, the others stay causal."""
     from pathlib import Path
 
+    import yaml
+
     from erc_llm.config import TrainConfig
 
     path = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
-    dataset = path.read_text().split("dataset:")[1].split()[0]
+    dataset = yaml.safe_load(path.read_text())["dataset"]
     if dataset == "jsonl":
         for split in ("train", "dev", "test"):
             (tmp_path / f"{split}.jsonl").write_text("")

@@ -4,7 +4,8 @@ import pytest
 
 from erc_llm.config import EvalConfig, build
 from erc_llm.data.schema import LabelSet
-from erc_llm.evaluate import compute_metrics, evaluate
+from erc_llm.evaluate import evaluate
+from erc_llm.metrics import compute_metrics
 from tests.conftest import write_jsonl_dataset
 
 TOY = LabelSet("toy", ("a", "b", "c"))

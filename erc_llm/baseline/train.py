@@ -23,8 +23,8 @@ from erc_llm.baseline.features import audio_features, dialogue_arrays, encoder_p
 from erc_llm.baseline.model import FusedERC
 from erc_llm.config import BaselineConfig, build, to_dict
 from erc_llm.data import LabelSet, label_counts, load_split
-from erc_llm.metrics import compute_metrics, plot_confusion, render_report
-from erc_llm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from erc_llm.io import atomic_write_json
+from erc_llm.metrics import compute_metrics, write_evaluation
 from erc_llm.losses import class_weights, per_example_loss
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def train_seed(cfg: BaselineConfig, prep: Prepared, seed: int) -> tuple[FusedERC
     return model, history
 
 
-def write_evaluation(model, prep: Prepared, split: str, out: Path, meta: dict) -> dict:
+def evaluate_split(model, prep: Prepared, split: str, out: Path, meta: dict) -> dict:
     """metrics.json / predictions.jsonl / confusion.png / report.md, as the LLM evaluation writes them."""
     t0 = time.time()
     probs, gates = predict(model, prep.arrays[split])
@@ -187,24 +187,15 @@ def write_evaluation(model, prep: Prepared, split: str, out: Path, meta: dict) -
     rows = [{"dialogue_id": d.id, "utterance_id": u.utterance_id, "speaker": u.speaker, "gold": u.emotion,
              "predicted": names[int(p.argmax())], "probabilities": dict(zip(names, [round(float(x), 6) for x in p]))}
             for (d, u), p in zip(utts, probs)]
-    scored = [r for r in rows if r["gold"] is not None]
-    m = compute_metrics([r["gold"] for r in scored], [r["predicted"] for r in scored], prep.labels)
-    m.update({"dataset": meta["dataset"], "split": split, "history": "n/a (classifier over causal context)",
-              "model": meta["model"], "dialogues": len(prep.dialogues[split]), "utterances": len(utts),
-              "seconds": time.time() - t0, "utterances_per_second": len(utts) / max(time.time() - t0, 1e-9),
-              "command": meta["command"], "labels": list(names)})
+    info = {"dataset": meta["dataset"], "split": split, "history": "n/a (classifier over causal context)",
+            "model": meta["model"], "dialogues": len(prep.dialogues[split]), "utterances": len(utts),
+            "seconds": time.time() - t0, "utterances_per_second": len(utts) / max(time.time() - t0, 1e-9),
+            "command": meta["command"], "labels": list(names)}
+    note = ""
     if gates is not None:
-        m["gates"] = dict(zip(("text", "audio", "interaction"), gates.mean(0).round(4).tolist()))
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_jsonl(out / "predictions.jsonl", rows)
-    plot_confusion([r["gold"] for r in scored], [r["predicted"] for r in scored], prep.labels, out / "confusion.png",
-                   f"{meta['dataset']}/{split} {meta['model']}")
-    report = render_report(m)
-    if "gates" in m:
-        report += "\nAverage gates: " + ", ".join(f"{k} {v:.3f}" for k, v in m["gates"].items()) + "\n"
-    atomic_write_text(out / "report.md", report)
-    atomic_write_json(out / "metrics.json", m)
-    return m
+        info["gates"] = dict(zip(("text", "audio", "interaction"), gates.mean(0).round(4).tolist()))
+        note = "\nAverage gates: " + ", ".join(f"{k} {v:.3f}" for k, v in info["gates"].items()) + "\n"
+    return write_evaluation(out, rows, prep.labels, info, f"{meta['dataset']}/{split} {meta['model']}", note)
 
 
 def describe(cfg: BaselineConfig) -> str:
@@ -233,7 +224,7 @@ def run(cfg: BaselineConfig, command: str = "") -> dict:
         atomic_write_json(d / "baseline.json", {"config": to_dict(cfg), "labels": list(prep.labels.labels),
                                                 "text_dim": prep.text_dim, "audio_dim": prep.audio_dim,
                                                 "normalizer": prep.normalizer, "seed": seed, "history": history})
-        m = write_evaluation(model, prep, "test", d, meta)
+        m = evaluate_split(model, prep, "test", d, meta)
         m["train_seconds"] = time.time() - ts
         per_seed.append(m)
         log.info("seed %d: test weighted F1 %.2f (best dev %.2f, %d epochs)", seed, m["weighted_f1"],
@@ -260,4 +251,4 @@ def evaluate_saved(run_dir: str, split: str, out: str, data_dir: str = "", audio
     prep = prepare(cfg)
     model = make_model(cfg, meta["text_dim"], meta["audio_dim"], len(prep.labels))
     model.load_state_dict(torch.load(Path(run_dir) / "model.pt", weights_only=True))
-    return write_evaluation(model, prep, split, Path(out), {"dataset": cfg.dataset, "model": describe(cfg), "command": command})
+    return evaluate_split(model, prep, split, Path(out), {"dataset": cfg.dataset, "model": describe(cfg), "command": command})
