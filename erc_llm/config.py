@@ -74,6 +74,9 @@ class AudioOptions:
     audio_dir: str = _f("", "folder of the audio features (evaluation of a run defaults to the run's)")
     audio_k_tokens: int = _f(1, "soft tokens per turn", ge=1)
     audio_lr: float = _f(1e-3, "learning rate of the projector (trained from scratch, with the LoRA)", gt=0)
+    audio_normalize: str = _f("corpus", "feature standardisation: corpus (training mean/std) or speaker (each "
+                              "speaker's own statistics over the split's features, no labels; a live session "
+                              "uses the speaker's turns heard so far)", ("corpus", "speaker"))
 
     def audio_problems(self) -> list[str]:
         p = []
@@ -304,6 +307,8 @@ class TrainConfig(AudioOptions, SpeakerOptions):
     max_grad_norm: float = _f(1.0, "gradient clipping", gt=0)
     class_weights: str = _f("sqrt_inverse", "class weighting of the loss", ("none", "inverse", "sqrt_inverse"))
     focal_gamma: float = _f(0.0, "focal loss gamma (0 = plain cross-entropy)", ge=0)
+    label_smoothing: float = _f(0.0, "share of the target's probability spread evenly over all labels (0 = none)",
+                                ge=0, lt=1)
     label_history: bool = _f(False, "write each earlier turn's emotion label into the transcript (gold, with "
                              "history_noise, in training; the model's own predictions at test time); false = the "
                              "transcript carries text only, the same in training and at test (no exposure bias)")

@@ -20,19 +20,27 @@ def class_weights(counts: list[int], mode: str) -> torch.Tensor:
     return w.float()
 
 
-def per_example_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
-    """Cross-entropy per example, or focal loss (Lin et al. 2017) when ``gamma > 0``."""
-    lp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
-    return -lp if gamma == 0 else -((1 - lp.exp()) ** gamma) * lp
+def per_example_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 0.0,
+                     smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy per example, or focal loss (Lin et al. 2017) when ``gamma > 0``; with ``smoothing`` = e,
+    (1 - e) of it plus e times the cross-entropy against the uniform distribution over the K labels
+    (label smoothing, Szegedy et al. 2016)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    lp = logp.gather(1, targets[:, None])[:, 0]
+    loss = -lp if gamma == 0 else -((1 - lp.exp()) ** gamma) * lp
+    return loss if smoothing == 0 else (1 - smoothing) * loss - smoothing * logp.mean(dim=-1)
 
 
-def label_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, gamma: float) -> torch.Tensor:
-    """Weighted cross-entropy over the label set; focal (Lin et al. 2017) when ``gamma > 0``.
+def label_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, gamma: float,
+               smoothing: float = 0.0) -> torch.Tensor:
+    """Weighted cross-entropy over the label set; focal (Lin et al. 2017) when ``gamma > 0``; label-smoothed
+    when ``smoothing > 0``.
 
     ``logits``: (n, K) label logits at n slots; ``targets``: (n,) label indices. Mean over slots
-    (weighted mean when class weights are given, as in ``F.cross_entropy``).
+    (weighted mean when class weights are given, as in ``F.cross_entropy``; the class weight of a slot's
+    target weighs its whole loss, smoothing term included).
     """
-    loss = per_example_loss(logits, targets, gamma)
+    loss = per_example_loss(logits, targets, gamma, smoothing)
     if weights is None:
         return loss.mean()
     w = weights.to(loss.device)[targets]

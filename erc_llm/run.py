@@ -128,8 +128,9 @@ class Predictor:
         if not Path(directory).is_dir():
             raise RunError(f"run {self.run_dir} was trained with {spec.source} audio features from {directory!r}, "
                            "which is not a folder here; pass --audio-dir with this split's features")
-        inputs = AudioInputs(spec, load_source(spec.source, directory, split),
-                             [u.utterance_id for d in dialogues for u in d.utterances])
+        utts = [u for d in dialogues for u in d.utterances]
+        inputs = AudioInputs(spec, load_source(spec.source, directory, split), [u.utterance_id for u in utts],
+                             [u.speaker for u in utts])
         log.info("audio %s: no features for %d utterances (they get the 'no audio' input)", spec.source, inputs.missing)
         return inputs
 

@@ -70,19 +70,24 @@ class Engine:
                              "first); a live session only knows the turns so far: use a model trained with context: online")
         return cls(p.model, p.builder, p.labels, p.speakers, p.audio, p.name, LabelTrie(p.builder.label_ids))
 
-    def soft_tokens(self, audio) -> torch.Tensor | None:
+    def soft_tokens(self, audio, heard: list | None = None) -> torch.Tensor | None:
         """Soft tokens of one turn: ``audio`` = a wav path (features extracted as in training), a feature
-        vector / frame array, or None (the "no audio" input)."""
+        vector / frame array, or None (the "no audio" input). ``heard``: the feature rows of this speaker's
+        earlier turns; this turn's row is appended, and a model trained with speaker normalisation
+        standardises with all of them once there are enough (before that, with the corpus statistics)."""
         if self.audio is None:
             if audio is not None:
                 raise ValueError("this model was trained without audio; add turns without audio")
             return None
-        from erc_llm.projector import model_input
+        from erc_llm.projector import model_input, speaker_normalizer
 
         spec, projector = self.audio.spec, self.audio.projector
         raw = None if audio is None else self._features(spec, audio)
+        if raw is not None and heard is not None and spec.normalize == "speaker":
+            heard.append(raw)
+        norm = speaker_normalizer(spec, heard) if heard else None
         with torch.inference_mode():
-            return projector([model_input(spec, raw).to(next(projector.parameters()).device)])[0]
+            return projector([model_input(spec, raw, norm).to(next(projector.parameters()).device)])[0]
 
     @staticmethod
     def _features(spec, audio) -> np.ndarray:
@@ -109,6 +114,7 @@ class ERCSession:
         self.engine = engine
         self.dialogue_id = dialogue_id
         self._initial = list(participants or [])
+        self.heard: dict[str, list] = {}  # speaker -> audio feature rows of their turns so far, across dialogues
         self.reset(observe=False)
 
     @classmethod
@@ -144,7 +150,7 @@ class ERCSession:
         if not speaker or not text:
             raise ValueError(f"a turn needs a speaker and text; got speaker={speaker!r}, text={text!r}")
         e = self.engine
-        soft = e.soft_tokens(audio)
+        soft = e.soft_tokens(audio, self.heard.setdefault(speaker, []))
         first = speaker not in {t.speaker for t in self.turns}
         note = e.speakers.note(speaker, [text]) if (first and e.speakers is not None) else ""
         utt = Utterance(speaker, text, None, f"{self.dialogue_id}_{len(self.turns)}")

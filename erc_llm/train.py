@@ -157,7 +157,8 @@ def write_run_files(run: Path, cfg: TrainConfig, labels: LabelSet, templates: Te
         model=cfg.model, labels=tuple(labels.labels), dataset=cfg.dataset, backbone=manifest,
         prompt_version=templates.version, max_tokens=cfg.max_tokens, max_utterance_tokens=cfg.max_utterance_tokens,
         context=cfg.context, label_history=cfg.label_history, speakers=settings_of(cfg), train_dtype=manifest.get("dtype"),
-        audio={"source": cfg.audio_source, "dir": str(Path(cfg.audio_dir).resolve()), "k_tokens": cfg.audio_k_tokens}
+        audio={"source": cfg.audio_source, "dir": str(Path(cfg.audio_dir).resolve()), "k_tokens": cfg.audio_k_tokens,
+               "normalize": cfg.audio_normalize}
         if cfg.audio_source != "none" else None,
     ).write(run)
 
@@ -174,13 +175,16 @@ def audio_setup(cfg: TrainConfig, train_d, dev_d, model):
     if cfg.audio_source == "none":
         return None, None, None, None
     ids = {name: [u.utterance_id for d in ds for u in d.utterances] for name, ds in (("train", train_d), ("dev", dev_d))}
+    who = {name: [u.speaker for d in ds for u in d.utterances] for name, ds in (("train", train_d), ("dev", dev_d))}
     table = load_source(cfg.audio_source, cfg.audio_dir, "train")
-    spec = fit_spec(cfg.audio_source, cfg.audio_k_tokens, table, ids["train"])
-    train_in = AudioInputs(spec, table, ids["train"])
-    dev_in = AudioInputs(spec, load_source(cfg.audio_source, cfg.audio_dir, "dev"), ids["dev"])
+    spec = fit_spec(cfg.audio_source, cfg.audio_k_tokens, table, ids["train"], cfg.audio_normalize)
+    train_in = AudioInputs(spec, table, ids["train"], who["train"])
+    dev_in = AudioInputs(spec, load_source(cfg.audio_source, cfg.audio_dir, "dev"), ids["dev"], who["dev"])
     log.info("audio %s: %d features per utterance%s; no audio for %d of %d train and %d of %d dev utterances "
-             "(they get the 'no audio' input)", cfg.audio_source, spec.feature_dim, " (frames)" if spec.frames else "",
-             train_in.missing, len(ids["train"]), dev_in.missing, len(ids["dev"]))
+             "(they get the 'no audio' input); %s normalisation%s", cfg.audio_source, spec.feature_dim,
+             " (frames)" if spec.frames else "", train_in.missing, len(ids["train"]), dev_in.missing, len(ids["dev"]),
+             spec.normalize, f" ({train_in.speaker_normalized} train / {dev_in.speaker_normalized} dev speakers with "
+             "their own statistics, the rest corpus)" if spec.normalize == "speaker" else "")
     projector = AudioProjector(spec.in_dim, model.config.hidden_size, spec.k_tokens, spec.frames,
                                target_rms=embedding_rms(model))
     return spec, train_in, dev_in, projector
@@ -365,7 +369,7 @@ def fit(r: "Recipe") -> None:
                 for j, lg in zip(group, logits):
                     targets = torch.tensor([rows[j]["labels"][t] for t in trs[j].turn_index], device=accelerator.device)
                     keep = targets >= 0
-                    loss = loss + label_loss(lg[keep], targets[keep], weights, cfg.focal_gamma) / len(batch)
+                    loss = loss + label_loss(lg[keep], targets[keep], weights, cfg.focal_gamma, cfg.label_smoothing) / len(batch)
                     step_tokens += len(trs[j].input_ids)
                     step_labels += int(keep.sum())
                 accelerator.backward(loss)

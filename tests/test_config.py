@@ -38,7 +38,8 @@ def test_shipped_configs_are_valid(meld_dir):
     assert cfg.dataset == "meld" and cfg.history == "predicted"
 
 
-@pytest.mark.parametrize("name", ["meld", "meld_offline", "iemocap", "iemocap_offline", "jsonl", "meld_ablation"])
+@pytest.mark.parametrize("name", ["meld", "meld_offline", "iemocap", "iemocap_offline", "iemocap_prosody", "jsonl",
+                                  "meld_ablation"])
 def test_training_configs_are_valid(name, meld_dir, tmp_path):
     """Every training YAML the README names builds with no problems; the offline ones select the offline
     header, the others stay causal."""
@@ -49,11 +50,15 @@ def test_training_configs_are_valid(name, meld_dir, tmp_path):
     from erc_llm.config import TrainConfig
 
     path = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
-    dataset = yaml.safe_load(path.read_text())["dataset"]
+    raw = yaml.safe_load(path.read_text())
+    dataset = raw["dataset"]
     if dataset == "jsonl":
         for split in ("train", "dev", "test"):
             (tmp_path / f"{split}.jsonl").write_text("")
-    cfg = build(TrainConfig, str(path), {"data_dir": str(meld_dir if dataset == "meld" else tmp_path)})
+    overrides = {"data_dir": str(meld_dir if dataset == "meld" else tmp_path)}
+    if raw.get("audio_source", "none") != "none":
+        overrides["audio_dir"] = str(tmp_path)  # the command line gives the feature folder
+    cfg = build(TrainConfig, str(path), overrides)
     assert cfg.context == ("offline" if name.endswith("offline") else "online")
     assert cfg.label_history is (name == "meld_ablation")
 

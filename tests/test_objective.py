@@ -34,6 +34,19 @@ def test_label_loss_matches_cross_entropy_and_focal_downweights_easy():
     assert ratio_focal < ratio_ce / 10
 
 
+def test_label_smoothing_matches_torch_and_keeps_a_confident_model_from_zero_loss():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    want = F.cross_entropy(logits, targets, label_smoothing=0.1)
+    assert label_loss(logits, targets, None, 0.0, 0.1) == pytest.approx(float(want), rel=1e-5)
+    w = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    per = F.cross_entropy(logits, targets, reduction="none", label_smoothing=0.1)  # the slot's class weight weighs it all
+    assert label_loss(logits, targets, w, 0.0, 0.1) == pytest.approx(float((w[targets] * per).sum() / w[targets].sum()), rel=1e-5)
+    sure = torch.tensor([[30.0, 0, 0, 0]])
+    assert label_loss(sure, torch.tensor([0]), None, 0.0) < 1e-6
+    assert label_loss(sure, torch.tensor([0]), None, 0.0, 0.1) > 2.0  # 0.1 x mean(30) over the wrong labels
+
+
 def test_corrupt_history():
     rng = np.random.default_rng(0)
     gold = [0, 1, 2, 3] * 250

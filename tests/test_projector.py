@@ -1,5 +1,7 @@
 """Audio soft tokens: projector shapes, missing audio, and the KV-cached decoder with audio."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,9 @@ from erc_llm.audio import FeatureTable
 from erc_llm.data.schema import DataError
 from erc_llm.decoding import StreamingTagger
 from erc_llm.objective import slot_logits
-from erc_llm.projector import AudioFeed, AudioInputs, AudioModel, AudioProjector, embed_ids, embedding_rms, fit_spec
+from erc_llm.projector import (SPEAKER_MIN_UTTERANCES, AudioFeed, AudioInputs, AudioModel, AudioProjector, AudioSpec,
+                               embed_ids, embedding_rms, fit_spec)
+from erc_llm.session import Engine
 from erc_llm.prompting import AUDIO_TOKEN, PromptBuilder
 from tests.conftest import LABELS, make_model, toy_dialogue
 
@@ -109,3 +113,54 @@ def test_audio_model_round_trips_through_a_run_folder(tmp_path, tiny_model):
     with torch.no_grad():
         assert torch.equal(saved.feed(inputs).soft_tokens(ids), loaded.feed(inputs).soft_tokens(ids))
     assert AudioModel.load(tmp_path / "none", tiny_model.config.hidden_size, "cpu") is None
+
+
+def test_speaker_normalisation_removes_a_speakers_offset_and_falls_back_below_the_minimum():
+    """Speaker B is speaker A shifted by +10 on every feature: speaker statistics give both the same inputs,
+    corpus statistics do not; a speaker with fewer than SPEAKER_MIN_UTTERANCES utterances gets the corpus ones."""
+    a = _table([f"a{i}" for i in range(6)])
+    vals = dict(a.values) | {f"b{i}": a.values[f"a{i}"] + 10 for i in range(6)} | {"c0": a.values["a0"] + 10}
+    table = FeatureTable(a.names, vals, "test")
+    ids, who = list(vals), [k[0] for k in vals]
+    corpus = AudioInputs(fit_spec("csv", 1, table, ids), table, ids, who)
+    spec = fit_spec("csv", 1, table, ids, normalize="speaker")
+    inputs = AudioInputs(spec, table, ids, who)
+    assert inputs.speaker_normalized == 2  # a and b; c has one utterance
+    for i in range(6):
+        torch.testing.assert_close(inputs.inputs[f"a{i}"], inputs.inputs[f"b{i}"])
+        assert not torch.allclose(corpus.inputs[f"a{i}"], corpus.inputs[f"b{i}"])
+    torch.testing.assert_close(inputs.inputs["c0"], corpus.inputs["c0"])
+    z = torch.stack([inputs.inputs[f"a{i}"][:8] for i in range(6)])
+    torch.testing.assert_close(z.mean(0), torch.zeros(8), atol=1e-5, rtol=0)  # the speaker's own z-scores
+    with pytest.raises(ValueError, match="needs the speaker of every utterance"):
+        AudioInputs(spec, table, ids)
+
+
+def test_audio_spec_of_older_runs_loads_with_corpus_normalisation(tmp_path):
+    ids = ["a", "b", "c"]
+    spec = fit_spec("npy", 2, _table(ids), ids, normalize="speaker")
+    spec.save(tmp_path / "audio.json")
+    assert AudioSpec.load(tmp_path / "audio.json") == spec
+    old = json.loads((tmp_path / "audio.json").read_text())
+    del old["normalize"]
+    (tmp_path / "audio.json").write_text(json.dumps(old))
+    assert AudioSpec.load(tmp_path / "audio.json").normalize == "corpus"
+
+
+def test_live_session_normalises_with_the_speakers_turns_so_far(tiny_model):
+    """Engine.soft_tokens: corpus statistics until the speaker has SPEAKER_MIN_UTTERANCES turns with audio,
+    then the statistics of all of them, which at that turn equal the split-level speaker statistics."""
+    ids = [f"a{i}" for i in range(SPEAKER_MIN_UTTERANCES)]
+    table = _table(ids)
+    spec = fit_spec("csv", 1, _table(ids, seed=1), ids, normalize="speaker")
+    proj = AudioProjector(spec.in_dim, tiny_model.config.hidden_size, 1, False).eval()
+    engine = Engine(None, None, LABELS, audio=AudioModel(spec, proj))
+    heard: list = []
+    live = [engine.soft_tokens(table.values[i], heard) for i in ids]
+    assert len(heard) == len(ids)
+    split = AudioInputs(spec, table, ids, ["a"] * len(ids))
+    corpus = AudioInputs(fit_spec("csv", 1, _table(ids, seed=1), ids), table, ids)
+    with torch.no_grad():
+        for i, got in zip(ids[:-1], live[:-1]):
+            torch.testing.assert_close(got, proj([corpus.inputs[i]])[0])
+        torch.testing.assert_close(live[-1], proj([split.inputs[ids[-1]]])[0])

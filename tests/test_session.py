@@ -92,3 +92,30 @@ def test_chat_piped_end_to_end(tiny_model_dir, tmp_path):
     assert lines[0].startswith("  Ross → ") and lines[1].startswith("  Rachel → ")
     assert lines[2].startswith("Ross: 1 turns; now ")
     assert "Joey" not in r.stdout  # nothing after /quit
+
+
+def test_session_keeps_each_speakers_audio_across_dialogues(engine, tiny_tokenizer):
+    """With a speaker-normalised audio model, every turn's features are kept per speaker (across reset, so
+    a speaker's statistics grow over the session) and turns without audio add nothing."""
+    import numpy as np
+
+    from erc_llm.audio import FeatureTable
+    from erc_llm.decoding import LabelTrie
+    from erc_llm.projector import AudioModel, AudioProjector, fit_spec
+    from erc_llm.prompting import PromptBuilder
+
+    rng = np.random.default_rng(0)
+    table = FeatureTable(("f0", "f1"), {str(i): rng.normal(size=2).astype(np.float32) for i in range(6)}, "test")
+    spec = fit_spec("csv", 1, table, list(table.values), normalize="speaker")
+    builder = PromptBuilder(tiny_tokenizer, LABELS, audio_tokens=1)
+    proj = AudioProjector(spec.in_dim, engine.model.config.hidden_size, 1, False).eval()
+    e = Engine(engine.model, builder, LABELS, audio=AudioModel(spec, proj), trie=LabelTrie(builder.label_ids))
+    s = ERCSession(e)
+    for u in toy_dialogue(4).utterances:  # Ross, Rachel, Monica, Ross
+        r = s.add_turn(u.speaker, u.text, audio=rng.normal(size=2).astype(np.float32))
+        assert sum(r.probs.values()) == pytest.approx(1.0, abs=1e-5)
+    s.add_turn("Ross", "no audio here")
+    assert {k: len(v) for k, v in s.heard.items()} == {"Ross": 2, "Rachel": 1, "Monica": 1}
+    s.reset()
+    s.add_turn("Ross", "again", audio=[0.5, 0.5])
+    assert len(s.heard["Ross"]) == 3
