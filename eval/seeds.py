@@ -24,8 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from erc_llm.io import atomic_write_json  # noqa: E402
 
 KEYS = ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1")
-# where a run was written and how it was run; they do not change the model (resume: tested bit-identical)
-RUNTIME = ("seed", "out", "data_dir", "resume", "overwrite", "threads", "on_bad_row", "activation_checkpointing")
+# where a run was written and how it was run; they do not change the model (resume: tested bit-identical) or its
+# test_predicted evaluation (test_gold only adds a gold-history evaluation beside it)
+RUNTIME = ("seed", "out", "data_dir", "resume", "overwrite", "threads", "on_bad_row", "activation_checkpointing",
+           "test_gold")
 
 
 def read_run(folder: Path) -> dict:

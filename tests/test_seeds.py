@@ -1,0 +1,47 @@
+"""eval/seeds.py: mean ± sample std over seeds, and refusal of runs whose recipes differ."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("seeds_script", ROOT / "eval" / "seeds.py")
+seeds_script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(seeds_script)
+
+
+def write_result(folder: Path, seed: int, dev: float, test: float, **cfg) -> Path:
+    (folder / "test_predicted").mkdir(parents=True)
+    config = {"seed": seed, "out": str(folder), "lr": 2e-4, "label_smoothing": 0.0, "test_gold": True, **cfg}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "best.json").write_text(json.dumps({"step": 100, "dev_predicted": {"weighted_f1": dev}}))
+    metrics = {"weighted_f1": test, "accuracy": test, "unweighted_accuracy": test, "macro_f1": test,
+               "per_class": {"joy": {"f1": test - 1}, "anger": {"f1": test + 1}}}
+    (folder / "test_predicted" / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_mean_and_sample_std_ignore_where_and_how_a_run_was_written(tmp_path):
+    # seed, out and test_gold (an extra gold-history evaluation) do not change the model or its test_predicted
+    runs = [write_result(tmp_path / "a", 0, 50.0, 60.0), write_result(tmp_path / "b", 1, 52.0, 62.0, test_gold=False),
+            write_result(tmp_path / "c", 2, 54.0, 64.0)]
+    seeds_script.main([str(r) for r in runs] + ["--out", str(tmp_path / "sum")])
+    s = json.loads((tmp_path / "sum" / "summary.json").read_text())
+    assert s["seeds"] == [0, 1, 2]
+    assert s["weighted_f1"]["mean"] == pytest.approx(62.0) and s["weighted_f1"]["std"] == pytest.approx(2.0)
+    assert s["dev_weighted_f1"]["values"] == [50.0, 52.0, 54.0]
+    assert s["per_class_f1"]["anger"]["mean"] == pytest.approx(63.0)
+
+
+def test_runs_of_different_recipes_or_repeated_seeds_are_refused(tmp_path):
+    a = write_result(tmp_path / "a", 0, 50.0, 60.0)
+    b = write_result(tmp_path / "b", 1, 52.0, 62.0, label_smoothing=0.1)
+    with pytest.raises(SystemExit, match=r"differ in more than the seed \(label_smoothing\)"):
+        seeds_script.main([str(a), str(b), "--out", str(tmp_path / "sum")])
+    c = write_result(tmp_path / "c", 0, 52.0, 62.0)
+    with pytest.raises(SystemExit, match=r"duplicate seeds \[0, 0\]"):
+        seeds_script.main([str(a), str(c), "--out", str(tmp_path / "sum")])
+    assert not (tmp_path / "sum").exists()
