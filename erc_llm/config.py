@@ -291,6 +291,10 @@ class TrainConfig(AudioOptions, SpeakerOptions):
                           "(block-diagonal attention; 0 = one forward per dialogue)", ge=0)
     quant: str = _f("none", "QLoRA: '4bit' loads the backbone in bitsandbytes NF4 (falls back with a warning "
                     "where bitsandbytes cannot run)", QUANT_MODES)
+    finetune: str = _f("lora", "what training updates: lora (adapters on the frozen backbone; small, shippable) or "
+                       "full (every transformer-layer weight, float32 master weights under bf16 autocast where "
+                       "native; token embeddings and output head frozen; ~400 MB a run for Gemma 3 270M — use a "
+                       "learning rate ~10x lower than LoRA's)", ("lora", "full"))
     # LoRA
     lora_r: int = _f(16, "LoRA rank", ge=1)
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)", ge=1)
@@ -350,6 +354,12 @@ class TrainConfig(AudioOptions, SpeakerOptions):
         if self.history_noise > 0 and not self.label_history:
             p.append(f"history_noise: {self.history_noise} corrupts written labels, but label_history is false (no "
                      "labels are written); set label_history: true or history_noise: 0")
+        if self.finetune == "full" and self.quant != "none":
+            p.append(f"finetune: full trains the backbone's own weights, which a {self.quant} quantized backbone "
+                     "cannot hold; set quant: none, or finetune: lora for QLoRA")
+        if self.finetune == "full" and self.dtype == "bfloat16":
+            p.append("dtype: bfloat16 weights would round away most updates of full fine-tuning; use auto "
+                     "(float32 master weights, bf16 autocast where native) or float32")
         if self.audio_source == "meld_prosody" and self.dataset != "meld":
             p.append("audio_source: meld_prosody features only exist for dataset: meld")
         return p + self.speaker_problems() + self.audio_problems()

@@ -43,6 +43,9 @@ def export(run: str | Path, out: str | Path, dtype: str = "float32", card: str =
     speaker store (if the run has one) and a model card (``card`` or a generated one)."""
     src = resolve(run)
     spec = RunSpec.read(src)
+    if spec.finetune != "lora":
+        raise ValueError(f"run {src} was trained with finetune: {spec.finetune}; export packages LoRA adapters only "
+                         "(a fully fine-tuned run is used in place: --run " + str(src) + ")")
     missing = [f for f in ADAPTER_FILES if not (src / "adapter" / f).is_file()]
     if missing:
         raise FileNotFoundError(f"run {src} has no adapter/{missing[0]}; expected a run folder written by "

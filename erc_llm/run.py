@@ -1,7 +1,7 @@
 """A trained run, and loading a model for inference: the one owner of ``run.json``.
 
 A *run* is a folder written by ``erc_llm/train.py`` (or shipped inside the package, see ``pretrained/``):
-``adapter/`` (PEFT LoRA, plus ``projector.pt`` / ``audio.json`` when trained with audio), ``run.json`` (the
+``adapter/`` (PEFT LoRA, or ``finetuned.safetensors`` after full fine-tuning, plus ``projector.pt`` / ``audio.json`` when trained with audio), ``run.json`` (the
 :class:`RunSpec`), ``prompts/`` (the templates it was trained with) and, with speaker memory,
 ``speaker_store/``. :func:`load` turns a run, the shipped model's name, or a bare backbone (zero-shot) into
 one :class:`Predictor` — model, prompt builder, label set, speaker context and audio projector — from which
@@ -67,6 +67,7 @@ class RunSpec:
     speakers: dict | None = None  # speaker-note settings (bios, history, top_k, note_tokens)
     audio: dict | None = None  # {"source", "dir", "k_tokens"}
     train_dtype: str | None = None
+    finetune: str = "lora"  # lora: peft adapter; full: adapter/finetuned.safetensors (erc_llm.finetune)
 
     @classmethod
     def read(cls, run: str | Path) -> "RunSpec":
@@ -83,6 +84,8 @@ class RunSpec:
         spec = cls(**{k: (tuple(v) if k == "labels" else v) for k, v in raw.items() if k in known})
         if spec.context not in CONTEXTS:
             raise RunError(f"{path}: context {spec.context!r} is not one of {list(CONTEXTS)}")
+        if spec.finetune not in ("lora", "full"):
+            raise RunError(f"{path}: finetune {spec.finetune!r} is not one of ['lora', 'full']")
         return spec
 
     def write(self, run: str | Path) -> Path:
@@ -157,14 +160,25 @@ def check_reference(run_dir: Path) -> None:
                        f"({ref_file}): the file is corrupted or was replaced; reinstall erc-llm or restore the folder")
 
 
-def _merge_adapter(model, run: Path):
+def _trained_weights(model, run: Path, finetune: str):
+    """The backbone with the run's trained weights: the LoRA adapter merged in, or the fully fine-tuned tensors."""
     from peft import PeftModel
 
-    if not (run / "adapter" / "adapter_config.json").is_file():
-        raise RunError(f"run {run} has no adapter/adapter_config.json; expected a run folder written by "
-                       "erc_llm/train.py (training saves the adapter at its first dev evaluation)")
-    merged = PeftModel.from_pretrained(model, str(run / "adapter")).merge_and_unload()
-    return merged.eval()
+    from erc_llm.finetune import FULL_WEIGHTS, assign_full_weights
+
+    expected = run / "adapter" / (FULL_WEIGHTS if finetune == "full" else "adapter_config.json")
+    if not expected.is_file():
+        raise RunError(f"run {run} has no adapter/{expected.name} (run.json says finetune: {finetune}); expected a run "
+                       "folder written by erc_llm/train.py (training saves the weights at its first dev evaluation)")
+    if finetune == "full":
+        from safetensors.torch import load_file
+
+        try:
+            assign_full_weights(model, load_file(str(expected)), str(expected))
+        except ValueError as e:
+            raise RunError(str(e)) from None
+        return model.eval()
+    return PeftModel.from_pretrained(model, str(run / "adapter")).merge_and_unload().eval()
 
 
 def _audio_model(run_dir: Path | None, model):
@@ -199,7 +213,7 @@ def load(run: str | Path | None, *, model: str = "", dtype: str = "float32", lab
     if spec is not None:
         labels = check_labels(labels, spec, str(run)) if labels is not None else spec.label_set
         net, tok, manifest = load_backbone(spec.model, dtype)
-        net = _merge_adapter(net, run_dir)
+        net = _trained_weights(net, run_dir, spec.finetune)
         manifest = {**manifest, "run": str(run_dir), "run_prompt_version": spec.prompt_version}
         name = str(run) if str(run) in shipped_models() else str(run_dir)
     else:

@@ -1,4 +1,5 @@
-"""LoRA fine-tuning of a small LLM on whole-dialogue transcripts, selected on dev.
+"""LoRA (or, with ``--finetune full``, full) fine-tuning of a small LLM on whole-dialogue transcripts, selected
+on dev.
 
     accelerate launch --config_file configs/accelerate/cpu.yaml erc_llm/train.py --config configs/meld.yaml \
         --data-dir ../shared/data/meld --out runs/meld
@@ -8,7 +9,7 @@
 Flow: config -> data (tokenized once, cached with `datasets`) -> backbone + LoRA -> loop (one forward
 per dialogue, loss at the emotion slots only) -> dev selection -> run dir -> test evaluation.
 
-Run directory: ``adapter/`` (best on dev), the run spec (``erc_llm.run.RunSpec``: backbone, labels, prompt options),
+Run directory: ``adapter/`` (best on dev: the LoRA adapter, or ``finetuned.safetensors``), the run spec (``erc_llm.run.RunSpec``: backbone, labels, prompt options),
 ``config.yaml``, ``prompts/``, ``log.jsonl`` (loss, dev metrics, tokens/s), ``best.json``,
 ``checkpoint/`` (adapter, optimizer, scheduler, RNG and data position; ``--resume true`` continues
 from it), and ``eval/test_predicted``, ``eval/test_gold`` with the final test evaluation.
@@ -36,12 +37,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from erc_llm.backbone import resolve_dtype
 from erc_llm.config import TrainConfig, build, to_dict
 from erc_llm.data import LabelSet, label_counts, load_split
 from erc_llm.data.schema import dialogues_digest
 from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text, content_digest
-from erc_llm.lora import compute_context, wrap_lora
+from erc_llm.finetune import load_trainable_state, make_trainable, save_weights, trainable_state, training_precision
+from erc_llm.lora import compute_context
 from erc_llm.losses import class_weights, label_loss
 from erc_llm.objective import corrupt_history, first_token_ids, pack, packed_slot_logits
 from erc_llm.projector import AudioModel
@@ -86,11 +87,9 @@ def epoch_order(n: int, seed: int, epoch: int, world: int, per_step: int) -> lis
 
 # ---------------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(run: Path, model, optimizer, scheduler, state: dict, projector=None) -> None:
-    from peft import get_peft_model_state_dict
-
+def save_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, state: dict, projector=None) -> None:
     with atomic_dir(run / "checkpoint") as tmp:
-        torch.save(get_peft_model_state_dict(model), tmp / "adapter.pt")
+        torch.save(trainable_state(model, finetune), tmp / "adapter.pt")
         if projector is not None:
             torch.save(projector.state_dict(), tmp / "projector.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -100,11 +99,9 @@ def save_checkpoint(run: Path, model, optimizer, scheduler, state: dict, project
         atomic_write_json(tmp / "state.json", state)
 
 
-def load_checkpoint(run: Path, model, optimizer, scheduler, projector=None) -> dict:
-    from peft import set_peft_model_state_dict
-
+def load_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, projector=None) -> dict:
     ck = run / "checkpoint"
-    set_peft_model_state_dict(model, torch.load(ck / "adapter.pt", weights_only=False))
+    load_trainable_state(model, torch.load(ck / "adapter.pt", weights_only=False), finetune, str(ck / "adapter.pt"))
     if projector is not None:
         projector.load_state_dict(torch.load(ck / "projector.pt", weights_only=True))
     optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=False))
@@ -157,6 +154,7 @@ def write_run_files(run: Path, cfg: TrainConfig, labels: LabelSet, templates: Te
         model=cfg.model, labels=tuple(labels.labels), dataset=cfg.dataset, backbone=manifest,
         prompt_version=templates.version, max_tokens=cfg.max_tokens, max_utterance_tokens=cfg.max_utterance_tokens,
         context=cfg.context, label_history=cfg.label_history, speakers=settings_of(cfg), train_dtype=manifest.get("dtype"),
+        finetune=cfg.finetune,
         audio={"source": cfg.audio_source, "dir": str(Path(cfg.audio_dir).resolve()), "k_tokens": cfg.audio_k_tokens,
                "normalize": cfg.audio_normalize}
         if cfg.audio_source != "none" else None,
@@ -268,7 +266,7 @@ def setup(cfg: TrainConfig) -> "Recipe":
         log.info("%s | %s | label set %s", report.summary(), dev_report.summary(), list(labels.labels))
 
     # model
-    dtype = resolve_dtype(cfg.dtype)
+    dtype, _ = training_precision(cfg)
     model, tok, manifest = load_for_training(cfg.model, dtype, cfg.quant)
     manifest = {**manifest, "dtype": dtype}
     if cfg.attention == "block":
@@ -276,7 +274,8 @@ def setup(cfg: TrainConfig) -> "Recipe":
 
         model.set_attn_implementation(register())
     if main:
-        log.info("training with %s backbone weights (dtype %s), %s attention", dtype, cfg.dtype, cfg.attention)
+        log.info("training %s with %s backbone weights (dtype %s), %s attention", cfg.finetune, dtype, cfg.dtype,
+                 cfg.attention)
     templates = Templates.load(prompts_dir(cfg), cfg.context)
     builder = PromptBuilder(tok, labels, templates, cfg.max_tokens, cfg.max_utterance_tokens, cfg.speaker_note_tokens,
                             cfg.audio_k_tokens if cfg.audio_source != "none" else 0, cfg.label_history)
@@ -293,7 +292,7 @@ def setup(cfg: TrainConfig) -> "Recipe":
     prior = np.array([counts.get(lab, 0) for lab in labels.labels], dtype=np.float64)
     prior /= prior.sum()
     spec, train_audio, dev_audio, projector = audio_setup(cfg, train_d, dev_d, model)
-    model = wrap_lora(model, cfg)
+    model = make_trainable(model, cfg)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
@@ -317,7 +316,7 @@ def setup(cfg: TrainConfig) -> "Recipe":
 
     state = {"step": 0, "epoch": 0, "position": 0, "best": None, "tokens": 0, "labels_seen": 0, "train_seconds": 0.0}
     if cfg.resume:
-        state = load_checkpoint(run, unwrapped, optimizer, scheduler, audio.projector if audio else None)
+        state = load_checkpoint(run, unwrapped, cfg.finetune, optimizer, scheduler, audio.projector if audio else None)
         if main:
             log.info("resumed from %s/checkpoint at step %d", run, state["step"])
             _truncate_log(run / "log.jsonl", state["step"])
@@ -338,7 +337,8 @@ def fit(r: "Recipe") -> None:
     projector, train_audio = r.projector, r.train_audio
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     total, prior, weights, label_tokens = r.total, r.prior, r.weights, r.label_tokens
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[resolve_dtype(cfg.dtype)]
+    weights_dtype, autocast = training_precision(cfg)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[weights_dtype]
     bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", disable=not main, dynamic_ncols=True)
     model.train()
     if projector is not None:
@@ -360,7 +360,7 @@ def fit(r: "Recipe") -> None:
         for i, group in enumerate(packs):
             sync = contextlib.nullcontext() if i == len(packs) - 1 else accelerator.no_sync(model)
             with sync:
-                with compute_context(unwrapped, dtype, accelerator.device.type, cfg.autocast_bf16):
+                with compute_context(unwrapped, dtype, accelerator.device.type, autocast):
                     soft = (train_audio.soft_tokens(projector, [rows[j]["utterance_ids"][t] for j in group
                                                                 for t in trs[j].turn_index])
                             if projector is not None else None)
@@ -404,7 +404,8 @@ def fit(r: "Recipe") -> None:
                                 r.audio, r.dev_audio)
         if state["step"] % cfg.save_every == 0 or state["step"] == total:
             if main:
-                save_checkpoint(run, unwrapped, optimizer, scheduler, state, r.audio.projector if r.audio else None)
+                save_checkpoint(run, unwrapped, cfg.finetune, optimizer, scheduler, state,
+                                r.audio.projector if r.audio else None)
             accelerator.wait_for_everyone()
     bar.close()
 
@@ -442,7 +443,7 @@ def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state, spe
         if state["best"] is None or m["weighted_f1"] > state["best"]["dev_predicted"]["weighted_f1"]:
             state["best"] = {"step": state["step"], "dev_predicted": m}
             with atomic_dir(run / "adapter") as tmp:
-                model.save_pretrained(tmp)
+                save_weights(model, cfg.finetune, tmp)
                 if audio:
                     audio.save(tmp)
             atomic_write_json(run / "best.json", state["best"])

@@ -122,3 +122,24 @@ def write_lora_run(run: Path, tiny_model, tiny_model_dir, seed: int = 0, label_h
     shutil.copytree(REPO / "prompts", run / "prompts")
     RunSpec(model=str(tiny_model_dir), labels=LABELS.labels, label_history=label_history).write(run)
     return run
+
+
+def fit_toy_dialogue(model, tokenizer, steps: int = 10, lr: float = 1e-3) -> list[float]:
+    """``steps`` AdamW steps of the label-slot loss on one 4-turn toy dialogue; the losses."""
+    from erc_llm.losses import label_loss
+    from erc_llm.objective import first_token_ids, slot_logits
+    from erc_llm.prompting import PromptBuilder
+
+    b = PromptBuilder(tokenizer, LABELS)
+    d = toy_dialogue(4)
+    tr = b.build(d, [u.emotion for u in d.utterances])
+    targets = torch.tensor([LABELS.index(u.emotion) for u in d.utterances])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = label_loss(slot_logits(model, tr, first_token_ids(b)), targets, None, 0.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

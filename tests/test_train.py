@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import LABELS, REPO, toy_dialogue, write_jsonl_dataset
+from tests.conftest import LABELS, REPO, fit_toy_dialogue, write_jsonl_dataset
 
 BIN = Path(sys.executable).parent
 
@@ -42,9 +42,6 @@ def test_lora_changes_adapter_only(tiny_model_dir):
     """A few optimizer steps: base weights bit-identical, LoRA weights moved."""
     from erc_llm.backbone import load_for_training
     from erc_llm.config import TrainConfig
-    from erc_llm.losses import label_loss
-    from erc_llm.objective import first_token_ids, slot_logits
-    from erc_llm.prompting import PromptBuilder
     from erc_llm.lora import wrap_lora
 
     model, tok, _ = load_for_training(str(tiny_model_dir))
@@ -53,18 +50,7 @@ def test_lora_changes_adapter_only(tiny_model_dir):
     lora0 = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     assert lora0 and all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     assert any(".mlp." in n for n in lora0) and any("self_attn" in n for n in lora0)  # all linear layers
-    b = PromptBuilder(tok, LABELS)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    d = toy_dialogue(4)
-    tr = b.build(d, [u.emotion for u in d.utterances])
-    targets = torch.tensor([LABELS.index(u.emotion) for u in d.utterances])
-    losses = []
-    for _ in range(10):
-        loss = label_loss(slot_logits(model, tr, first_token_ids(b)), targets, None, 0.0)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = fit_toy_dialogue(model, tok, steps=10)
     assert losses[-1] < losses[0]
     for n, p in model.named_parameters():
         if n in base0:

@@ -1,0 +1,101 @@
+"""What training updates: LoRA adapters on a frozen backbone (the default, and the shipped model), or the
+backbone's own weights (full fine-tuning) — and how those weights are checkpointed, saved and put back.
+
+Full fine-tuning trains every weight of the transformer layers (attention, MLP, norms) and keeps the token
+embeddings frozen; on models that tie the output head to them (Gemma 3) the head stays frozen too, and an
+untied head is frozen as well. On Gemma 3 270M the embeddings are 168M of the 268M parameters: training them
+would triple the optimizer state for rows of a 262k vocabulary that the constrained decoder never reads
+beyond the label tokens. The trained weights are float32 master weights; where bf16 matmuls are native the
+forward runs under bf16 autocast (the usual mixed-precision recipe) — bfloat16 weights themselves would
+round away most AdamW updates at fine-tuning learning rates.
+
+A full run's best weights are ``adapter/finetuned.safetensors`` (only the trained tensors, float32: ~400 MB
+for Gemma 3 270M), read back by :func:`erc_llm.run.load`; LoRA runs keep peft's ``adapter_model.safetensors``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from erc_llm.backbone import resolve_dtype
+from erc_llm.lora import wrap_lora
+
+MODES = ("lora", "full")
+FULL_WEIGHTS = "finetuned.safetensors"
+
+
+def training_precision(cfg) -> tuple[str, bool]:
+    """(dtype of the backbone's weights, bf16 autocast) for a TrainConfig: LoRA keeps the configured dtype; full
+    fine-tuning keeps float32 master weights under bf16 autocast where bf16 is native (``dtype`` auto/bfloat16)."""
+    dtype = resolve_dtype(cfg.dtype)
+    if cfg.finetune == "full":
+        return "float32", dtype == "bfloat16" or cfg.autocast_bf16
+    return dtype, cfg.autocast_bf16
+
+
+def frozen_parameters(model) -> set[int]:
+    """ids of the token embeddings and the output head (the same tensor when tied)."""
+    frozen = {id(p) for p in model.get_input_embeddings().parameters()}
+    head = model.get_output_embeddings()
+    if head is not None:
+        frozen |= {id(p) for p in head.parameters()}
+    return frozen
+
+
+def make_trainable(model, cfg):
+    """``model`` ready to train per ``cfg.finetune``: peft-wrapped with LoRA, or with every parameter but the
+    embeddings and output head set to require gradients."""
+    if cfg.finetune == "lora":
+        return wrap_lora(model, cfg)
+    frozen = frozen_parameters(model)
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
+    return model
+
+
+def trainable_state(model, finetune: str) -> dict[str, torch.Tensor]:
+    """The tensors training changes, by name (what a checkpoint holds)."""
+    if finetune == "lora":
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model)
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor], finetune: str, source: str) -> None:
+    """Put a :func:`trainable_state` back (resume); ``source`` names the file for errors."""
+    if finetune == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+        return
+    assign_full_weights(model, state, source)
+
+
+def save_weights(model, finetune: str, folder: Path) -> None:
+    """The trained weights into ``folder`` (an adapter folder being written atomically)."""
+    if finetune == "lora":
+        model.save_pretrained(folder)
+        return
+    from safetensors.torch import save_file
+
+    save_file({n: t.float().contiguous() for n, t in trainable_state(model, finetune).items()},
+              str(Path(folder) / FULL_WEIGHTS))
+
+
+def assign_full_weights(model, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copy fully fine-tuned ``weights`` into ``model`` (cast to its dtype); every name must be one of the
+    model's parameters, or the file was trained on another backbone."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} tensors are not parameters of this backbone (first: {unknown[0]!r}); "
+                         "the weights were trained on another model — load them with the backbone named in run.json")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the backbone's is "
+                                 f"{tuple(params[name].shape)}; the weights were trained on another model")
+            params[name].copy_(tensor.to(params[name].dtype))
