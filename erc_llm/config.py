@@ -15,6 +15,7 @@ import yaml
 
 from erc_llm.backbone import DEFAULT_MODEL
 from erc_llm.data import BAD_ROW_MODES, DATASETS
+from erc_llm.finetune import MODES as FINETUNE_MODES
 from erc_llm.prompting import HISTORY_MODES
 
 
@@ -294,7 +295,7 @@ class TrainConfig(AudioOptions, SpeakerOptions):
     finetune: str = _f("lora", "what training updates: lora (adapters on the frozen backbone; small, shippable) or "
                        "full (every transformer-layer weight, float32 master weights under bf16 autocast where "
                        "native; token embeddings and output head frozen; ~400 MB a run for Gemma 3 270M — use a "
-                       "learning rate ~10x lower than LoRA's)", ("lora", "full"))
+                       "learning rate ~10x lower than LoRA's)", FINETUNE_MODES)
     # LoRA
     lora_r: int = _f(16, "LoRA rank", ge=1)
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)", ge=1)

@@ -16,12 +16,14 @@ for Gemma 3 270M), read back by :func:`erc_llm.run.load`; LoRA runs keep peft's 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from erc_llm.backbone import resolve_dtype
-from erc_llm.lora import wrap_lora
 
+if TYPE_CHECKING:
+    import torch
+
+# torch and peft are imported where used: the config and run modules read MODES without loading them
 MODES = ("lora", "full")
 FULL_WEIGHTS = "finetuned.safetensors"
 
@@ -48,6 +50,8 @@ def make_trainable(model, cfg):
     """``model`` ready to train per ``cfg.finetune``: peft-wrapped with LoRA, or with every parameter but the
     embeddings and output head set to require gradients."""
     if cfg.finetune == "lora":
+        from erc_llm.lora import wrap_lora
+
         return wrap_lora(model, cfg)
     frozen = frozen_parameters(model)
     for p in model.parameters():
@@ -88,6 +92,8 @@ def save_weights(model, finetune: str, folder: Path) -> None:
 def assign_full_weights(model, weights: dict[str, torch.Tensor], source: str) -> None:
     """Copy fully fine-tuned ``weights`` into ``model`` (cast to its dtype); every name must be one of the
     model's parameters, or the file was trained on another backbone."""
+    import torch
+
     params = dict(model.named_parameters())
     unknown = sorted(set(weights) - set(params))
     if unknown:

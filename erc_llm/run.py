@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from erc_llm.data.schema import MELD_LABELS, LabelSet
+from erc_llm.finetune import MODES as FINETUNE_MODES
 from erc_llm.io import atomic_write_json
 from erc_llm.prompting import CONTEXTS, PROMPTS_DIR, PromptBuilder, Templates
 
@@ -84,8 +85,8 @@ class RunSpec:
         spec = cls(**{k: (tuple(v) if k == "labels" else v) for k, v in raw.items() if k in known})
         if spec.context not in CONTEXTS:
             raise RunError(f"{path}: context {spec.context!r} is not one of {list(CONTEXTS)}")
-        if spec.finetune not in ("lora", "full"):
-            raise RunError(f"{path}: finetune {spec.finetune!r} is not one of ['lora', 'full']")
+        if spec.finetune not in FINETUNE_MODES:
+            raise RunError(f"{path}: finetune {spec.finetune!r} is not one of {list(FINETUNE_MODES)}")
         return spec
 
     def write(self, run: str | Path) -> Path:
@@ -162,8 +163,6 @@ def check_reference(run_dir: Path) -> None:
 
 def _trained_weights(model, run: Path, finetune: str):
     """The backbone with the run's trained weights: the LoRA adapter merged in, or the fully fine-tuned tensors."""
-    from peft import PeftModel
-
     from erc_llm.finetune import FULL_WEIGHTS, assign_full_weights
 
     expected = run / "adapter" / (FULL_WEIGHTS if finetune == "full" else "adapter_config.json")
@@ -178,6 +177,8 @@ def _trained_weights(model, run: Path, finetune: str):
         except ValueError as e:
             raise RunError(str(e)) from None
         return model.eval()
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(model, str(run / "adapter")).merge_and_unload().eval()
 
 
