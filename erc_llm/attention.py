@@ -5,13 +5,19 @@ then masks most of them away; on Gemma 3 five of every six layers are sliding (w
 cost grows with the square of the dialogue's length. Here the queries go in blocks of ``BLOCK`` tokens and
 each block attends only to the keys it can see: ``[start - window + 1, end)`` on a sliding layer,
 ``[0, end)`` on a full layer (causal: later keys are never needed), narrowed further to the first key the
-mask lets any of the block's queries see (packed dialogues never see the dialogues before them). The mask
-handed over by transformers (causal, sliding, or block-diagonal for packed dialogues) is sliced to each
-block, so the result is the same attention, only without the work outside the band.
+mask lets any of the block's queries see (packed dialogues never see the dialogues before them), and widened
+past the block's end when the mask lets a query see later keys (the look-ahead masks below). The mask
+handed over by transformers (causal, sliding, or block-diagonal for packed dialogues) or built by
+:func:`lookahead_masks` is sliced to each block, so the result is the same attention, only without the work
+outside the band.
 
 Each block is two matmuls and a float32 softmax (:func:`band_attention`, as transformers' eager attention,
 restricted to the band): on CPU its forward+backward runs ~2x faster than torch's flash kernel at Gemma's
 head size (256), whose backward is slow there; its probabilities are block x band, so they stay small.
+
+:func:`lookahead_masks` builds the masks of offline look-ahead (each emotion slot also attends to the next
+turns' tokens) and :func:`layer_masks` turns one "who may see whom" matrix into the per-layer-type masks a
+transformers model takes (full and sliding-window layers; additive float masks for eager attention).
 
 Registered with transformers as ``"erc_block"`` (attention and mask interfaces; the masks are sdpa's),
 used by training (``TrainConfig.attention``). Any call this cannot speed up (decoding with a KV cache,
@@ -41,6 +47,16 @@ def _first_visible(mask: torch.Tensor) -> int:
     return int(seen.to(torch.uint8).argmax()) if bool(seen.any()) else 0
 
 
+def _last_visible(mask: torch.Tensor) -> int:
+    """Index of the last key column any query of the block may see (-1 if none can)."""
+    if mask.shape[-1] == 0:
+        return -1
+    seen = mask.any(dim=-2).reshape(-1, mask.shape[-1]).any(dim=0)
+    if not bool(seen.any()):
+        return -1
+    return int(seen.shape[0] - 1 - seen.flip(0).to(torch.uint8).argmax())
+
+
 def band_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
     """q (B, H, T, D), k/v (B, Hkv, S, D), boolean mask (B|1, 1, T, S) -> (B, H, T, D); grouped-query heads
     share their key/value head by broadcasting (no copies of k and v)."""
@@ -68,13 +84,64 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
         q1 = min(q0 + BLOCK, t)
         k0 = max(0, q0 - sliding_window + 1) if sliding_window else 0
         if attention_mask is None:
-            mask = _causal_block(q0, q1, k0, q1, sliding_window, query.device)
+            k1, mask = q1, _causal_block(q0, q1, k0, q1, sliding_window, query.device)
         else:
-            mask = attention_mask[:, :, q0:q1, k0:q1]
+            k1 = q1 + 1 + _last_visible(attention_mask[:, :, q0:q1, q1:])  # look-ahead: keys after the block
+            mask = attention_mask[:, :, q0:q1, k0:k1]
             first = _first_visible(mask)  # packed dialogues: keys of earlier dialogues are never visible
             k0, mask = k0 + first, mask[..., first:]
-        out.append(band_attention(query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1], mask, scaling))
+        out.append(band_attention(query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], mask, scaling))
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def lookahead_masks(lengths: list[int], slots: list[list[int]], turns: int) -> torch.Tensor:
+    """Who may see whom in packed transcripts where every emotion slot also sees the next ``turns`` turns.
+
+    ``lengths[j]``: tokens of transcript *j*; ``slots[j]``: its slot positions, one per turn, in order.
+    Returns a (T, T) boolean matrix over the concatenated transcripts (position ids restart at each): the
+    slot of turn *i* sees the text of its transcript up to the end of turn ``i + turns`` and the slots of
+    turns ``<= i``; every other token sees the earlier text of its transcript and no slot. So the text is
+    encoded causally, as online, and what a slot learns about later turns cannot reach an earlier slot
+    through the text: the slot of turn *i* depends on turns ``<= i + turns`` exactly. (The transcript of a
+    look-ahead model carries no labels; training and configs enforce it.)
+    """
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    doc = torch.cat([torch.full((n,), j) for j, n in enumerate(lengths)])
+    horizon = pos.clone()
+    turn = torch.full_like(pos, -1)  # turn ordinal of a slot position, -1 elsewhere
+    start = 0
+    for n, s in zip(lengths, slots):
+        if s:
+            s = torch.tensor(s)
+            horizon[start + s] = s[torch.clamp(torch.arange(len(s)) + turns, max=len(s) - 1)]
+            turn[start + s] = torch.arange(len(s))
+        start += n
+    slot = turn >= 0
+    sees_slot = slot[:, None] & (turn[None, :] <= turn[:, None])
+    return (doc[:, None] == doc[None, :]) & (pos[None, :] <= horizon[:, None]) & (~slot[None, :] | sees_slot)
+
+
+def layer_masks(config, allowed: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """The ``attention_mask`` a transformers decoder takes for a (T, S) "may see" matrix: one (1, 1, T, S)
+    mask, or one per layer type (``sliding_attention`` also limited to keys within the sliding window on
+    either side; ``positions`` are the queries' and keys' position ids when T == S, else (query, key) pairs).
+    Boolean for sdpa and block attention; additive float masks (``dtype``) for eager attention."""
+    if getattr(config, "_attn_implementation", "sdpa") in ("sdpa", NAME, None):
+        def conv(m):
+            return m[None, None]
+    else:
+        def conv(m):
+            return torch.zeros(m.shape, dtype=dtype).masked_fill(~m, torch.finfo(dtype).min)[None, None]
+    q_pos, k_pos = positions if isinstance(positions, tuple) else (positions, positions)
+    types = set(getattr(config, "layer_types", None) or [])
+    window = getattr(config, "sliding_window", None)
+    if not types or types == {"full_attention"}:
+        return conv(allowed)
+    masks = {"full_attention": conv(allowed)}
+    if window:
+        near = (k_pos[None, :] - q_pos[:, None]).abs() < window
+        masks["sliding_attention"] = conv(allowed & near)
+    return masks
 
 
 def register() -> str:

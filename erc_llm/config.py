@@ -322,6 +322,10 @@ class TrainConfig(AudioOptions, SpeakerOptions):
     context: str = _f("online", "online: each slot sees only earlier turns (chat, streaming); offline: the "
                       "whole dialogue's text comes first (header_offline.txt), for batch labelling of finished "
                       "dialogues", ("online", "offline"))
+    lookahead: int = _f(0, "offline look-ahead for batch labelling of finished dialogues: each turn's emotion slot "
+                        "also attends to the next N turns' text (no extra tokens: the attention mask lets the slot "
+                        "see them; the rest of the transcript stays causal). Needs label_history: false; 0 = online",
+                        ge=0)
     seed: int = _f(0, "seed for init, data order and corruption", ge=0)
     # selection, checkpoints, output
     out: str = _f("runs/meld", "run directory")
@@ -355,6 +359,16 @@ class TrainConfig(AudioOptions, SpeakerOptions):
         if self.history_noise > 0 and not self.label_history:
             p.append(f"history_noise: {self.history_noise} corrupts written labels, but label_history is false (no "
                      "labels are written); set label_history: true or history_noise: 0")
+        if self.lookahead and self.label_history:
+            p.append(f"lookahead: {self.lookahead} lets each slot see later turns, and with label_history: true their "
+                     "written labels too; set label_history: false (text-only history) or lookahead: 0")
+        if self.lookahead and self.context != "online":
+            p.append(f"lookahead: {self.lookahead} and context: {self.context} are two kinds of offline context; "
+                     "choose one (context: online with lookahead, or lookahead: 0)")
+        if self.lookahead and (self.speaker_bios or self.speaker_history or self.audio_source != "none"):
+            p.append(f"lookahead: {self.lookahead} labels whole dialogues in one forward, which speaker memory and "
+                     "audio soft tokens do not support yet; set speaker_bios: false, speaker_history: 0 and "
+                     "audio_source: none, or lookahead: 0")
         if self.finetune == "full" and self.quant != "none":
             p.append(f"finetune: full trains the backbone's own weights, which a {self.quant} quantized backbone "
                      "cannot hold; set quant: none, or finetune: lora for QLoRA")

@@ -258,9 +258,6 @@ class PackedTagger:
         self.group_tokens = group_tokens or 2 * builder.max_tokens
         self.labels = builder.labels
         self.columns = [ids[0] for ids in self.single.trie.label_ids]
-        cfg = model.config
-        self.window = getattr(cfg, "sliding_window", None)
-        self.layer_types = set(getattr(cfg, "layer_types", None) or [])
 
     def size(self, dialogue: Dialogue) -> int:
         """Tokens the dialogue's whole transcript takes (longest label written after every turn)."""
@@ -290,19 +287,10 @@ class PackedTagger:
         return out
 
     def _masks(self, kd, kp, qd, qp):
+        from erc_llm.attention import layer_masks
+
         allowed = (kd[None, :] == qd[:, None]) & (kp[None, :] <= qp[:, None])
-        if getattr(self.model.config, "_attn_implementation", "sdpa") != "sdpa":  # eager: additive float masks
-            def conv(m):
-                return torch.zeros(m.shape, dtype=self.model.dtype).masked_fill(~m, torch.finfo(self.model.dtype).min)[None, None]
-        else:
-            def conv(m):
-                return m[None, None]
-        if not self.layer_types or self.layer_types == {"full_attention"}:
-            return conv(allowed)
-        masks = {"full_attention": conv(allowed)}
-        if self.window:
-            masks["sliding_attention"] = conv(allowed & (kp[None, :] > qp[:, None] - self.window))
-        return masks
+        return layer_masks(self.model.config, allowed, (qp, kp), self.model.dtype)
 
     @torch.inference_mode()
     def _tag_group(self, group: list[Dialogue]) -> list[list[TurnPrediction]]:
@@ -335,3 +323,90 @@ class PackedTagger:
                 pos[i] += len(f)
                 preds[i].append(TurnPrediction(utt.utterance_id, label, p.tolist()))
         return preds
+
+
+class LookaheadTagger:
+    """Offline labelling of finished dialogues by a model trained with look-ahead: one forward over the whole
+    text-only transcript, in which the slot of every turn also attends to the next ``turns`` turns (as in
+    training; :func:`erc_llm.attention.lookahead_masks`). Several dialogues share a forward (packed, each
+    seeing only itself). Labels are scored by their first token, as training scores them (distinct for every
+    label; exact when each label is one token). A dialogue longer than the token budget is scored in pieces
+    from its end: each piece is the longest run of turns that fits, and keeps the ``turns`` turns after the
+    last turn it scores, so every turn is scored once with its look-ahead.
+    """
+
+    history = "none"  # a look-ahead transcript carries no labels of earlier turns
+
+    def __init__(self, model, builder: PromptBuilder, turns: int, batch: int = 8, group_tokens: int | None = None):
+        if builder.write_labels:
+            raise ValueError("look-ahead needs a text-only transcript (label_history: false): a slot that sees later "
+                             "turns would also see the labels written after them")
+        if turns < 1:
+            raise ValueError(f"turns {turns}: expected >= 1 (0 is an online model; use StreamingTagger)")
+        from erc_llm.objective import first_token_ids
+
+        self.model, self.builder, self.turns, self.batch = model, builder, turns, batch
+        self.group_tokens = group_tokens or builder.max_tokens
+        self.labels = builder.labels
+        self.columns = first_token_ids(builder)
+
+    @property
+    def single(self) -> "LookaheadTagger":
+        return self
+
+    def pieces(self, dialogue: Dialogue) -> list[tuple]:
+        """(transcript, first scored turn, end of scored turns) covering every turn once, latest first."""
+        b = self.builder
+        enc = b.encode(dialogue)
+        n = len(enc["turns"])
+        out, end, scored_to = [], n, n
+        while scored_to > 0:
+            tr = b.assemble(enc["header"], enc["turns"][:end], [0] * end)
+            if tr.first_turn >= scored_to:  # the look-ahead turns alone fill the budget: score without them
+                end = scored_to
+                continue
+            out.append((tr, tr.first_turn, scored_to))
+            scored_to = tr.first_turn
+            end = min(n, scored_to + self.turns)
+        return out
+
+    def size(self, dialogue: Dialogue) -> int:
+        return sum(len(tr.input_ids) for tr, _, _ in self.pieces(dialogue))
+
+    def fits(self, dialogue: Dialogue) -> bool:
+        return True
+
+    def groups(self, sizes: list[int]) -> list[list[int]]:
+        from erc_llm.objective import pack
+
+        return [g[k: k + self.batch] for g in pack(sizes, self.group_tokens) for k in range(0, len(g), self.batch)]
+
+    def tag(self, dialogue: Dialogue, resume: list[TurnPrediction] = (), on_turn=None) -> list[TurnPrediction]:
+        """Predictions for every turn (one forward; ``resume``'s predictions are kept, ``on_turn`` is called
+        for the others, as :meth:`StreamingTagger.tag` does)."""
+        preds = list(resume) + self.tag_many([dialogue])[0][len(resume):]
+        if on_turn is not None:
+            for i in range(len(resume), len(preds)):
+                on_turn(i, preds[i])
+        return preds
+
+    @torch.inference_mode()
+    def tag_many(self, dialogues: list[Dialogue]) -> list[list[TurnPrediction]]:
+        from erc_llm.objective import packed_slot_logits, pack
+
+        jobs = [(i, tr, a, z) for i, d in enumerate(dialogues) for tr, a, z in self.pieces(d)]
+        probs: dict = {}
+        for group in pack([len(tr.input_ids) for _, tr, _, _ in jobs], self.group_tokens):
+            logits = packed_slot_logits(self.model, [jobs[j][1] for j in group], self.columns, lookahead=self.turns)
+            for j, lg in zip(group, logits):
+                i, tr, a, z = jobs[j]
+                p = torch.softmax(lg.float(), dim=-1)
+                for row, t in zip(p, tr.turn_index):
+                    if a <= t < z:
+                        probs[(i, t)] = row
+        out = []
+        for i, d in enumerate(dialogues):
+            rows = [probs[(i, t)] for t in range(len(d.utterances))]
+            out.append([TurnPrediction(u.utterance_id, self.labels.labels[int(p.argmax())], p.tolist())
+                        for u, p in zip(d.utterances, rows)])
+        return out

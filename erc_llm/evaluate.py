@@ -202,7 +202,7 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     scored = sum(r["gold"] is not None for r in rows)
     info = {
         "dataset": cfg.dataset, "split": cfg.split, "history": history, "context": p.context,
-        "labels": list(labels.labels),
+        "lookahead": p.lookahead, "labels": list(labels.labels),
         "dialogues": len(dialogues), "utterances": len(rows), "scored_utterances": scored,
         "skipped_on_load": dict(report.skipped), "model": p.name, "backbone": p.manifest.get("name", cfg.model),
         "model_source": p.manifest.get("source"), "run": str(p.run_dir) if p.run_dir else None,

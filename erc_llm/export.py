@@ -85,7 +85,8 @@ def model_card(spec: RunSpec, name: str, metrics: dict, extra: str = "") -> str:
     lines = [f"# {name}", "",
              f"LoRA adapter for `{spec.model}` (erc-llm) labelling the emotion of every turn of a conversation as one of: "
              f"{', '.join(spec.labels)}.", "",
-             f"- Prompt: templates in `prompts/` (version {spec.prompt_version}), context **{spec.context}**, "
+             f"- Prompt: templates in `prompts/` (version {spec.prompt_version}), context "
+             f"**{f'offline** (each slot also sees the next {spec.lookahead} turns; batch labelling only)' if spec.lookahead else spec.context + '**'}, "
              f"earlier turns' labels {'written into the transcript' if spec.label_history else 'not written (text-only history)'}, "
              f"token budget {spec.max_tokens}, utterances cut at {spec.max_utterance_tokens} tokens.",
              f"- Features: text{', speaker notes' if spec.speakers else ''}{', audio soft tokens' if spec.audio else ''}.",

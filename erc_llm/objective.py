@@ -78,33 +78,38 @@ def slot_logits(model, transcript: Transcript, label_token_ids: list[int], soft:
 
 
 def packed_slot_logits(model, transcripts: list[Transcript], label_token_ids: list[int],
-                       soft: torch.Tensor | None = None) -> list[torch.Tensor]:
+                       soft: torch.Tensor | None = None, lookahead: int = 0) -> list[torch.Tensor]:
     """Several transcripts in one forward: concatenated, with position ids restarting at each transcript.
 
     transformers turns restarting position ids into a block-diagonal causal mask (each transcript sees only
     its own earlier tokens; sliding windows within it), so every transcript gets the logits it would get
     alone, while the weights are read once for all of them. Returns one (n_slots, K) tensor per transcript.
-    ``soft``: the audio soft tokens of all kept turns, in transcript order.
+    ``soft``: the audio soft tokens of all kept turns, in transcript order. ``lookahead`` > 0: each slot also
+    sees the next ``lookahead`` turns of its transcript (:func:`erc_llm.attention.lookahead_masks`).
     """
+    from erc_llm.attention import layer_masks, lookahead_masks
     from erc_llm.projector import embed_ids
 
-    if len(transcripts) == 1:
+    if len(transcripts) == 1 and not lookahead:
         return [slot_logits(model, transcripts[0], label_token_ids, soft)]
     device = next(model.parameters()).device
-    ids, pos, keep, sizes = [], [], [], []
+    bare = getattr(model, "module", model)  # embeddings and config of the wrapped model; the forward stays wrapped
+    ids, keep, sizes = [], [], []
     for tr in transcripts:
         keep.extend(len(ids) + s for s in tr.slots)
         ids.extend(tr.input_ids)
-        pos.extend(range(len(tr.input_ids)))
         sizes.append(len(tr.slots))
+    pos = torch.cat([torch.arange(len(tr.input_ids)) for tr in transcripts]).to(device)
+    kw = {"position_ids": pos[None], "logits_to_keep": torch.tensor(keep, dtype=torch.long, device=device),
+          "use_cache": False}
+    if lookahead:  # otherwise transformers builds the causal block-diagonal mask from the position ids
+        allowed = lookahead_masks([len(tr.input_ids) for tr in transcripts], [tr.slots for tr in transcripts], lookahead)
+        kw["attention_mask"] = layer_masks(bare.config, allowed.to(device), pos, bare.dtype)
     x = torch.tensor([ids], dtype=torch.long, device=device)
-    p = torch.tensor([pos], dtype=torch.long, device=device)
-    k = torch.tensor(keep, dtype=torch.long, device=device)
     if soft is None:
-        out = model(input_ids=x, position_ids=p, logits_to_keep=k, use_cache=False)
+        out = model(input_ids=x, **kw)
     else:
-        bare = getattr(model, "module", model)
-        out = model(inputs_embeds=embed_ids(bare, x, soft), position_ids=p, logits_to_keep=k, use_cache=False)
+        out = model(inputs_embeds=embed_ids(bare, x, soft), **kw)
     return list(out.logits[0][:, label_token_ids].split(sizes))
 
 

@@ -65,6 +65,7 @@ class RunSpec:
     max_utterance_tokens: int = 96
     context: str = "online"  # online: causal; offline: the whole dialogue's text first (header_offline.txt)
     label_history: bool = True  # labels of earlier turns written into the transcript
+    lookahead: int = 0  # > 0: each slot also attends to the next N turns (offline; erc_llm.attention)
     speakers: dict | None = None  # speaker-note settings (bios, history, top_k, note_tokens)
     audio: dict | None = None  # {"source", "dir", "k_tokens"}
     train_dtype: str | None = None
@@ -85,6 +86,9 @@ class RunSpec:
         spec = cls(**{k: (tuple(v) if k == "labels" else v) for k, v in raw.items() if k in known})
         if spec.context not in CONTEXTS:
             raise RunError(f"{path}: context {spec.context!r} is not one of {list(CONTEXTS)}")
+        if not isinstance(spec.lookahead, int) or spec.lookahead < 0 or (spec.lookahead and spec.label_history):
+            raise RunError(f"{path}: lookahead {spec.lookahead!r} must be an integer >= 0, and 0 when label_history is "
+                           "true; the run folder is damaged")
         if spec.finetune not in FINETUNE_MODES:
             raise RunError(f"{path}: finetune {spec.finetune!r} is not one of {list(FINETUNE_MODES)}")
         return spec
@@ -114,7 +118,14 @@ class Predictor:
 
     @property
     def context(self) -> str:
-        return self.spec.context if self.spec else "online"
+        """online, or offline: the whole dialogue first (header), or look-ahead of the next turns at every slot."""
+        if self.spec is None:
+            return "online"
+        return "offline" if self.spec.lookahead else self.spec.context
+
+    @property
+    def lookahead(self) -> int:
+        return self.spec.lookahead if self.spec else 0
 
     def history_mode(self, history: str) -> str:
         """What earlier turns carry: 'none' for a text-only model, else the requested predicted/gold."""
@@ -139,9 +150,12 @@ class Predictor:
         return inputs
 
     def tagger(self, history: str = "predicted", batch: int = 1, audio_inputs=None):
-        """A PackedTagger (``batch`` > 1, no speaker memory, no audio) or a StreamingTagger."""
-        from erc_llm.decoding import PackedTagger, StreamingTagger
+        """A LookaheadTagger (a look-ahead model), a PackedTagger (``batch`` > 1, no speaker memory, no audio)
+        or a StreamingTagger."""
+        from erc_llm.decoding import LookaheadTagger, PackedTagger, StreamingTagger
 
+        if self.lookahead:
+            return LookaheadTagger(self.model, self.builder, self.lookahead, max(batch, 1))
         if batch > 1 and self.speakers is None and audio_inputs is None:
             return PackedTagger(self.model, self.builder, history, batch)
         audio = self.audio.feed(audio_inputs) if audio_inputs is not None else None

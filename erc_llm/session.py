@@ -66,8 +66,9 @@ class Engine:
         torch.set_num_threads(threads or os.cpu_count() or 1)
         p = load(None if zero_shot else (run or SHIPPED), model=model, dtype=dtype, labels=labels)
         if p.context != "online":
-            raise ValueError(f"model {p.name} was trained with {p.context} context (the whole dialogue's text comes "
-                             "first); a live session only knows the turns so far: use a model trained with context: online")
+            seen = f"the next {p.lookahead} turns at every slot" if p.lookahead else "the whole dialogue's text first"
+            raise ValueError(f"model {p.name} was trained with {p.context} context ({seen}); a live session only knows "
+                             "the turns so far: use a model trained with context: online and lookahead: 0")
         return cls(p.model, p.builder, p.labels, p.speakers, p.audio, p.name, LabelTrie(p.builder.label_ids))
 
     def soft_tokens(self, audio, heard: list | None = None) -> torch.Tensor | None:

@@ -116,20 +116,25 @@ def load_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, proje
 # ------------------------------------------------------------------------------------ selection
 
 @torch.no_grad()
-def dev_metrics(model, builder: PromptBuilder, dialogues, history: str, speakers=None, audio=None) -> dict:
+def dev_metrics(model, builder: PromptBuilder, dialogues, history: str, speakers=None, audio=None,
+                lookahead: int = 0) -> dict:
     """Dev metrics; ``speakers`` = a fresh SpeakerContext (dialogues must then be in dataset order);
-    ``audio`` = an AudioFeed of the dev split."""
-    from erc_llm.decoding import StreamingTagger
+    ``audio`` = an AudioFeed of the dev split; ``lookahead`` > 0: a look-ahead model (whole-dialogue forwards)."""
+    from erc_llm.decoding import LookaheadTagger, StreamingTagger
     from erc_llm.metrics import compute_metrics
 
     was_training = model.training
     model.eval()
     if audio:
         audio.projector.eval()
-    tagger = StreamingTagger(model, builder, history, speakers, audio)
+    if lookahead:
+        predictions = LookaheadTagger(model, builder, lookahead).tag_many(dialogues)
+    else:
+        tagger = StreamingTagger(model, builder, history, speakers, audio)
+        predictions = [tagger.tag(d) for d in dialogues]
     gold, pred = [], []
-    for d in dialogues:
-        for u, p in zip(d.utterances, tagger.tag(d)):
+    for d, preds in zip(dialogues, predictions):
+        for u, p in zip(d.utterances, preds):
             if u.emotion is not None:
                 gold.append(u.emotion)
                 pred.append(p.label)
@@ -153,7 +158,7 @@ def write_run_files(run: Path, cfg: TrainConfig, labels: LabelSet, templates: Te
     RunSpec(
         model=cfg.model, labels=tuple(labels.labels), dataset=cfg.dataset, backbone=manifest,
         prompt_version=templates.version, max_tokens=cfg.max_tokens, max_utterance_tokens=cfg.max_utterance_tokens,
-        context=cfg.context, label_history=cfg.label_history, speakers=settings_of(cfg), train_dtype=manifest.get("dtype"),
+        context=cfg.context, label_history=cfg.label_history, lookahead=cfg.lookahead, speakers=settings_of(cfg), train_dtype=manifest.get("dtype"),
         finetune=cfg.finetune,
         audio={"source": cfg.audio_source, "dir": str(Path(cfg.audio_dir).resolve()), "k_tokens": cfg.audio_k_tokens,
                "normalize": cfg.audio_normalize}
@@ -364,7 +369,7 @@ def fit(r: "Recipe") -> None:
                     soft = (train_audio.soft_tokens(projector, [rows[j]["utterance_ids"][t] for j in group
                                                                 for t in trs[j].turn_index])
                             if projector is not None else None)
-                    logits = packed_slot_logits(model, [trs[j] for j in group], label_tokens, soft)
+                    logits = packed_slot_logits(model, [trs[j] for j in group], label_tokens, soft, cfg.lookahead)
                 loss = 0.0
                 for j, lg in zip(group, logits):
                     targets = torch.tensor([rows[j]["labels"][t] for t in trs[j].turn_index], device=accelerator.device)
@@ -438,7 +443,7 @@ def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state, spe
     if accelerator.is_main_process:
         t0 = time.time()
         m = dev_metrics(model, builder, dev_d, "predicted", speakers() if speakers else None,
-                        audio.feed(dev_audio) if audio else None)
+                        audio.feed(dev_audio) if audio else None, cfg.lookahead)
         row = {"step": state["step"], "dev_predicted": m, "eval_seconds": time.time() - t0}
         if state["best"] is None or m["weighted_f1"] > state["best"]["dev_predicted"]["weighted_f1"]:
             state["best"] = {"step": state["step"], "dev_predicted": m}

@@ -73,3 +73,40 @@ def test_pack_groups_consecutive_items_within_budget():
     assert pack([100, 200, 300, 50], 400) == [[0, 1], [2, 3]]
     assert pack([500, 100], 400) == [[0], [1]]  # longer than the budget: alone
     assert pack([10, 10, 10], 0) == [[0], [1], [2]]
+
+
+def test_lookahead_mask_lets_each_slot_see_the_next_turns_and_nothing_else():
+    # two packed transcripts: slots at 1, 3, 5 (6 tokens) and at 1, 3 (4 tokens); one turn of look-ahead
+    m = attention.lookahead_masks([6, 4], [[1, 3, 5], [1, 3]], 1)
+    assert m.shape == (10, 10)
+    text = [0, 2, 4]
+    assert m[1].nonzero().flatten().tolist() == [0, 1, 2]  # slot of turn 0: its text, itself, turn 1's text
+    assert m[3].nonzero().flatten().tolist() == [0, 1, 2, 3, 4]  # turn 1: earlier slot too, turn 2's text
+    assert m[5].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5]  # the last turn has nothing after it
+    for q in text:  # text is causal and never sees a slot (what a slot saw ahead cannot flow back through it)
+        assert m[q].nonzero().flatten().tolist() == [k for k in text if k <= q]
+    assert not m[:6, 6:].any() and not m[6:, :6].any()  # packed transcripts never see each other
+    assert m[7].nonzero().flatten().tolist() == [6, 7, 8]
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_block_attention_equals_sdpa_with_lookahead_masks(tiny_tokenizer, monkeypatch, arch):
+    """Look-ahead masks let queries see keys after their block: block attention widens its band to them."""
+    monkeypatch.setattr(attention, "BLOCK", 16)
+    b, trs = _transcripts(tiny_tokenizer, [10, 4])
+    b.write_labels = False
+    trs = [b.build(toy_dialogue(n), [u.emotion for u in toy_dialogue(n).utterances]) for n in (10, 4)]
+    firsts = first_token_ids(b)
+    results = []
+    for impl in ("sdpa", attention.register()):
+        model = make_model(len(tiny_tokenizer), arch).train()
+        model.set_attn_implementation(impl)
+        logits = packed_slot_logits(model, trs, firsts, lookahead=2)
+        torch.cat(logits).float().logsumexp(-1).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append(([x.detach() for x in logits], grads))
+    (ref, ref_g), (got, got_g) = results
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    for n in ref_g:
+        torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-4, atol=1e-5, msg=n)

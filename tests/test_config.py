@@ -39,7 +39,7 @@ def test_shipped_configs_are_valid(meld_dir):
 
 
 @pytest.mark.parametrize("name", ["meld", "meld_offline", "iemocap", "iemocap_offline", "iemocap_prosody", "jsonl",
-                                  "meld_ablation"])
+                                  "meld_ablation", "meld_lookahead", "iemocap_lookahead"])
 def test_training_configs_are_valid(name, meld_dir, tmp_path):
     """Every training YAML the README names builds with no problems; the offline ones select the offline
     header, the others stay causal."""
@@ -61,6 +61,7 @@ def test_training_configs_are_valid(name, meld_dir, tmp_path):
     cfg = build(TrainConfig, str(path), overrides)
     assert cfg.context == ("offline" if name.endswith("offline") else "online")
     assert cfg.label_history is (name == "meld_ablation")
+    assert cfg.lookahead == (3 if name.endswith("lookahead") else 0)
 
 
 def test_speaker_and_audio_options_are_validated_together(tmp_path):
@@ -88,3 +89,18 @@ def test_history_noise_needs_written_labels(tmp_path):
     cfg = build(TrainConfig, None, {"data_dir": str(tmp_path), "dataset": "jsonl", "history_noise": "0.2",
                                     "label_history": "true"})
     assert cfg.label_history and cfg.history_noise == 0.2
+
+
+def test_lookahead_needs_a_text_only_online_transcript_without_memory_or_audio(tmp_path):
+    from erc_llm.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError) as e:
+        build(TrainConfig, None, {"data_dir": str(tmp_path), "dataset": "jsonl", "lookahead": "2",
+                                  "label_history": "true", "context": "offline", "speaker_history": "3",
+                                  "speaker_store": str(tmp_path)})
+    msg = str(e.value)
+    assert "lookahead: 2 lets each slot see later turns, and with label_history: true their written labels too" in msg
+    assert "lookahead: 2 and context: offline are two kinds of offline context" in msg
+    assert "speaker memory and audio soft tokens do not support yet" in msg
+    cfg = build(TrainConfig, None, {"data_dir": str(tmp_path), "dataset": "jsonl", "lookahead": "2"})
+    assert cfg.lookahead == 2 and not cfg.label_history

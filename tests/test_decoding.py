@@ -161,3 +161,47 @@ def test_text_only_history_decoding_equals_full_forward(tiny_tokenizer, tiny_mod
         assert p.probs == pytest.approx(r, abs=1e-4)
     packed = PackedTagger(tiny_model, builder, batch=4).tag_many([d, toy_dialogue(3, "d2")])[0]
     assert [p.label for p in packed] == [p.label for p in preds]
+
+
+def _with_text(d: Dialogue, i: int, text: str) -> Dialogue:
+    utts = list(d.utterances)
+    utts[i] = Utterance(utts[i].speaker, text, utts[i].emotion, utts[i].utterance_id)
+    return Dialogue(d.id, utts)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_lookahead_slot_depends_on_exactly_the_next_turns(tiny_tokenizer, arch):
+    """With look-ahead N, turn i's probabilities change with the text of turn i + N and not with any later turn."""
+    from erc_llm.decoding import LookaheadTagger
+
+    model = make_model(len(tiny_tokenizer), arch)
+    builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=4096, write_labels=False)
+    tagger = LookaheadTagger(model, builder, 2)
+    d = toy_dialogue(8)
+    base = [torch.tensor(p.probs) for p in tagger.tag(d)]
+    assert all(abs(float(p.sum()) - 1) < 1e-5 for p in base)
+    changed = [torch.tensor(p.probs) for p in tagger.tag(_with_text(d, 5, "Never, ever again, Ross."))]
+    for i in range(3):  # turns 0..2 see at most turn 4
+        torch.testing.assert_close(changed[i], base[i], rtol=0, atol=1e-6)
+    assert not torch.allclose(changed[3], base[3], atol=1e-5)  # turn 3 sees turn 5
+    # several dialogues in one forward give what each gives alone
+    many = tagger.tag_many([toy_dialogue(3, "a"), d, toy_dialogue(5, "b")])
+    torch.testing.assert_close(torch.tensor([p.probs for p in many[1]]), torch.stack(base), rtol=0, atol=1e-5)
+
+
+def test_lookahead_scores_a_long_dialogue_in_pieces_with_every_turn_once(tiny_tokenizer, tiny_model):
+    from erc_llm.decoding import LookaheadTagger
+
+    builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=120, max_utterance_tokens=24, write_labels=False)
+    tagger = LookaheadTagger(tiny_model, builder, 2)
+    d = toy_dialogue(20)
+    pieces = tagger.pieces(d)
+    assert len(pieces) > 2 and all(len(tr.input_ids) <= 120 for tr, _, _ in pieces)
+    scored = sorted(t for _, a, z in pieces for t in range(a, z))
+    assert scored == list(range(20))
+    for tr, a, z in pieces:  # each scored turn has its two look-ahead turns in the same transcript
+        assert tr.turn_index[-1] >= min(19, z - 1 + 2)
+    preds = tagger.tag(d)
+    assert [p.utterance_id for p in preds] == [u.utterance_id for u in d.utterances]
+    with pytest.raises(ValueError, match="look-ahead needs a text-only transcript"):
+        LookaheadTagger(tiny_model, PromptBuilder(tiny_tokenizer, LABELS), 2)

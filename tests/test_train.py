@@ -181,3 +181,29 @@ def test_train_with_audio_and_speakers_writes_a_self_contained_run(tmp_path, tin
     m = json.loads((run / "eval" / "test_predicted" / "metrics.json").read_text())
     assert m["audio"] == {"source": "csv", "missing": 1} and m["speakers"]["history"] == 3
     assert not (run / "eval" / "test_gold").exists()
+
+
+def test_lookahead_run_trains_evaluates_offline_and_is_refused_by_live_sessions(tmp_path, tiny_model_dir):
+    """A look-ahead run records its mode; every loader gives it the whole-dialogue tagger; chat refuses it."""
+    import pytest
+
+    from erc_llm.decoding import LookaheadTagger
+    from erc_llm.run import load
+    from erc_llm.session import Engine
+
+    data = write_jsonl_dataset(tmp_path / "data", 4)
+    run = tmp_path / "run"
+    args = _args(data, tiny_model_dir, run, max_steps=2, test_eval="true", label_history="false", history_noise=0,
+                 lookahead=2, labels=",".join(LABELS.labels))
+    r = subprocess.run([sys.executable, str(REPO / "erc_llm/train.py"), *args], env=_env(tmp_path),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "run.json").read_text())["lookahead"] == 2
+    assert json.loads((run / "best.json").read_text())["dev_predicted"]["weighted_f1"] >= 0
+    m = json.loads((run / "eval" / "test_predicted" / "metrics.json").read_text())
+    assert (m["context"], m["lookahead"], m["history"]) == ("offline", 2, "none")
+    assert m["utterances"] == 3 + 4 + 5 + 6
+    p = load(str(run))
+    assert isinstance(p.tagger("predicted", batch=4), LookaheadTagger) and p.tagger().turns == 2
+    with pytest.raises(ValueError, match="the next 2 turns at every slot"):
+        Engine.load(str(run))
