@@ -191,6 +191,14 @@ def written_label(history: str, utt: Utterance, predicted: str) -> str:
     return utt.emotion
 
 
+def batch_groups(sizes: list[int], group_tokens: int, batch: int) -> list[list[int]]:
+    """Consecutive indices packed within ``group_tokens`` tokens (``erc_llm.objective.pack``), each pack then cut
+    into groups of at most ``batch`` items: the dialogues that share one forward in batch evaluation."""
+    from erc_llm.objective import pack
+
+    return [g[k: k + batch] for g in pack(sizes, group_tokens) for k in range(0, len(g), batch)]
+
+
 class StreamingTagger:
     """Label every turn of a dialogue with the constrained decoder over one KV cache.
 
@@ -271,9 +279,7 @@ class PackedTagger:
     def groups(self, sizes: list[int]) -> list[list[int]]:
         """Consecutive indices grouped by at most ``batch`` dialogues and ``group_tokens`` tokens: every query
         attends over the whole shared cache (masked), so long dialogues go in smaller groups."""
-        from erc_llm.objective import pack
-
-        return [g[k: k + self.batch] for g in pack(sizes, self.group_tokens) for k in range(0, len(g), self.batch)]
+        return batch_groups(sizes, self.group_tokens, self.batch)
 
     def tag_many(self, dialogues: list[Dialogue]) -> list[list[TurnPrediction]]:
         out: list = [None] * len(dialogues)
@@ -377,9 +383,7 @@ class LookaheadTagger:
         return True
 
     def groups(self, sizes: list[int]) -> list[list[int]]:
-        from erc_llm.objective import pack
-
-        return [g[k: k + self.batch] for g in pack(sizes, self.group_tokens) for k in range(0, len(g), self.batch)]
+        return batch_groups(sizes, self.group_tokens, self.batch)
 
     def tag(self, dialogue: Dialogue, resume: list[TurnPrediction] = (), on_turn=None) -> list[TurnPrediction]:
         """Predictions for every turn (one forward; ``resume``'s predictions are kept, ``on_turn`` is called
