@@ -319,6 +319,11 @@ class TrainConfig(AudioOptions, SpeakerOptions):
                              "transcript carries text only, the same in training and at test (no exposure bias)")
     history_noise: float = _f(0.0, "probability that an earlier turn's written label is replaced by one drawn from "
                               "the training prior (label corruption against exposure bias)", ge=0, le=1)
+    on_policy: float = _f(0.0, "probability that a training dialogue's written labels are the model's own "
+                          "predictions, decoded turn by turn with the current weights (no gradient) exactly as at "
+                          "test time, instead of gold + history_noise: training sees the history it will be tested "
+                          "on (DAgger-style). Costs one decoding pass per such dialogue; needs label_history: true",
+                          ge=0, le=1)
     context: str = _f("online", "online: each slot sees only earlier turns (chat, streaming); offline: the "
                       "whole dialogue's text comes first (header_offline.txt), for batch labelling of finished "
                       "dialogues", ("online", "offline"))
@@ -359,6 +364,9 @@ class TrainConfig(AudioOptions, SpeakerOptions):
         if self.history_noise > 0 and not self.label_history:
             p.append(f"history_noise: {self.history_noise} corrupts written labels, but label_history is false (no "
                      "labels are written); set label_history: true or history_noise: 0")
+        if self.on_policy > 0 and not self.label_history:
+            p.append(f"on_policy: {self.on_policy} writes the model's own labels into the history, but label_history "
+                     "is false (no labels are written); set label_history: true or on_policy: 0")
         if self.lookahead and self.label_history:
             p.append(f"lookahead: {self.lookahead} lets each slot see later turns, and with label_history: true their "
                      "written labels too; set label_history: false (text-only history) or lookahead: 0")

@@ -112,12 +112,15 @@ class StreamState:
         self.max_answer = max(len(ids) for ids in builder.label_ids) + len(builder.suffix_ids)
         self.columns = [ids[0] for ids in trie.label_ids]
 
-    @torch.inference_mode()
     def score(self, utt: Utterance, note: str = "", soft: torch.Tensor | None = None) -> torch.Tensor:
         """Label probabilities of a new turn; ``soft`` = its audio soft tokens when the prompt has audio."""
+        return self.score_ids(self.builder.turn_ids(utt, note), soft)
+
+    @torch.inference_mode()
+    def score_ids(self, turn: list[int], soft: torch.Tensor | None = None) -> torch.Tensor:
+        """``score`` for a turn already tokenized by ``PromptBuilder.turn_ids``."""
         if self._turn is not None:
             raise RuntimeError("score() called twice without commit(); commit a label for the previous turn first")
-        turn = self.builder.turn_ids(utt, note)
         feed, parts = self._advance(turn, soft)
         feed = self.backlog + feed  # turns replayed since the last forward go in with this one
         parts = self.backlog_soft + parts
@@ -180,6 +183,19 @@ class StreamState:
         self.backlog, self.backlog_soft = [], []
         self.pending = header + [t for s in self.segments[self.first_kept:] for t in s]
         self.pending_soft = [s for s in self.soft[self.first_kept:] if s is not None]
+
+
+def rollout(model, builder: PromptBuilder, header: list[int], turns: list[list[int]], soft=None) -> list[int]:
+    """The labels (indices) the model writes for every turn of a tokenized dialogue (``PromptBuilder.encode``)
+    when it labels it turn by turn with its own predictions as history, exactly as at test time; ``soft(i)``
+    = turn *i*'s audio soft tokens when the prompt has audio. Used for on-policy history in training: the
+    caller puts the model in eval mode."""
+    state = StreamState(model, builder, LabelTrie(builder.label_ids), header)
+    written = []
+    for i, turn in enumerate(turns):
+        written.append(int(state.score_ids(turn, soft(i) if soft else None).argmax()))
+        state.commit(builder.labels.labels[written[-1]])
+    return written
 
 
 def written_label(history: str, utt: Utterance, predicted: str) -> str:

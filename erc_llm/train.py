@@ -341,7 +341,7 @@ def fit(r: "Recipe") -> None:
     optimizer, scheduler, params, builder, data, state = r.optimizer, r.scheduler, r.params, r.builder, r.data, r.state
     projector, train_audio = r.projector, r.train_audio
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    total, prior, weights, label_tokens = r.total, r.prior, r.weights, r.label_tokens
+    total, weights, label_tokens = r.total, r.weights, r.label_tokens
     weights_dtype, autocast = training_precision(cfg)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[weights_dtype]
     bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", disable=not main, dynamic_ncols=True)
@@ -358,9 +358,8 @@ def fit(r: "Recipe") -> None:
         t_step = time.time()
         step_loss, step_tokens, step_labels = 0.0, 0, 0
         rows = [data[idx] for idx in batch]
-        trs = [builder.assemble(row["header"], row["turns"], corrupt_history(
-            row["labels"], cfg.history_noise, prior, np.random.default_rng([cfg.seed, state["epoch"], idx])))
-            for idx, row in zip(batch, rows)]
+        written = [history_labels(r, idx, row) for idx, row in zip(batch, rows)]
+        trs = [builder.assemble(row["header"], row["turns"], w) for row, w in zip(rows, written)]
         packs = pack([len(tr.input_ids) for tr in trs], cfg.pack_tokens)
         for i, group in enumerate(packs):
             sync = contextlib.nullcontext() if i == len(packs) - 1 else accelerator.no_sync(model)
@@ -401,9 +400,13 @@ def fit(r: "Recipe") -> None:
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:.0f}", epoch=state["epoch"])
         bar.update(1)
         if main:
-            append_log(run, {"step": state["step"], "epoch": state["epoch"], "loss": step_loss,
-                             "lr": scheduler.get_last_lr()[0], "tokens_per_second": tps,
-                             "labels_per_second": state["labels_seen"] / max(state["train_seconds"], 1e-9)})
+            row = {"step": state["step"], "epoch": state["epoch"], "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_second": tps,
+                   "labels_per_second": state["labels_seen"] / max(state["train_seconds"], 1e-9)}
+            if cfg.label_history:  # how often the labels written into this step's transcripts were right
+                pairs = [(w, g) for row_, ws in zip(rows, written) for w, g in zip(ws, row_["labels"]) if g >= 0]
+                row["history_agreement"] = sum(w == g for w, g in pairs) / max(len(pairs), 1)
+            append_log(run, row)
         if state["step"] % cfg.eval_every == 0 or state["step"] == total:
             evaluate_and_select(cfg, run, accelerator, unwrapped, builder, r.dev_d, state, r.dev_speakers,
                                 r.audio, r.dev_audio)
@@ -413,6 +416,31 @@ def fit(r: "Recipe") -> None:
                                 r.audio.projector if r.audio else None)
             accelerator.wait_for_everyone()
     bar.close()
+
+
+def history_labels(r: "Recipe", idx: int, row: dict) -> list[int]:
+    """The labels written into training dialogue ``idx``'s transcript: with probability ``on_policy`` the
+    model's own, decoded turn by turn with the current weights as at test time; otherwise gold corrupted at
+    ``history_noise``. Both draws are seeded by (seed, epoch, dialogue), so a resumed run repeats them."""
+    from erc_llm.decoding import rollout
+
+    cfg, epoch = r.cfg, r.state["epoch"]
+    if not cfg.label_history:
+        return row["labels"]  # not written: the transcript carries no labels
+    if cfg.on_policy and np.random.default_rng([cfg.seed, epoch, idx, 1]).random() < cfg.on_policy:
+        model, projector = r.unwrapped, r.audio.projector if r.audio else None
+        model.eval()
+        if projector is not None:
+            projector.eval()
+        with torch.inference_mode():
+            soft = ((lambda i: r.train_audio.soft_tokens(projector, [row["utterance_ids"][i]]))
+                    if projector is not None else None)
+            out = rollout(model, r.builder, row["header"], row["turns"], soft)
+        model.train()
+        if projector is not None:
+            projector.train()
+        return out
+    return corrupt_history(row["labels"], cfg.history_noise, r.prior, np.random.default_rng([cfg.seed, epoch, idx]))
 
 
 def train(cfg: TrainConfig) -> dict:

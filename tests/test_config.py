@@ -81,7 +81,7 @@ def test_speaker_and_audio_options_are_validated_together(tmp_path):
         build(TrainConfig, None, {"data_dir": str(tmp_path), "audio_source": "wav"})
 
 
-def test_history_noise_needs_written_labels(tmp_path):
+def test_history_noise_and_on_policy_need_written_labels(tmp_path):
     from erc_llm.config import ConfigError, TrainConfig
 
     with pytest.raises(ConfigError, match=r"history_noise: 0.2 corrupts written labels, but label_history is false"):
@@ -89,6 +89,8 @@ def test_history_noise_needs_written_labels(tmp_path):
     cfg = build(TrainConfig, None, {"data_dir": str(tmp_path), "dataset": "jsonl", "history_noise": "0.2",
                                     "label_history": "true"})
     assert cfg.label_history and cfg.history_noise == 0.2
+    with pytest.raises(ConfigError, match=r"on_policy: 1.0 writes the model's own labels .* label_history is false"):
+        build(TrainConfig, None, {"data_dir": str(tmp_path), "dataset": "jsonl", "on_policy": "1.0"})
 
 
 def test_lookahead_needs_a_text_only_online_transcript_without_memory_or_audio(tmp_path):

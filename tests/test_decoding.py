@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from erc_llm.data.schema import Dialogue, LabelSet, Utterance
-from erc_llm.decoding import LabelTrie, PackedTagger, StreamingTagger
+from erc_llm.decoding import LabelTrie, PackedTagger, StreamingTagger, rollout
 from erc_llm.prompting import PromptBuilder
 from tests.conftest import LABELS, make_model, make_tokenizer, toy_dialogue
 
@@ -75,6 +75,17 @@ def test_truncation_keeps_cache_within_budget(tiny_tokenizer, tiny_model):
         assert torch.isclose(probs.sum(), torch.tensor(1.0))
         state.commit(LABELS.labels[int(probs.argmax())])
     assert state.first_kept > 0 and len(state.segments) == 40
+
+
+@pytest.mark.parametrize("max_tokens", [4096, 200])
+def test_rollout_of_tokenized_turns_writes_what_the_tagger_predicts(tiny_tokenizer, tiny_model, max_tokens):
+    """On-policy history in training: the labels decoded from a tokenized dialogue (``encode``) are the
+    tagger's predictions with predicted history, also when the transcript outgrows the token budget."""
+    builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=max_tokens, max_utterance_tokens=24)
+    d = toy_dialogue(30)
+    enc = builder.encode(d)
+    written = rollout(tiny_model, builder, enc["header"], enc["turns"])
+    assert written == [LABELS.index(p.label) for p in StreamingTagger(tiny_model, builder).tag(d)]
 
 
 def test_trie_rejects_ambiguous_labels():

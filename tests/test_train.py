@@ -207,3 +207,35 @@ def test_lookahead_run_trains_evaluates_offline_and_is_refused_by_live_sessions(
     assert isinstance(p.tagger("predicted", batch=4), LookaheadTagger) and p.tagger().turns == 2
     with pytest.raises(ValueError, match="the next 2 turns at every slot"):
         Engine.load(str(run))
+
+
+def test_on_policy_history_writes_the_labels_the_model_itself_would_write(tmp_path, tiny_model_dir):
+    """on_policy: 1 writes what the model writes at test time (turn-by-turn decoding with predicted history,
+    current weights), not gold, and leaves the model training; on_policy: 0 writes gold; a run logs how often
+    the written labels were right."""
+    from erc_llm.config import TrainConfig, build
+    from erc_llm.data import load_split
+    from erc_llm.decoding import StreamingTagger
+    from erc_llm.train import fit, history_labels, setup
+
+    data = write_jsonl_dataset(tmp_path / "data", 4)
+    base = {"dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir), "labels": list(LABELS.labels),
+            "label_history": True, "batch_dialogues": 1, "max_steps": 2, "eval_every": 100, "save_every": 100,
+            "test_eval": False, "dtype": "float32"}
+    r = setup(build(TrainConfig, None, {**base, "on_policy": 1.0, "out": str(tmp_path / "run")}))
+    dialogues, _, _ = load_split("jsonl", "train", str(data), LABELS.labels)
+    tagger = StreamingTagger(r.unwrapped, r.builder, "predicted")
+    differs = False
+    for idx, d in enumerate(dialogues):
+        row = r.data[idx]
+        own = history_labels(r, idx, row)
+        assert r.unwrapped.training
+        assert own == [LABELS.index(p.label) for p in tagger.tag(d)]
+        differs |= own != row["labels"]
+    assert differs, "a random tiny model should miss some gold labels"
+    fit(r)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if "loss" in x]
+    assert len(rows) == 2 and all(0 <= x["history_agreement"] <= 1 for x in rows)
+
+    gold = setup(build(TrainConfig, None, {**base, "on_policy": 0.0, "out": str(tmp_path / "gold")}))
+    assert all(history_labels(gold, i, gold.data[i]) == gold.data[i]["labels"] for i in range(len(dialogues)))
