@@ -115,6 +115,21 @@ def load_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, proje
 
 # ------------------------------------------------------------------------------------ selection
 
+@contextlib.contextmanager
+def eval_mode(*modules):
+    """Put ``modules`` (``None`` entries skipped) into eval mode for the block; each gets its previous mode back
+    afterwards, also when the block raises."""
+    modules = [m for m in modules if m is not None]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
 @torch.no_grad()
 def dev_metrics(model, builder: PromptBuilder, dialogues, history: str, speakers=None, audio=None,
                 lookahead: int = 0) -> dict:
@@ -123,24 +138,18 @@ def dev_metrics(model, builder: PromptBuilder, dialogues, history: str, speakers
     from erc_llm.decoding import LookaheadTagger, StreamingTagger
     from erc_llm.metrics import compute_metrics
 
-    was_training = model.training
-    model.eval()
-    if audio:
-        audio.projector.eval()
-    if lookahead:
-        predictions = LookaheadTagger(model, builder, lookahead).tag_many(dialogues)
-    else:
-        tagger = StreamingTagger(model, builder, history, speakers, audio)
-        predictions = [tagger.tag(d) for d in dialogues]
+    with eval_mode(model, audio.projector if audio else None):
+        if lookahead:
+            predictions = LookaheadTagger(model, builder, lookahead).tag_many(dialogues)
+        else:
+            tagger = StreamingTagger(model, builder, history, speakers, audio)
+            predictions = [tagger.tag(d) for d in dialogues]
     gold, pred = [], []
     for d, preds in zip(dialogues, predictions):
         for u, p in zip(d.utterances, preds):
             if u.emotion is not None:
                 gold.append(u.emotion)
                 pred.append(p.label)
-    model.train(was_training)
-    if audio:
-        audio.projector.train(was_training)
     m = compute_metrics(gold, pred, builder.labels)
     return {k: m[k] for k in ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1")}
 
@@ -429,17 +438,10 @@ def history_labels(r: "Recipe", idx: int, row: dict) -> list[int]:
         return row["labels"]  # not written: the transcript carries no labels
     if cfg.on_policy and np.random.default_rng([cfg.seed, epoch, idx, 1]).random() < cfg.on_policy:
         model, projector = r.unwrapped, r.audio.projector if r.audio else None
-        model.eval()
-        if projector is not None:
-            projector.eval()
-        with torch.inference_mode():
-            soft = ((lambda i: r.train_audio.soft_tokens(projector, [row["utterance_ids"][i]]))
-                    if projector is not None else None)
-            out = rollout(model, r.builder, row["header"], row["turns"], soft)
-        model.train()
-        if projector is not None:
-            projector.train()
-        return out
+        soft = ((lambda i: r.train_audio.soft_tokens(projector, [row["utterance_ids"][i]]))
+                if projector is not None else None)
+        with eval_mode(model, projector), torch.inference_mode():
+            return rollout(model, r.builder, row["header"], row["turns"], soft)
     return corrupt_history(row["labels"], cfg.history_noise, r.prior, np.random.default_rng([cfg.seed, epoch, idx]))
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import LABELS, REPO, fit_toy_dialogue, write_jsonl_dataset
@@ -239,3 +240,17 @@ def test_on_policy_history_writes_the_labels_the_model_itself_would_write(tmp_pa
 
     gold = setup(build(TrainConfig, None, {**base, "on_policy": 0.0, "out": str(tmp_path / "gold")}))
     assert all(history_labels(gold, i, gold.data[i]) == gold.data[i]["labels"] for i in range(len(dialogues)))
+
+
+def test_eval_mode_restores_each_modules_previous_mode_also_on_error():
+    """Dev decoding and on-policy rollouts run in eval mode; afterwards each module is back in the mode it
+    was in (a module that was in eval mode stays there), even when decoding raises."""
+    from erc_llm.train import eval_mode
+
+    training, frozen = torch.nn.Dropout(), torch.nn.Dropout().eval()
+    with eval_mode(training, None, frozen):
+        assert not training.training and not frozen.training
+    assert training.training and not frozen.training
+    with pytest.raises(RuntimeError, match="decoding failed"), eval_mode(training):
+        raise RuntimeError("decoding failed")
+    assert training.training
