@@ -308,7 +308,9 @@ class TrainConfig(AudioOptions, SpeakerOptions):
     batch_dialogues: int = _f(4, "dialogues per optimizer step per process (gradient accumulation)", ge=1)
     lr: float = _f(2e-4, "peak learning rate (AdamW)", gt=0)
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
-    warmup_ratio: float = _f(0.05, "linear warm-up fraction of all steps; then linear decay to 0", ge=0, lt=1)
+    warmup_ratio: float = _f(0.05, "linear warm-up fraction of all steps, before lr_schedule takes over", ge=0, lt=1)
+    lr_schedule: str = _f("linear", "learning rate after warm-up: linear or cosine decay to 0, or constant "
+                          "(transformers' schedules of those names)", ("linear", "cosine", "constant_with_warmup"))
     max_grad_norm: float = _f(1.0, "gradient clipping", gt=0)
     class_weights: str = _f("sqrt_inverse", "class weighting of the loss", ("none", "inverse", "sqrt_inverse"))
     focal_gamma: float = _f(0.0, "focal loss gamma (0 = plain cross-entropy)", ge=0)

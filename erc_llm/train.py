@@ -259,7 +259,7 @@ def setup(cfg: TrainConfig) -> "Recipe":
     """Config -> data (tokenized, cached) -> backbone + LoRA (+ projector) -> optimizer, schedule, state (resumed
     from the checkpoint with ``--resume``) -> the run directory's spec files."""
     from accelerate import Accelerator
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_scheduler
 
     from erc_llm.backbone import load_for_training
 
@@ -320,7 +320,7 @@ def setup(cfg: TrainConfig) -> "Recipe":
         raise ValueError(f"{len(data)} training dialogues are fewer than one step needs "
                          f"({world} processes x batch_dialogues {cfg.batch_dialogues}); lower batch_dialogues")
     total = cfg.max_steps or math.ceil(per_epoch * cfg.epochs)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    scheduler = get_scheduler(cfg.lr_schedule, optimizer, int(cfg.warmup_ratio * total), total)
     if projector is not None:
         model, projector, optimizer = accelerator.prepare(model, projector, optimizer)
     else:

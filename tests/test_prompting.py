@@ -2,7 +2,7 @@ import pytest
 
 from erc_llm.data.schema import Utterance
 from erc_llm.prompting import PromptBuilder, Templates, fit_window
-from tests.conftest import LABELS, toy_dialogue
+from tests.conftest import LABELS, REPO, toy_dialogue
 
 
 @pytest.fixture
@@ -103,3 +103,18 @@ def test_offline_header_holds_the_whole_conversation(tiny_tokenizer):
     assert last.text not in tiny_tokenizer.decode(online.header_ids(d))
     with pytest.raises(ValueError, match="context 'future' not supported"):
         Templates.load(context="future")
+
+
+@pytest.mark.parametrize("folder,labels", [("meld_described", "MELD_LABELS"), ("iemocap_described", "IEMOCAP_LABELS")])
+def test_label_description_prompts_describe_exactly_the_label_set(folder, labels):
+    """The shipped label-description headers load as prompt folders, keep the online header's slots, and give
+    one description line to every label of their dataset and to no other label."""
+    import re
+
+    from erc_llm.data import schema
+
+    t = Templates.load(REPO / "configs" / "prompts" / folder)
+    assert "{labels}" in t.header and "{speakers}" in t.header
+    assert (t.turn_prefix, t.turn_suffix) == (Templates.load().turn_prefix, Templates.load().turn_suffix)
+    described = re.findall(r"^- (\w+): ", t.header, flags=re.M)
+    assert sorted(described) == sorted(getattr(schema, labels).labels)

@@ -1,6 +1,7 @@
 """The training entry point: LoRA mechanics, accelerate launch, 2-process torchrun, kill -9 and resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -254,3 +255,37 @@ def test_eval_mode_restores_each_modules_previous_mode_also_on_error():
     with pytest.raises(RuntimeError, match="decoding failed"), eval_mode(training):
         raise RuntimeError("decoding failed")
     assert training.training
+
+
+def test_lr_schedule_shapes_the_learning_rate_after_warm_up(tmp_path, tiny_model_dir):
+    """Warm-up to the peak, then linear or cosine decay to 0, or a constant peak: the schedule the optimizer
+    actually gets from the config."""
+    from erc_llm.config import TrainConfig, build
+    from erc_llm.train import setup
+
+    data = write_jsonl_dataset(tmp_path / "data", 4)
+    curves = {}
+    for name in ("linear", "cosine", "constant_with_warmup"):
+        r = setup(build(TrainConfig, None, {
+            "dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir), "labels": list(LABELS.labels),
+            "batch_dialogues": 1, "max_steps": 10, "warmup_ratio": 0.2, "lr": 1e-3, "lr_schedule": name,
+            "test_eval": False, "dtype": "float32", "out": str(tmp_path / name)}))
+        curve = []
+        for _ in range(10):
+            curve.append(r.scheduler.get_last_lr()[0])
+            r.optimizer.step()
+            r.scheduler.step()
+        curves[name] = curve
+    for curve in curves.values():
+        assert curve[:3] == pytest.approx([0, 5e-4, 1e-3])  # 2 warm-up steps
+    assert curves["constant_with_warmup"][2:] == pytest.approx([1e-3] * 8)
+    assert curves["linear"][4] == pytest.approx(1e-3 * 6 / 8)  # 2 of 8 decay steps done
+    assert curves["cosine"][4] == pytest.approx(1e-3 * (1 + math.cos(math.pi * 2 / 8)) / 2)
+    assert curves["cosine"][4] > curves["linear"][4]
+
+
+def test_unknown_lr_schedule_is_a_config_error_naming_the_choices():
+    from erc_llm.config import TrainConfig, build
+
+    with pytest.raises(ValueError, match=r"lr_schedule: 'step' is not valid; expected one of \['linear', 'cosine'"):
+        build(TrainConfig, None, {"lr_schedule": "step"})
