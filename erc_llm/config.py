@@ -333,6 +333,10 @@ class TrainConfig(AudioOptions, SpeakerOptions):
                         "also attends to the next N turns' text (no extra tokens: the attention mask lets the slot "
                         "see them; the rest of the transcript stays causal). Needs label_history: false; 0 = online",
                         ge=0)
+    curriculum: str = _f("none", "order of the first epoch: none (shuffled, like every later epoch) or "
+                         "short_first (shortest transcripts first: long dialogues, where a wrong written label "
+                         "travels furthest, come after the model has learnt on short ones)",
+                         ("none", "short_first"))
     seed: int = _f(0, "seed for init, data order and corruption", ge=0)
     # selection, checkpoints, output
     out: str = _f("runs/meld", "run directory")

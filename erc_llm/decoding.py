@@ -269,9 +269,9 @@ class PackedTagger:
     :class:`StreamingTagger` shows it, while the weights are read once per step for all of them (on a CPU,
     small forwards are bound by reading the weights).
 
-    Used for batch evaluation when every label is one token and there is no cross-dialogue state (no
-    speaker memory, no audio); a dialogue longer than the token budget goes through
-    :class:`StreamingTagger` (which truncates).
+    Used for batch evaluation, training's dev passes and on-policy rollouts (``rollout_many``) when every
+    label is one token and there is no cross-dialogue state (no speaker memory, no audio); a dialogue longer
+    than the token budget goes through :class:`StreamingTagger` (which truncates).
     """
 
     def __init__(self, model, builder: PromptBuilder, history: str = "predicted", batch: int = 8,
@@ -286,8 +286,11 @@ class PackedTagger:
     def size(self, dialogue: Dialogue) -> int:
         """Tokens the dialogue's whole transcript takes (longest label written after every turn)."""
         b = self.builder
-        longest = max(len(a) for a in b.label_ids) + len(b.suffix_ids)
-        return len(b.header_ids(dialogue)) + sum(len(b.turn_ids(u)) + longest for u in dialogue.utterances)
+        return self._size(b.header_ids(dialogue), [b.turn_ids(u) for u in dialogue.utterances])
+
+    def _size(self, header: list[int], turns: list[list[int]]) -> int:
+        longest = max(len(a) for a in self.builder.label_ids) + len(self.builder.suffix_ids)
+        return len(header) + sum(len(t) + longest for t in turns)
 
     def fits(self, dialogue: Dialogue) -> bool:
         return self.single.trie.single_token and self.size(dialogue) <= self.builder.max_tokens
@@ -308,14 +311,42 @@ class PackedTagger:
                 out[i] = preds
         return out
 
+    def rollout_many(self, dialogues: list[tuple[list[int], list[list[int]]]]) -> list[list[int]]:
+        """:func:`rollout` of several tokenized dialogues ``(header, turns)`` (``PromptBuilder.encode``), packed
+        into one forward per turn step like ``tag_many``; a dialogue over the token budget (or with multi-token
+        labels) goes through :func:`rollout` alone. On-policy history in training: the caller puts the model in
+        eval mode."""
+        out: list = [None] * len(dialogues)
+        packable = [i for i, (h, ts) in enumerate(dialogues)
+                    if self.single.trie.single_token and self._size(h, ts) <= self.builder.max_tokens]
+        for i in set(range(len(dialogues))) - set(packable):
+            out[i] = rollout(self.model, self.builder, *dialogues[i])
+        for group in self.groups([self._size(*dialogues[i]) for i in packable]):
+            members = [packable[j] for j in group]
+            probs = self._decode_group([dialogues[i][0] for i in members], [dialogues[i][1] for i in members],
+                                       lambda i, t, label: label)
+            for i, ps in zip(members, probs):
+                out[i] = [int(p.argmax()) for p in ps]
+        return out
+
     def _masks(self, kd, kp, qd, qp):
         from erc_llm.attention import layer_masks
 
         allowed = (kd[None, :] == qd[:, None]) & (kp[None, :] <= qp[:, None])
         return layer_masks(self.model.config, allowed, (qp, kp), self.model.dtype)
 
-    @torch.inference_mode()
     def _tag_group(self, group: list[Dialogue]) -> list[list[TurnPrediction]]:
+        b = self.builder
+        probs = self._decode_group([b.header_ids(d) for d in group], [[b.turn_ids(u) for u in d.utterances]
+                                                                      for d in group],
+                                   lambda i, t, label: written_label(self.history, group[i].utterances[t], label))
+        return [[TurnPrediction(u.utterance_id, self.labels.labels[int(p.argmax())], p.tolist())
+                 for u, p in zip(d.utterances, ps)] for d, ps in zip(group, probs)]
+
+    @torch.inference_mode()
+    def _decode_group(self, headers: list[list[int]], turns: list[list[list[int]]], write) -> list[list[torch.Tensor]]:
+        """Label probabilities of every turn of tokenized dialogues decoded together; after dialogue *i*'s turn
+        *t* the label ``write(i, t, predicted)`` is written into its transcript."""
         from transformers import DynamicCache
 
         from erc_llm.objective import label_head
@@ -324,12 +355,12 @@ class PackedTagger:
         cache = DynamicCache()  # no sliding eviction: the masks do the windowing
         kd = torch.empty(0, dtype=torch.long, device=dev)
         kp = torch.empty(0, dtype=torch.long, device=dev)
-        pending = [b.header_ids(d) for d in group]
-        pos = [0] * len(group)
-        preds: list[list[TurnPrediction]] = [[] for _ in group]
-        for t in range(max(len(d) for d in group)):
-            act = [i for i, d in enumerate(group) if t < len(d)]
-            feeds = [pending[i] + b.turn_ids(group[i].utterances[t]) for i in act]
+        pending = [list(h) for h in headers]
+        pos = [0] * len(headers)
+        out: list[list[torch.Tensor]] = [[] for _ in headers]
+        for t in range(max(len(ts) for ts in turns)):
+            act = [i for i, ts in enumerate(turns) if t < len(ts)]
+            feeds = [pending[i] + turns[i][t] for i in act]
             ids = torch.tensor([x for f in feeds for x in f], device=dev)
             qd = torch.tensor([i for i, f in zip(act, feeds) for _ in f], device=dev)
             qp = torch.tensor([pos[i] + j for i, f in zip(act, feeds) for j in range(len(f))], device=dev)
@@ -339,12 +370,10 @@ class PackedTagger:
             ends = torch.tensor([len(f) for f in feeds], device=dev).cumsum(0) - 1
             probs = torch.softmax(label_head(self.model, hidden[ends], self.columns).float(), dim=-1)
             for i, f, p in zip(act, feeds, probs):
-                utt = group[i].utterances[t]
-                label = self.labels.labels[int(p.argmax())]
-                pending[i] = b.answer_ids(written_label(self.history, utt, label))
+                pending[i] = b.answer_ids(write(i, t, self.labels.labels[int(p.argmax())]))
                 pos[i] += len(f)
-                preds[i].append(TurnPrediction(utt.utterance_id, label, p.tolist()))
-        return preds
+                out[i].append(p)
+        return out
 
 
 class LookaheadTagger:

@@ -78,11 +78,15 @@ def tokenized(builder: PromptBuilder, dialogues, source_digest: str, notes: dict
     return datasets.load_from_disk(str(path))
 
 
-def epoch_order(n: int, seed: int, epoch: int, world: int, per_step: int) -> list[int]:
-    """Deterministic shuffled order, cut to a whole number of optimizer steps over all processes."""
-    order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
-    usable = len(order) - len(order) % (world * per_step)
-    return order[:usable]
+def epoch_order(n: int, seed: int, epoch: int, world: int, per_step: int, lengths: list[int] | None = None) -> list[int]:
+    """Deterministic shuffled order, cut to a whole number of optimizer steps over all processes. With
+    ``lengths`` (curriculum ``short_first``), the first epoch's dialogues then go shortest first (the cut is
+    still random; equal lengths keep their shuffled order)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order = order[: n - n % (world * per_step)]
+    if lengths is not None and epoch == 0:
+        order = order[np.argsort(np.asarray(lengths)[order], kind="stable")]
+    return order.tolist()
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -135,12 +139,14 @@ def dev_metrics(model, builder: PromptBuilder, dialogues, history: str, speakers
                 lookahead: int = 0) -> dict:
     """Dev metrics; ``speakers`` = a fresh SpeakerContext (dialogues must then be in dataset order);
     ``audio`` = an AudioFeed of the dev split; ``lookahead`` > 0: a look-ahead model (whole-dialogue forwards)."""
-    from erc_llm.decoding import LookaheadTagger, StreamingTagger
+    from erc_llm.decoding import LookaheadTagger, PackedTagger, StreamingTagger
     from erc_llm.metrics import compute_metrics
 
     with eval_mode(model, audio.projector if audio else None):
         if lookahead:
             predictions = LookaheadTagger(model, builder, lookahead).tag_many(dialogues)
+        elif speakers is None and audio is None:  # the decoder of `erc-llm evaluate`: 8 dialogues per forward
+            predictions = PackedTagger(model, builder, history).tag_many(dialogues)
         else:
             tagger = StreamingTagger(model, builder, history, speakers, audio)
             predictions = [tagger.tag(d) for d in dialogues]
@@ -253,6 +259,7 @@ class Recipe:
     audio: object = None  # AudioModel: the unwrapped projector and its feature spec (saved with the adapter)
     dev_audio: object = None  # AudioInputs of the dev split
     dev_speakers: object = None
+    lengths: list | None = None  # transcript tokens per training dialogue, for curriculum short_first
 
 
 def setup(cfg: TrainConfig) -> "Recipe":
@@ -315,6 +322,8 @@ def setup(cfg: TrainConfig) -> "Recipe":
         groups.append({"params": list(projector.parameters()), "lr": cfg.audio_lr})
         params = params + groups[1]["params"]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lengths = ([len(h) + sum(map(len, ts)) for h, ts in zip(data["header"], data["turns"])]
+               if cfg.curriculum == "short_first" else None)
     per_epoch = len(epoch_order(len(data), cfg.seed, 0, world, cfg.batch_dialogues)) // (world * cfg.batch_dialogues)
     if per_epoch == 0:
         raise ValueError(f"{len(data)} training dialogues are fewer than one step needs "
@@ -341,7 +350,7 @@ def setup(cfg: TrainConfig) -> "Recipe":
         write_run_files(run, cfg, labels, templates, manifest)
     return Recipe(cfg, accelerator, run, model, unwrapped, optimizer, scheduler, params, builder, data, dev_d,
                   label_tokens, weights, prior, total, state, projector, train_audio, audio, dev_audio,
-                  dev_speakers)
+                  dev_speakers, lengths)
 
 
 def fit(r: "Recipe") -> None:
@@ -358,7 +367,7 @@ def fit(r: "Recipe") -> None:
     if projector is not None:
         projector.train()
     while state["step"] < total:
-        order = epoch_order(len(data), cfg.seed, state["epoch"], world, cfg.batch_dialogues)[rank::world]
+        order = epoch_order(len(data), cfg.seed, state["epoch"], world, cfg.batch_dialogues, r.lengths)[rank::world]
         if state["position"] >= len(order):
             state["epoch"] += 1
             state["position"] = 0
@@ -367,7 +376,7 @@ def fit(r: "Recipe") -> None:
         t_step = time.time()
         step_loss, step_tokens, step_labels = 0.0, 0, 0
         rows = [data[idx] for idx in batch]
-        written = [history_labels(r, idx, row) for idx, row in zip(batch, rows)]
+        written = history_labels(r, batch, rows)
         trs = [builder.assemble(row["header"], row["turns"], w) for row, w in zip(rows, written)]
         packs = pack([len(tr.input_ids) for tr in trs], cfg.pack_tokens)
         for i, group in enumerate(packs):
@@ -427,22 +436,37 @@ def fit(r: "Recipe") -> None:
     bar.close()
 
 
-def history_labels(r: "Recipe", idx: int, row: dict) -> list[int]:
-    """The labels written into training dialogue ``idx``'s transcript: with probability ``on_policy`` the
-    model's own, decoded turn by turn with the current weights as at test time; otherwise gold corrupted at
-    ``history_noise``. Both draws are seeded by (seed, epoch, dialogue), so a resumed run repeats them."""
-    from erc_llm.decoding import rollout
+def history_labels(r: "Recipe", batch: list[int], rows: list[dict]) -> list[list[int]]:
+    """The labels written into the transcripts of training dialogues ``batch`` (``rows``, their tokenized
+    forms): for each, with probability ``on_policy`` the model's own, decoded turn by turn with the current
+    weights as at test time (the step's dialogues packed into one forward per turn step); otherwise gold
+    corrupted at ``history_noise``. Both draws are seeded by (seed, epoch, dialogue), so a resumed run repeats
+    them."""
+    from erc_llm.decoding import PackedTagger, rollout
 
     cfg, epoch = r.cfg, r.state["epoch"]
     if not cfg.label_history:
-        return row["labels"]  # not written: the transcript carries no labels
-    if cfg.on_policy and np.random.default_rng([cfg.seed, epoch, idx, 1]).random() < cfg.on_policy:
-        model, projector = r.unwrapped, r.audio.projector if r.audio else None
-        soft = ((lambda i: r.train_audio.soft_tokens(projector, [row["utterance_ids"][i]]))
-                if projector is not None else None)
-        with eval_mode(model, projector), torch.inference_mode():
-            return rollout(model, r.builder, row["header"], row["turns"], soft)
-    return corrupt_history(row["labels"], cfg.history_noise, r.prior, np.random.default_rng([cfg.seed, epoch, idx]))
+        return [row["labels"] for row in rows]  # not written: the transcripts carry no labels
+    own = [bool(cfg.on_policy) and np.random.default_rng([cfg.seed, epoch, idx, 1]).random() < cfg.on_policy
+           for idx in batch]
+    written = [None if o else corrupt_history(row["labels"], cfg.history_noise, r.prior,
+                                              np.random.default_rng([cfg.seed, epoch, idx]))
+               for o, idx, row in zip(own, batch, rows)]
+    todo = [k for k, o in enumerate(own) if o]
+    if not todo:
+        return written
+    model, projector = r.unwrapped, r.audio.projector if r.audio else None
+    with eval_mode(model, projector), torch.inference_mode():
+        if projector is None:
+            decoded = PackedTagger(model, r.builder, batch=len(todo)).rollout_many(
+                [(rows[k]["header"], rows[k]["turns"]) for k in todo])
+        else:  # audio soft tokens: one dialogue at a time
+            decoded = [rollout(model, r.builder, rows[k]["header"], rows[k]["turns"],
+                               lambda i, k=k: r.train_audio.soft_tokens(projector, [rows[k]["utterance_ids"][i]]))
+                       for k in todo]
+    for k, labels in zip(todo, decoded):
+        written[k] = labels
+    return written
 
 
 def train(cfg: TrainConfig) -> dict:

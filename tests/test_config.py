@@ -39,7 +39,7 @@ def test_shipped_configs_are_valid(meld_dir):
 
 
 @pytest.mark.parametrize("name", ["meld", "meld_offline", "iemocap", "iemocap_offline", "iemocap_prosody", "jsonl",
-                                  "meld_ablation", "meld_lookahead", "iemocap_lookahead"])
+                                  "meld_ablation", "meld_lookahead", "iemocap_lookahead", "iemocap_onpolicy"])
 def test_training_configs_are_valid(name, meld_dir, tmp_path):
     """Every training YAML the README names builds with no problems; the offline ones select the offline
     header, the others stay causal."""
@@ -60,7 +60,8 @@ def test_training_configs_are_valid(name, meld_dir, tmp_path):
         overrides["audio_dir"] = str(tmp_path)  # the command line gives the feature folder
     cfg = build(TrainConfig, str(path), overrides)
     assert cfg.context == ("offline" if name.endswith("offline") else "online")
-    assert cfg.label_history is (name == "meld_ablation")
+    assert cfg.label_history is (name in ("meld_ablation", "iemocap_onpolicy"))
+    assert cfg.on_policy == (1.0 if name == "iemocap_onpolicy" else 0.0)
     assert cfg.lookahead == (3 if name.endswith("lookahead") else 0)
 
 

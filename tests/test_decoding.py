@@ -88,6 +88,26 @@ def test_rollout_of_tokenized_turns_writes_what_the_tagger_predicts(tiny_tokeniz
     assert written == [LABELS.index(p.label) for p in StreamingTagger(tiny_model, builder).tag(d)]
 
 
+def test_packed_rollouts_write_what_each_dialogue_alone_writes(tiny_tokenizer):
+    """On-policy rollouts of a training step's dialogues packed into one forward per turn step: the same labels
+    as one dialogue at a time, also for a dialogue over the token budget (decoded alone, with truncation)."""
+    model = make_model(len(tiny_tokenizer), "llama", seed=2)
+    with torch.no_grad():  # sharper random weights: labels vary from turn to turn and follow the written history
+        for w in model.parameters():
+            if w.dim() == 2:
+                w.mul_(15)
+    builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=600, max_utterance_tokens=24)
+    ds = [toy_dialogue(n, f"d{n}") for n in (6, 60, 2, 11)]
+    for i, d in enumerate(ds):
+        d.utterances[0].text = f"variant {i} " + d.utterances[0].text
+    encoded = [builder.encode(d) for d in ds]
+    tagger = PackedTagger(model, builder, batch=4)
+    assert [tagger.size(d) > 600 for d in ds] == [False, True, False, False]
+    got = tagger.rollout_many([(e["header"], e["turns"]) for e in encoded])
+    assert got == [rollout(model, builder, e["header"], e["turns"]) for e in encoded]
+    assert all(len(set(g)) > 1 for g in got if len(g) > 5), "the written labels should vary within a dialogue"
+
+
 def test_trie_rejects_ambiguous_labels():
     with pytest.raises(ValueError, match="prefix"):
         LabelTrie([[5], [5, 6]])

@@ -227,20 +227,51 @@ def test_on_policy_history_writes_the_labels_the_model_itself_would_write(tmp_pa
     r = setup(build(TrainConfig, None, {**base, "on_policy": 1.0, "out": str(tmp_path / "run")}))
     dialogues, _, _ = load_split("jsonl", "train", str(data), LABELS.labels)
     tagger = StreamingTagger(r.unwrapped, r.builder, "predicted")
-    differs = False
-    for idx, d in enumerate(dialogues):
-        row = r.data[idx]
-        own = history_labels(r, idx, row)
-        assert r.unwrapped.training
-        assert own == [LABELS.index(p.label) for p in tagger.tag(d)]
-        differs |= own != row["labels"]
-    assert differs, "a random tiny model should miss some gold labels"
+    rows = [r.data[i] for i in range(len(dialogues))]
+    own = history_labels(r, list(range(len(dialogues))), rows)  # one step's dialogues, packed
+    assert r.unwrapped.training
+    assert own == [[LABELS.index(p.label) for p in tagger.tag(d)] for d in dialogues]
+    assert own != [row["labels"] for row in rows], "a random tiny model should miss some gold labels"
     fit(r)
     rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if "loss" in x]
     assert len(rows) == 2 and all(0 <= x["history_agreement"] <= 1 for x in rows)
 
     gold = setup(build(TrainConfig, None, {**base, "on_policy": 0.0, "out": str(tmp_path / "gold")}))
-    assert all(history_labels(gold, i, gold.data[i]) == gold.data[i]["labels"] for i in range(len(dialogues)))
+    assert history_labels(gold, [1, 0], [gold.data[1], gold.data[0]]) == [gold.data[1]["labels"], gold.data[0]["labels"]]
+
+
+def test_epoch_order_short_first_sorts_only_the_first_epoch():
+    """Curriculum short_first: epoch 0 shortest first over the same randomly cut subset as without it; later
+    epochs are the plain shuffle; every order is a whole number of steps."""
+    from erc_llm.train import epoch_order
+
+    lengths = [50, 10, 40, 10, 30, 20, 60, 5, 25, 35, 45]
+    plain = epoch_order(len(lengths), 3, 0, 1, 2)
+    short = epoch_order(len(lengths), 3, 0, 1, 2, lengths)
+    assert len(short) == 10 and sorted(short) == sorted(plain)
+    assert [lengths[i] for i in short] == sorted(lengths[i] for i in plain)
+    assert epoch_order(len(lengths), 3, 1, 1, 2, lengths) == epoch_order(len(lengths), 3, 1, 1, 2)
+    assert epoch_order(len(lengths), 3, 1, 1, 2) != sorted(epoch_order(len(lengths), 3, 1, 1, 2), key=lengths.__getitem__)
+
+
+def test_curriculum_short_first_trains_on_the_shortest_dialogues_first(tmp_path, tiny_model_dir, monkeypatch):
+    """The first step of a short_first run sees the shortest transcripts; an unknown curriculum is a config error."""
+    import erc_llm.train as train_mod
+    from erc_llm.config import ConfigError, TrainConfig, build
+
+    data = write_jsonl_dataset(tmp_path / "data", 6)
+    cfg = {"dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir), "labels": list(LABELS.labels),
+           "batch_dialogues": 2, "max_steps": 1, "eval_every": 100, "save_every": 100, "test_eval": False,
+           "dtype": "float32", "curriculum": "short_first", "out": str(tmp_path / "run")}
+    r = train_mod.setup(build(TrainConfig, None, cfg))
+    seen = []
+    real = train_mod.history_labels
+    monkeypatch.setattr(train_mod, "history_labels", lambda r_, batch, rows: seen.append(batch) or real(r_, batch, rows))
+    train_mod.fit(r)
+    usable = set(train_mod.epoch_order(6, 0, 0, 1, 2))
+    assert sorted(r.lengths[i] for i in seen[0]) == sorted(r.lengths[i] for i in usable)[:2]
+    with pytest.raises(ConfigError, match="curriculum.*short_first"):
+        build(TrainConfig, None, {**cfg, "curriculum": "longest"})
 
 
 def test_eval_mode_restores_each_modules_previous_mode_also_on_error():
