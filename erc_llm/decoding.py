@@ -285,31 +285,42 @@ class PackedTagger:
 
     def size(self, dialogue: Dialogue) -> int:
         """Tokens the dialogue's whole transcript takes (longest label written after every turn)."""
-        b = self.builder
-        return self._size(b.header_ids(dialogue), [b.turn_ids(u) for u in dialogue.utterances])
+        return self._size(*self._encode(dialogue))
+
+    def fits(self, dialogue: Dialogue) -> bool:
+        return self._fits(*self._encode(dialogue))
+
+    def _encode(self, dialogue: Dialogue) -> tuple[list[int], list[list[int]]]:
+        return self.builder.header_ids(dialogue), [self.builder.turn_ids(u) for u in dialogue.utterances]
 
     def _size(self, header: list[int], turns: list[list[int]]) -> int:
         longest = max(len(a) for a in self.builder.label_ids) + len(self.builder.suffix_ids)
         return len(header) + sum(len(t) + longest for t in turns)
 
-    def fits(self, dialogue: Dialogue) -> bool:
-        return self.single.trie.single_token and self.size(dialogue) <= self.builder.max_tokens
+    def _fits(self, header: list[int], turns: list[list[int]]) -> bool:
+        return self.single.trie.single_token and self._size(header, turns) <= self.builder.max_tokens
 
     def groups(self, sizes: list[int]) -> list[list[int]]:
         """Consecutive indices grouped by at most ``batch`` dialogues and ``group_tokens`` tokens: every query
         attends over the whole shared cache (masked), so long dialogues go in smaller groups."""
         return batch_groups(sizes, self.group_tokens, self.batch)
 
+    def _packed_groups(self, encoded: list[tuple[list[int], list[list[int]]]]) -> list[list[int]]:
+        """Indices into ``encoded`` of the dialogues that share a forward, group by group; a dialogue in no group
+        does not fit and is decoded alone."""
+        packable = [i for i, e in enumerate(encoded) if self._fits(*e)]
+        return [[packable[j] for j in g] for g in self.groups([self._size(*encoded[i]) for i in packable])]
+
     def tag_many(self, dialogues: list[Dialogue]) -> list[list[TurnPrediction]]:
+        encoded = [self._encode(d) for d in dialogues]
         out: list = [None] * len(dialogues)
-        packable = [i for i, d in enumerate(dialogues) if self.fits(d)]
-        for i in set(range(len(dialogues))) - set(packable):
-            out[i] = self.single.tag(dialogues[i])
-        for group in self.groups([self.size(dialogues[i]) for i in packable]):
-            members = [packable[j] for j in group]
-            for i, preds in zip(members, self._tag_group([dialogues[i] for i in members])):
-                out[i] = preds
-        return out
+        for members in self._packed_groups(encoded):
+            probs = self._decode_group([encoded[i] for i in members], lambda k, t, label: written_label(
+                self.history, dialogues[members[k]].utterances[t], label))
+            for i, ps in zip(members, probs):
+                out[i] = [TurnPrediction(u.utterance_id, self.labels.labels[int(p.argmax())], p.tolist())
+                          for u, p in zip(dialogues[i].utterances, ps)]
+        return [self.single.tag(d) if o is None else o for o, d in zip(out, dialogues)]
 
     def rollout_many(self, dialogues: list[tuple[list[int], list[list[int]]]]) -> list[list[int]]:
         """:func:`rollout` of several tokenized dialogues ``(header, turns)`` (``PromptBuilder.encode``), packed
@@ -317,17 +328,11 @@ class PackedTagger:
         labels) goes through :func:`rollout` alone. On-policy history in training: the caller puts the model in
         eval mode."""
         out: list = [None] * len(dialogues)
-        packable = [i for i, (h, ts) in enumerate(dialogues)
-                    if self.single.trie.single_token and self._size(h, ts) <= self.builder.max_tokens]
-        for i in set(range(len(dialogues))) - set(packable):
-            out[i] = rollout(self.model, self.builder, *dialogues[i])
-        for group in self.groups([self._size(*dialogues[i]) for i in packable]):
-            members = [packable[j] for j in group]
-            probs = self._decode_group([dialogues[i][0] for i in members], [dialogues[i][1] for i in members],
-                                       lambda i, t, label: label)
+        for members in self._packed_groups(dialogues):
+            probs = self._decode_group([dialogues[i] for i in members], lambda k, t, label: label)
             for i, ps in zip(members, probs):
                 out[i] = [int(p.argmax()) for p in ps]
-        return out
+        return [rollout(self.model, self.builder, *e) if o is None else o for o, e in zip(out, dialogues)]
 
     def _masks(self, kd, kp, qd, qp):
         from erc_llm.attention import layer_masks
@@ -335,18 +340,10 @@ class PackedTagger:
         allowed = (kd[None, :] == qd[:, None]) & (kp[None, :] <= qp[:, None])
         return layer_masks(self.model.config, allowed, (qp, kp), self.model.dtype)
 
-    def _tag_group(self, group: list[Dialogue]) -> list[list[TurnPrediction]]:
-        b = self.builder
-        probs = self._decode_group([b.header_ids(d) for d in group], [[b.turn_ids(u) for u in d.utterances]
-                                                                      for d in group],
-                                   lambda i, t, label: written_label(self.history, group[i].utterances[t], label))
-        return [[TurnPrediction(u.utterance_id, self.labels.labels[int(p.argmax())], p.tolist())
-                 for u, p in zip(d.utterances, ps)] for d, ps in zip(group, probs)]
-
     @torch.inference_mode()
-    def _decode_group(self, headers: list[list[int]], turns: list[list[list[int]]], write) -> list[list[torch.Tensor]]:
-        """Label probabilities of every turn of tokenized dialogues decoded together; after dialogue *i*'s turn
-        *t* the label ``write(i, t, predicted)`` is written into its transcript."""
+    def _decode_group(self, encoded: list[tuple[list[int], list[list[int]]]], write) -> list[list[torch.Tensor]]:
+        """Label probabilities of every turn of tokenized dialogues ``(header, turns)`` decoded together; after
+        dialogue *k*'s turn *t* the label ``write(k, t, predicted)`` is written into its transcript."""
         from transformers import DynamicCache
 
         from erc_llm.objective import label_head
@@ -355,9 +352,10 @@ class PackedTagger:
         cache = DynamicCache()  # no sliding eviction: the masks do the windowing
         kd = torch.empty(0, dtype=torch.long, device=dev)
         kp = torch.empty(0, dtype=torch.long, device=dev)
-        pending = [list(h) for h in headers]
-        pos = [0] * len(headers)
-        out: list[list[torch.Tensor]] = [[] for _ in headers]
+        pending = [list(h) for h, _ in encoded]
+        turns = [ts for _, ts in encoded]
+        pos = [0] * len(encoded)
+        out: list[list[torch.Tensor]] = [[] for _ in encoded]
         for t in range(max(len(ts) for ts in turns)):
             act = [i for i, ts in enumerate(turns) if t < len(ts)]
             feeds = [pending[i] + turns[i][t] for i in act]
@@ -459,3 +457,14 @@ class LookaheadTagger:
             out.append([TurnPrediction(u.utterance_id, self.labels.labels[int(p.argmax())], p.tolist())
                         for u, p in zip(d.utterances, rows)])
         return out
+
+
+def make_tagger(model, builder: PromptBuilder, history: str = "predicted", batch: int = 1, speakers=None,
+                audio=None, lookahead: int = 0):
+    """The decoder for a model: a LookaheadTagger (``lookahead`` > 0), a PackedTagger (``batch`` > 1, no speaker
+    memory, no audio) or a StreamingTagger. ``audio``: an AudioFeed when the prompt carries audio soft tokens."""
+    if lookahead:
+        return LookaheadTagger(model, builder, lookahead, max(batch, 1))
+    if batch > 1 and speakers is None and audio is None:
+        return PackedTagger(model, builder, history, batch)
+    return StreamingTagger(model, builder, history, speakers, audio)

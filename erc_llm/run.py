@@ -150,16 +150,11 @@ class Predictor:
         return inputs
 
     def tagger(self, history: str = "predicted", batch: int = 1, audio_inputs=None):
-        """A LookaheadTagger (a look-ahead model), a PackedTagger (``batch`` > 1, no speaker memory, no audio)
-        or a StreamingTagger."""
-        from erc_llm.decoding import LookaheadTagger, PackedTagger, StreamingTagger
+        """This model's decoder (:func:`erc_llm.decoding.make_tagger`)."""
+        from erc_llm.decoding import make_tagger
 
-        if self.lookahead:
-            return LookaheadTagger(self.model, self.builder, self.lookahead, max(batch, 1))
-        if batch > 1 and self.speakers is None and audio_inputs is None:
-            return PackedTagger(self.model, self.builder, history, batch)
         audio = self.audio.feed(audio_inputs) if audio_inputs is not None else None
-        return StreamingTagger(self.model, self.builder, history, self.speakers, audio)
+        return make_tagger(self.model, self.builder, history, batch, self.speakers, audio, self.lookahead)
 
 
 def check_reference(run_dir: Path) -> None:

@@ -139,17 +139,14 @@ def dev_metrics(model, builder: PromptBuilder, dialogues, history: str, speakers
                 lookahead: int = 0) -> dict:
     """Dev metrics; ``speakers`` = a fresh SpeakerContext (dialogues must then be in dataset order);
     ``audio`` = an AudioFeed of the dev split; ``lookahead`` > 0: a look-ahead model (whole-dialogue forwards)."""
-    from erc_llm.decoding import LookaheadTagger, PackedTagger, StreamingTagger
+    from erc_llm.decoding import make_tagger
     from erc_llm.metrics import compute_metrics
 
     with eval_mode(model, audio.projector if audio else None):
-        if lookahead:
-            predictions = LookaheadTagger(model, builder, lookahead).tag_many(dialogues)
-        elif speakers is None and audio is None:  # the decoder of `erc-llm evaluate`: 8 dialogues per forward
-            predictions = PackedTagger(model, builder, history).tag_many(dialogues)
-        else:
-            tagger = StreamingTagger(model, builder, history, speakers, audio)
-            predictions = [tagger.tag(d) for d in dialogues]
+        # the decoder of `erc-llm evaluate` at its default --batch 8
+        tagger = make_tagger(model, builder, history, 8, speakers, audio, lookahead)
+        predictions = (tagger.tag_many(dialogues) if hasattr(tagger, "tag_many")
+                       else [tagger.tag(d) for d in dialogues])
     gold, pred = [], []
     for d, preds in zip(dialogues, predictions):
         for u, p in zip(d.utterances, preds):
