@@ -12,7 +12,9 @@ fp32 label probabilities of the first MELD dev dialogues recorded at packaging t
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from erc_llm.run import RunSpec, resolve
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 REFERENCE = "reference.json"
+RUN_LOCATION = ("data_dir", "out", "resume", "overwrite")  # where a run is, not what it learns
 
 
 def _write_adapter(src: Path, dst: Path, dtype: str) -> None:
@@ -107,6 +110,28 @@ def model_card(spec: RunSpec, name: str, metrics: dict, extra: str = "") -> str:
         lines += ["", f"Selected on dev (step {dev['step']}): weighted F1 {d['weighted_f1']:.2f}, WA {d['accuracy']:.2f}, "
                       f"UA {d['unweighted_accuracy']:.2f}, macro F1 {d['macro_f1']:.2f}."]
     return "\n".join(lines + ([extra] if extra else [])) + "\n"
+
+
+def train_command(config: dict, base_config: str) -> str:
+    """The ``erc_llm/train.py`` command that reproduces a run's ``config.yaml`` (``config``): ``--config
+    base_config`` plus one flag for every field whose value differs from that file (or from the schema's default
+    where the file does not set it); data and output folders are left as ``DATA`` and ``RUN``."""
+    import yaml
+
+    from erc_llm.config import TrainConfig
+
+    base = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(TrainConfig)}
+    base.update(yaml.safe_load(Path(base_config).read_text()) or {})
+    flags = []
+    for key, value in config.items():
+        if key in RUN_LOCATION or base.get(key) == value:
+            continue
+        text = (",".join(map(str, value)) if isinstance(value, list) else
+                str(value).lower() if isinstance(value, bool) else str(value))
+        flags.append(f"--{key.replace('_', '-')} {shlex.quote(text)}")
+    return " ".join(["accelerate launch --config_file configs/accelerate/cpu.yaml erc_llm/train.py --config",
+                     base_config, "--data-dir DATA --out RUN", *flags])
 
 
 def record_reference(run: str | Path, dialogues, out: Path) -> dict:

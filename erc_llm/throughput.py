@@ -166,13 +166,13 @@ def run(args) -> dict:
 
 
 def evaluate_child(args: list[str], out: Path) -> dict:
-    """``erc-llm evaluate ARGS --out OUT --dtype bfloat16`` as a child process: wall time, utterances/s, weighted F1,
-    peak RSS (the child's ``VmHWM``)."""
+    """``erc-llm evaluate ARGS --out OUT --dtype bfloat16`` as a child process: the model it scored, wall time,
+    utterances/s, weighted F1, peak RSS (the child's ``VmHWM``)."""
 
     cmd = [sys.executable, "-m", "erc_llm.cli", "evaluate", *args, "--dtype", "bfloat16", "--out", str(out)]
     wall, hwm = run_child(cmd)
     m = json.loads((out / "metrics.json").read_text())
-    return {"utterances": m["utterances"], "seconds": wall, "utterances_per_second": m["utterances_per_second"],
+    return {"model": m["model"], "utterances": m["utterances"], "seconds": wall, "utterances_per_second": m["utterances_per_second"],
             "weighted_f1": m.get("weighted_f1"), "peak_rss_gb": hwm / 1024**2,
             "command": "erc-llm evaluate " + " ".join(args) + " --dtype bfloat16 --out OUT"}
 
@@ -222,9 +222,10 @@ def decoding(args) -> dict:
 def render_decoding(r: dict) -> str:
     c = r["corpora"]
     lines = ["# Batch evaluation speed", "", f"Command: `{r['command']}` — {r['machine']}; bf16, packed, one process.", "",
-             "| corpus | utterances | seconds | utterances/s | weighted F1 | peak RSS GB |", "|---|---|---|---|---|---|"]
+             "| corpus | model | utterances | seconds | utterances/s | weighted F1 | peak RSS GB |",
+             "|---|---|---|---|---|---|---|"]
     for name, x in c.items():
-        lines.append(f"| {name} test | {x['utterances']} | {x['seconds']:.0f} | {x['utterances_per_second']:.1f} | "
+        lines.append(f"| {name} test | {x.get('model', '')} | {x['utterances']} | {x['seconds']:.0f} | {x['utterances_per_second']:.1f} | "
                      f"{x['weighted_f1']:.2f} | {x['peak_rss_gb']:.2f} |")
     lines += ["", f"IEMOCAP / MELD utterances/s: **{r['iemocap_vs_meld']:.2f}**", "",
               "| one dialogue of N turns | seconds | seconds per turn | peak RSS GB |", "|---|---|---|---|"]

@@ -14,10 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from erc_llm.data import load_split  # noqa: E402
-from erc_llm.export import export, model_card, record_reference, run_metrics  # noqa: E402
+from erc_llm.export import export, model_card, record_reference, run_metrics, train_command  # noqa: E402
 from erc_llm.run import PRETRAINED_DIR, RunSpec  # noqa: E402
 
 USE = """
@@ -90,9 +92,9 @@ def main() -> int:
     metrics = {**new, "test_predicted": packaged, "packaged_test_seconds": time.time() - t,
                "run_test_fp32_adapter": new.get("test_predicted", {}).get("weighted_f1")}
     (target / "metrics.json").write_text(json.dumps({k: metrics[k] for k in ("dev",)}, indent=2) + "\n")
-    extra = (f"\n## Provenance\n\nTrained with `accelerate launch --config_file configs/accelerate/cpu.yaml "
-             f"erc_llm/train.py --config configs/meld.yaml --data-dir MELD --out RUN` at commit `{commit}` "
-             f"(configuration below); packaged with `python eval/package_model.py --run RUN --data-dir MELD`. "
+    command = train_command(yaml.safe_load(cfg), "configs/meld.yaml")
+    extra = (f"\n## Provenance\n\nTrained with `{command}` (DATA = the MELD folder; configuration below); "
+             f"packaged at commit `{commit}` with `python eval/package_model.py --run RUN --data-dir DATA`. "
              f"The adapter is stored in bfloat16: MELD test weighted F1 {packaged['weighted_f1']:.2f} with these "
              f"files (fp32 compute) vs {metrics['run_test_fp32_adapter']:.2f} with the float32 adapter. MELD test "
              f"(2,610 utterances) took {packaged['seconds']:.0f} s here ({packaged['utterances_per_second']:.1f} utt/s, "

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from erc_llm.data.schema import LabelSet
-from erc_llm.export import REFERENCE, export
+from erc_llm.export import REFERENCE, export, train_command
 from erc_llm.run import PRETRAINED_DIR, SHIPPED, RunError, RunSpec, load
 from tests.conftest import LABELS, REPO, toy_dialogue, write_lora_run
 
@@ -56,6 +56,38 @@ def test_exported_folder_loads_with_plain_peft_and_gives_erc_llm_probabilities(t
                              out, LABELS.labels, d, label_history)
     for a, b in zip(ours, plain):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_train_command_rebuilds_the_run_config(tmp_path, monkeypatch):
+    """The model card's command, run through the training CLI's parser, gives back the run's configuration
+    (apart from where the data and the run live)."""
+    import argparse
+    import shlex
+
+    import yaml
+
+    from erc_llm.config import TrainConfig, add_arguments, from_args, to_dict
+
+    monkeypatch.chdir(REPO)
+    data = tmp_path / "meld"
+    data.mkdir()
+    run = yaml.safe_load((REPO / "configs" / "meld.yaml").read_text())
+    run.update(data_dir=str(data), out=str(tmp_path / "old_run"), seed=2, prompts="configs/prompts/meld_described",
+               label_history=True, history_noise=0.2, lora_targets=["q_proj", "v_proj"], eval_dialogues=7)
+    config = to_dict(from_args(TrainConfig, argparse.Namespace(config=None, **run)))
+    command = train_command(config, "configs/meld.yaml")
+    assert command.startswith("accelerate launch --config_file configs/accelerate/cpu.yaml erc_llm/train.py "
+                              "--config configs/meld.yaml --data-dir DATA --out RUN ")
+    assert "--data-dir " + str(data) not in command and "old_run" not in command
+    argv = shlex.split(command)[shlex.split(command).index("erc_llm/train.py") + 1:]
+    argv = [str(data) if a == "DATA" else str(tmp_path / "new_run") if a == "RUN" else a for a in argv]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, TrainConfig)
+    rebuilt = to_dict(from_args(TrainConfig, parser.parse_args(argv)))
+    assert {k: v for k, v in rebuilt.items() if k != "out"} == {k: v for k, v in config.items() if k != "out"}
+    assert train_command(to_dict(from_args(TrainConfig, parser.parse_args(
+        ["--config", "configs/meld.yaml", "--data-dir", str(data), "--out", str(tmp_path / "r")]))),
+        "configs/meld.yaml").endswith("--out RUN")  # the recipe itself needs no flags
 
 
 def test_cli_export_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
