@@ -161,8 +161,11 @@ def write_run_files(run: Path, cfg: TrainConfig, labels: LabelSet, templates: Te
     from erc_llm.speakers import copy_store, settings_of
 
     run.mkdir(parents=True, exist_ok=True)
+    # a prompt folder may hold only header.txt and turn.txt: the speaker-note and audio templates it does not
+    # define come from the packaged set, so the run folder still serves speaker notes or audio at inference
+    support = [*sorted(PROMPTS_DIR.glob("speaker_*.txt")), PROMPTS_DIR / "audio.txt"]
     with atomic_dir(run / "prompts") as tmp:
-        for path in sorted(prompts_dir(cfg).glob("*.txt")):
+        for path in [*support, *sorted(prompts_dir(cfg).glob("*.txt"))]:
             shutil.copy(path, tmp / path.name)
     if cfg.speaker_store:
         copy_store(cfg.speaker_store, run / "speaker_store")

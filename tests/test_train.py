@@ -320,3 +320,21 @@ def test_unknown_lr_schedule_is_a_config_error_naming_the_choices():
 
     with pytest.raises(ValueError, match=r"lr_schedule: 'step' is not valid; expected one of \['linear', 'cosine'"):
         build(TrainConfig, None, {"lr_schedule": "step"})
+
+
+def test_run_prompts_are_the_custom_folder_completed_by_the_packaged_support_templates(tmp_path):
+    """A prompt folder with only header.txt and turn.txt (label descriptions) gives a run whose prompts/ also has
+    the speaker-note and audio templates, so the run can take speaker notes or audio at inference."""
+    from erc_llm.config import TrainConfig
+    from erc_llm.prompting import PROMPTS_DIR, Templates
+    from erc_llm.train import write_run_files
+
+    custom = REPO / "configs" / "prompts" / "meld_described"
+    cfg = TrainConfig(prompts=str(custom), out=str(tmp_path / "run"))
+    write_run_files(tmp_path / "run", cfg, LABELS, Templates.load(custom), {"dtype": "float32"})
+    got = tmp_path / "run" / "prompts"
+    for name in ("header.txt", "turn.txt"):
+        assert (got / name).read_text() == (custom / name).read_text()
+    for path in [*PROMPTS_DIR.glob("speaker_*.txt"), PROMPTS_DIR / "audio.txt"]:
+        assert (got / path.name).read_text() == path.read_text(), path.name
+    assert Templates.load(got).version == Templates.load(custom).version
