@@ -241,12 +241,18 @@ def build(cls, yaml_path: str | None = None, overrides: dict | None = None):
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One ``--flag`` per field (defaults left to the dataclass so YAML values are not overridden)."""
     parser.add_argument("--config", help="YAML config file (an instance of this schema)")
+    default = defaults(cls)
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         parser.add_argument(
             f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-            choices=f.metadata.get("choices"), help=f"{f.metadata['help']} (default: {default!r})",
+            choices=f.metadata.get("choices"), help=f"{f.metadata['help']} (default: {default[f.name]!r})",
         )
+
+
+def defaults(cls) -> dict:
+    """The schema's default value of every field."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)}
 
 
 def from_args(cls, args: argparse.Namespace):

@@ -12,7 +12,6 @@ fp32 label probabilities of the first MELD dev dialogues recorded at packaging t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shlex
 import shutil
@@ -118,10 +117,9 @@ def train_command(config: dict, base_config: str) -> str:
     where the file does not set it); data and output folders are left as ``DATA`` and ``RUN``."""
     import yaml
 
-    from erc_llm.config import TrainConfig
+    from erc_llm.config import TrainConfig, defaults
 
-    base = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(TrainConfig)}
+    base = defaults(TrainConfig)
     base.update(yaml.safe_load(Path(base_config).read_text()) or {})
     flags = []
     for key, value in config.items():

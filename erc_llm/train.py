@@ -158,12 +158,12 @@ def dev_metrics(model, builder: PromptBuilder, dialogues, history: str, speakers
 
 
 def write_run_files(run: Path, cfg: TrainConfig, labels: LabelSet, templates: Templates, manifest: dict) -> None:
-    from erc_llm.speakers import copy_store, settings_of
+    from erc_llm.speakers import TEMPLATE_NAMES, copy_store, settings_of
 
     run.mkdir(parents=True, exist_ok=True)
     # a prompt folder may hold only header.txt and turn.txt: the speaker-note and audio templates it does not
     # define come from the packaged set, so the run folder still serves speaker notes or audio at inference
-    support = [*sorted(PROMPTS_DIR.glob("speaker_*.txt")), PROMPTS_DIR / "audio.txt"]
+    support = [PROMPTS_DIR / f"{name}.txt" for name in (*TEMPLATE_NAMES, "audio")]
     with atomic_dir(run / "prompts") as tmp:
         for path in [*support, *sorted(prompts_dir(cfg).glob("*.txt"))]:
             shutil.copy(path, tmp / path.name)
