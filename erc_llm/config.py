@@ -308,6 +308,10 @@ class TrainConfig(AudioOptions, SpeakerOptions):
     lora_dropout: float = _f(0.05, "dropout on the LoRA input", ge=0, lt=1)
     lora_targets: list = _f(["all-linear"], "module names to adapt, or all-linear")
     lora_layers: list = _f([], "indices of transformer layers to adapt (empty = all)")
+    init_adapter: str = _f("", "start from a trained run's LoRA adapter (a run folder or a shipped model name, e.g. "
+                           "meld-gemma3-270m) instead of a fresh one: adapting a trained ERC model to another corpus "
+                           "or label set. Its backbone, lora_r, lora_alpha, lora_layers and targets must be this "
+                           "config's; only the adapter is taken (not its audio projector, speakers or prompts)")
     # optimisation
     epochs: float = _f(1.0, "passes over the training dialogues (fractions allowed)", ge=0)
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = run all epochs)", ge=0)
@@ -397,6 +401,10 @@ class TrainConfig(AudioOptions, SpeakerOptions):
                      "(float32 master weights, bf16 autocast where native) or float32")
         if self.audio_source == "meld_prosody" and self.dataset != "meld":
             p.append("audio_source: meld_prosody features only exist for dataset: meld")
+        if self.init_adapter:
+            from erc_llm.lora import init_problems
+
+            p.extend(init_problems(self))
         return p + self.speaker_problems() + self.audio_problems()
 
 

@@ -1,5 +1,5 @@
-"""The LoRA adapter as training uses it: wrapping the backbone (peft), a cheaper dropout, and the precision its
-matmuls run in.
+"""The LoRA adapter as training uses it: wrapping the backbone (peft), starting from a trained run's adapter
+(``init_adapter``), a cheaper dropout, and the precision its matmuls run in.
 
 Two measured costs of peft's defaults on a CPU, removed here without changing what is computed:
 
@@ -17,6 +17,8 @@ Two measured costs of peft's defaults on a CPU, removed here without changing wh
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -89,6 +91,56 @@ def wrap_lora(model, cfg):
                 for name in list(drops):
                     drops[name] = LoraDropout(cfg.lora_dropout)
     return model
+
+
+def init_problems(cfg) -> list[str]:
+    """Why ``cfg.init_adapter`` (a run folder or shipped model name) cannot start this LoRA training: every
+    problem, for the config's up-front validation (empty when it can)."""
+    from erc_llm.run import RunError, RunSpec, resolve
+
+    where = f"init_adapter: {cfg.init_adapter!r}"
+    if cfg.finetune != "lora":
+        return [f"{where} starts LoRA training from a trained adapter; finetune: {cfg.finetune} trains no adapter "
+                "(set finetune: lora, or init_adapter: '')"]
+    try:
+        run = resolve(cfg.init_adapter)
+        spec = RunSpec.read(run)
+    except RunError as e:
+        return [f"{where}: {e}"]
+    if spec.finetune != "lora":
+        return [f"{where} was trained with finetune: {spec.finetune}; it has no LoRA adapter to start from"]
+    try:
+        saved = json.loads((run / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        return [f"{where}: cannot read {run / 'adapter' / 'adapter_config.json'} ({e}); the run folder is damaged"]
+    ours = {"model": cfg.model, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+            "lora_layers": [int(i) for i in cfg.lora_layers]}
+    theirs = {"model": spec.model, "lora_r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+              "lora_layers": list(saved.get("layers_to_transform") or [])}
+    if cfg.lora_targets != ["all-linear"]:
+        ours["lora_targets"], theirs["lora_targets"] = sorted(cfg.lora_targets), sorted(saved.get("target_modules") or [])
+    return [f"{where} was trained with {key} {theirs[key]!r}, this config has {ours[key]!r}; set {key}: "
+            f"{theirs[key]!r} to start from it" for key in ours if ours[key] != theirs[key]]
+
+
+def load_init(model, init_adapter: str) -> Path:
+    """Copy the LoRA weights of a trained run (``init_adapter``: folder or shipped name) into the freshly wrapped
+    ``model``; every adapted module must receive weights and every saved tensor must find its module. Returns
+    the adapter folder read."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from erc_llm.run import resolve
+
+    folder = resolve(init_adapter) / "adapter"
+    result = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"init_adapter: {folder} does not fit this model's adapters ({len(missing)} adapted tensors "
+                         f"without saved weights, e.g. {missing[:2]}; {len(result.unexpected_keys)} saved tensors "
+                         f"without a module, e.g. {result.unexpected_keys[:2]}); it was trained with other "
+                         "lora_targets or another backbone: match its adapter_config.json")
+    return folder
 
 
 def compute_context(model, backbone_dtype: torch.dtype, device_type: str, autocast: bool = False):

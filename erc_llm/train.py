@@ -314,6 +314,12 @@ def setup(cfg: TrainConfig) -> "Recipe":
     prior /= prior.sum()
     spec, train_audio, dev_audio, projector = audio_setup(cfg, train_d, dev_d, model)
     model = make_trainable(model, cfg)
+    if cfg.init_adapter and not cfg.resume:  # a resumed run takes its adapter from the checkpoint
+        from erc_llm.lora import load_init
+
+        folder = load_init(model, cfg.init_adapter)
+        if main:
+            log.info("LoRA adapter initialised from %s", folder)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import LABELS, REPO, fit_toy_dialogue, write_jsonl_dataset
+from tests.conftest import LABELS, REPO, fit_toy_dialogue, write_jsonl_dataset, write_lora_run
 
 BIN = Path(sys.executable).parent
 
@@ -338,3 +338,46 @@ def test_run_prompts_are_the_custom_folder_completed_by_the_packaged_support_tem
     for path in [*PROMPTS_DIR.glob("speaker_*.txt"), PROMPTS_DIR / "audio.txt"]:
         assert (got / path.name).read_text() == path.read_text(), path.name
     assert Templates.load(got).version == Templates.load(custom).version
+
+
+def _init_config(tmp_path, tiny_model_dir, init: Path, **kw):
+    from erc_llm.config import TrainConfig, build
+
+    data = tmp_path / "data" if (tmp_path / "data").is_dir() else write_jsonl_dataset(tmp_path / "data", 4)
+    return build(TrainConfig, None, {
+        "dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir), "labels": list(LABELS.labels),
+        "batch_dialogues": 1, "max_steps": 2, "test_eval": False, "dtype": "float32", "init_adapter": str(init),
+        "lora_r": 4, "lora_alpha": 8, "lora_targets": ["q_proj", "v_proj"], "out": str(tmp_path / "out"), **kw})
+
+
+def test_init_adapter_starts_training_from_the_trained_runs_weights(tmp_path, tiny_model, tiny_model_dir):
+    """Every LoRA tensor of the new run starts as the trained run saved it (not peft's fresh B = 0), and the
+    run records where it started."""
+    import yaml
+
+    from erc_llm.train import setup
+
+    init = write_lora_run(tmp_path / "trained", tiny_model, tiny_model_dir)
+    saved = _adapter(init)
+    r = setup(_init_config(tmp_path, tiny_model_dir, init))
+    ours = {n: p for n, p in r.unwrapped.named_parameters() if "lora_" in n}
+    assert len(ours) == len(saved) > 0
+    for name, tensor in saved.items():
+        key = name.replace(".weight", ".default.weight")
+        assert torch.equal(ours[key].detach(), tensor.to(ours[key].dtype)), name
+    assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in ours.items())
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["init_adapter"] == str(init)
+
+
+def test_init_adapter_of_another_shape_is_refused_up_front_or_at_load(tmp_path, tiny_model, tiny_model_dir):
+    from erc_llm.train import setup
+
+    init = write_lora_run(tmp_path / "trained", tiny_model, tiny_model_dir)
+    with pytest.raises(ValueError, match=r"init_adapter: .* was trained with lora_r 4, this config has 8; set lora_r: 4"):
+        _init_config(tmp_path, tiny_model_dir, init, lora_r=8)
+    with pytest.raises(ValueError, match=r"init_adapter: 'runs/nowhere': run 'runs/nowhere' not found; .*shipped models"):
+        _init_config(tmp_path, tiny_model_dir, Path("runs/nowhere"))
+    # all-linear cannot be compared before the model exists: the load names the tensors without saved weights
+    cfg = _init_config(tmp_path, tiny_model_dir, init, lora_targets=["all-linear"])
+    with pytest.raises(ValueError, match=r"does not fit this model's adapters \(\d+ adapted tensors without saved"):
+        setup(cfg)
