@@ -96,7 +96,7 @@ def wrap_lora(model, cfg):
 def init_problems(cfg) -> list[str]:
     """Why ``cfg.init_adapter`` (a run folder or shipped model name) cannot start this LoRA training: every
     problem, for the config's up-front validation (empty when it can)."""
-    from erc_llm.run import RunError, RunSpec, resolve
+    from erc_llm.run import RunError, RunSpec, check_reference, resolve
 
     where = f"init_adapter: {cfg.init_adapter!r}"
     if cfg.finetune != "lora":
@@ -105,6 +105,7 @@ def init_problems(cfg) -> list[str]:
     try:
         run = resolve(cfg.init_adapter)
         spec = RunSpec.read(run)
+        check_reference(run)  # a packaged model's adapter must be the one it was packaged with
     except RunError as e:
         return [f"{where}: {e}"]
     if spec.finetune != "lora":

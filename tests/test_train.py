@@ -377,6 +377,10 @@ def test_init_adapter_of_another_shape_is_refused_up_front_or_at_load(tmp_path, 
         _init_config(tmp_path, tiny_model_dir, init, lora_r=8)
     with pytest.raises(ValueError, match=r"init_adapter: 'runs/nowhere': run 'runs/nowhere' not found; .*shipped models"):
         _init_config(tmp_path, tiny_model_dir, Path("runs/nowhere"))
+    (init / "reference.json").write_text(json.dumps({"adapter_sha256": "0" * 64}))  # a packaged model, altered
+    with pytest.raises(ValueError, match=r"init_adapter: .*does not match the sha256 recorded when the model was packaged"):
+        _init_config(tmp_path, tiny_model_dir, init)
+    (init / "reference.json").unlink()
     # all-linear cannot be compared before the model exists: the load names the tensors without saved weights
     cfg = _init_config(tmp_path, tiny_model_dir, init, lora_targets=["all-linear"])
     with pytest.raises(ValueError, match=r"does not fit this model's adapters \(\d+ adapted tensors without saved"):
