@@ -322,6 +322,9 @@ class TrainConfig(AudioOptions, SpeakerOptions):
     lr_schedule: str = _f("linear", "learning rate after warm-up: linear or cosine decay to 0, or constant "
                           "(transformers' schedules of those names)", ("linear", "cosine", "constant_with_warmup"))
     max_grad_norm: float = _f(1.0, "gradient clipping", gt=0)
+    ema_decay: float = _f(0.0, "select and save a moving average of the trained weights instead of the live ones: "
+                          "per-step decay d, warmed up as min(d, (1 + step) / (10 + step)); e.g. 0.98 (0 = off)",
+                          ge=0, lt=1)
     class_weights: str = _f("sqrt_inverse", "class weighting of the loss", ("none", "inverse", "sqrt_inverse"))
     focal_gamma: float = _f(0.0, "focal loss gamma (0 = plain cross-entropy)", ge=0)
     label_smoothing: float = _f(0.0, "share of the target's probability spread evenly over all labels (0 = none)",

@@ -37,6 +37,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from erc_llm.averaging import WeightAverage
 from erc_llm.config import TrainConfig, build, to_dict
 from erc_llm.data import LabelSet, label_counts, load_split
 from erc_llm.data.schema import dialogues_digest
@@ -91,11 +92,14 @@ def epoch_order(n: int, seed: int, epoch: int, world: int, per_step: int, length
 
 # ---------------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, state: dict, projector=None) -> None:
+def save_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, state: dict, projector=None,
+                    average: WeightAverage | None = None) -> None:
     with atomic_dir(run / "checkpoint") as tmp:
         torch.save(trainable_state(model, finetune), tmp / "adapter.pt")
         if projector is not None:
             torch.save(projector.state_dict(), tmp / "projector.pt")
+        if average is not None:
+            torch.save(average.state_dict(), tmp / "average.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
@@ -103,11 +107,17 @@ def save_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, state
         atomic_write_json(tmp / "state.json", state)
 
 
-def load_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, projector=None) -> dict:
+def load_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, projector=None,
+                    average: WeightAverage | None = None) -> dict:
     ck = run / "checkpoint"
     load_trainable_state(model, torch.load(ck / "adapter.pt", weights_only=False), finetune, str(ck / "adapter.pt"))
     if projector is not None:
         projector.load_state_dict(torch.load(ck / "projector.pt", weights_only=True))
+    if average is not None:
+        if not (ck / "average.pt").is_file():
+            raise ValueError(f"{ck}: the run was trained without a weight average (no average.pt); resume it with "
+                             "--ema-decay 0 (its config.yaml), or start a new run with --ema-decay")
+        average.load_state_dict(torch.load(ck / "average.pt", weights_only=True), str(ck / "average.pt"))
     optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=False))
     rng = torch.load(ck / "rng.pt", weights_only=False)
@@ -260,6 +270,7 @@ class Recipe:
     dev_audio: object = None  # AudioInputs of the dev split
     dev_speakers: object = None
     lengths: list | None = None  # transcript tokens per training dialogue, for curriculum short_first
+    average: WeightAverage | None = None  # ema_decay > 0: the averaged weights that dev selects and saves
 
 
 def setup(cfg: TrainConfig) -> "Recipe":
@@ -328,6 +339,7 @@ def setup(cfg: TrainConfig) -> "Recipe":
         groups.append({"params": list(projector.parameters()), "lr": cfg.audio_lr})
         params = params + groups[1]["params"]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    average = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay else None
     lengths = ([len(h) + sum(map(len, ts)) for h, ts in zip(data["header"], data["turns"])]
                if cfg.curriculum == "short_first" else None)
     per_epoch = len(epoch_order(len(data), cfg.seed, 0, world, cfg.batch_dialogues)) // (world * cfg.batch_dialogues)
@@ -345,7 +357,8 @@ def setup(cfg: TrainConfig) -> "Recipe":
 
     state = {"step": 0, "epoch": 0, "position": 0, "best": None, "tokens": 0, "labels_seen": 0, "train_seconds": 0.0}
     if cfg.resume:
-        state = load_checkpoint(run, unwrapped, cfg.finetune, optimizer, scheduler, audio.projector if audio else None)
+        state = load_checkpoint(run, unwrapped, cfg.finetune, optimizer, scheduler, audio.projector if audio else None,
+                                average)
         if main:
             log.info("resumed from %s/checkpoint at step %d", run, state["step"])
             _truncate_log(run / "log.jsonl", state["step"])
@@ -356,7 +369,7 @@ def setup(cfg: TrainConfig) -> "Recipe":
         write_run_files(run, cfg, labels, templates, manifest)
     return Recipe(cfg, accelerator, run, model, unwrapped, optimizer, scheduler, params, builder, data, dev_d,
                   label_tokens, weights, prior, total, state, projector, train_audio, audio, dev_audio,
-                  dev_speakers, lengths)
+                  dev_speakers, lengths, average)
 
 
 def fit(r: "Recipe") -> None:
@@ -414,6 +427,8 @@ def fit(r: "Recipe") -> None:
                                    f"weights were updated (the best adapter so far stays in {run}/adapter). Lower lr")
         optimizer.step()
         scheduler.step()
+        if r.average is not None:
+            r.average.update()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["position"] += len(batch)
@@ -433,11 +448,11 @@ def fit(r: "Recipe") -> None:
             append_log(run, row)
         if state["step"] % cfg.eval_every == 0 or state["step"] == total:
             evaluate_and_select(cfg, run, accelerator, unwrapped, builder, r.dev_d, state, r.dev_speakers,
-                                r.audio, r.dev_audio)
+                                r.audio, r.dev_audio, r.average)
         if state["step"] % cfg.save_every == 0 or state["step"] == total:
             if main:
                 save_checkpoint(run, unwrapped, cfg.finetune, optimizer, scheduler, state,
-                                r.audio.projector if r.audio else None)
+                                r.audio.projector if r.audio else None, r.average)
             accelerator.wait_for_everyone()
     bar.close()
 
@@ -494,25 +509,28 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state, speakers=None, audio=None,
-                        dev_audio=None) -> None:
+                        dev_audio=None, average: WeightAverage | None = None) -> None:
     """Dev evaluation on the main process with predicted history; the best adapter (with ``audio``, the
-    AudioModel, if any) goes to ``run/adapter``. ``dev_audio``: the dev split's AudioInputs."""
+    AudioModel, if any) goes to ``run/adapter``. ``dev_audio``: the dev split's AudioInputs; ``average``: the
+    weights evaluated and saved are its averaged ones."""
     if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
         raise TrainingDiverged(f"adapter weights became NaN/inf by step {state['step']}; nothing was saved from this "
                                f"step (the best adapter so far stays in {run}/adapter). Lower lr")
     if accelerator.is_main_process:
         t0 = time.time()
-        m = dev_metrics(model, builder, dev_d, "predicted", speakers() if speakers else None,
-                        audio.feed(dev_audio) if audio else None, cfg.lookahead)
-        row = {"step": state["step"], "dev_predicted": m, "eval_seconds": time.time() - t0}
-        if state["best"] is None or m["weighted_f1"] > state["best"]["dev_predicted"]["weighted_f1"]:
+        with average.applied() if average is not None else contextlib.nullcontext():
+            m = dev_metrics(model, builder, dev_d, "predicted", speakers() if speakers else None,
+                            audio.feed(dev_audio) if audio else None, cfg.lookahead)
+            best = state["best"] is None or m["weighted_f1"] > state["best"]["dev_predicted"]["weighted_f1"]
+            if best:
+                with atomic_dir(run / "adapter") as tmp:
+                    save_weights(model, cfg.finetune, tmp)
+                    if audio:
+                        audio.save(tmp)
+        if best:
             state["best"] = {"step": state["step"], "dev_predicted": m}
-            with atomic_dir(run / "adapter") as tmp:
-                save_weights(model, cfg.finetune, tmp)
-                if audio:
-                    audio.save(tmp)
             atomic_write_json(run / "best.json", state["best"])
-        append_log(run, row)
+        append_log(run, {"step": state["step"], "dev_predicted": m, "eval_seconds": time.time() - t0})
         log.info("step %d dev weighted F1 %.2f (best %.2f at step %d)", state["step"], m["weighted_f1"],
                  state["best"]["dev_predicted"]["weighted_f1"], state["best"]["step"])
     accelerator.wait_for_everyone()

@@ -385,3 +385,50 @@ def test_init_adapter_of_another_shape_is_refused_up_front_or_at_load(tmp_path, 
     cfg = _init_config(tmp_path, tiny_model_dir, init, lora_targets=["all-linear"])
     with pytest.raises(ValueError, match=r"does not fit this model's adapters \(\d+ adapted tensors without saved"):
         setup(cfg)
+
+
+def test_ema_run_saves_the_averaged_weights_and_a_resumed_run_continues_the_average(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):
+    """ema_decay: dev evaluates, and run/adapter holds, the moving average, while the optimizer goes on with the
+    live weights; a run stopped after a checkpoint and resumed ends with the same average as an uninterrupted one."""
+    import erc_llm.train as train_module
+    from erc_llm.config import TrainConfig, build
+    from erc_llm.train import fit, setup
+
+    data = write_jsonl_dataset(tmp_path / "data", 4)
+    base = {"dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir), "labels": list(LABELS.labels),
+            "batch_dialogues": 1, "max_steps": 4, "eval_every": 4, "save_every": 1, "lr": 0.01, "ema_decay": 0.9,
+            "test_eval": False, "dtype": "float32"}
+    ref = tmp_path / "ref"
+    r = setup(build(TrainConfig, None, {**base, "out": str(ref)}))
+    fit(r)
+    names = [n for n, p in r.unwrapped.named_parameters() if p.requires_grad]
+    average = torch.load(ref / "checkpoint" / "average.pt", weights_only=True)
+    live, saved = _checkpoint(ref), _adapter(ref)
+    assert average["steps"] == 4 and len(average["shadow"]) == len(names) == len(saved) > 0
+    for name, shadow, p in zip(names, average["shadow"], (p for p in r.unwrapped.parameters() if p.requires_grad)):
+        key = name.replace(".default.weight", ".weight")
+        assert torch.equal(saved[key], shadow), name
+        assert torch.equal(p.detach(), live[key]), f"{name}: the live weights must come back after dev selection"
+    assert any(not torch.equal(saved[k], live[k]) for k in saved)
+
+    class Stop(Exception):
+        pass
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_stop(run, model, finetune, optimizer, scheduler, state, *rest):
+        real_save(run, model, finetune, optimizer, scheduler, state, *rest)
+        if state["step"] == 2:
+            raise Stop
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        fit(setup(build(TrainConfig, None, {**base, "out": str(tmp_path / "run")})))
+    monkeypatch.undo()
+    fit(setup(build(TrainConfig, None, {**base, "out": str(tmp_path / "run"), "resume": True})))
+    resumed = torch.load(tmp_path / "run" / "checkpoint" / "average.pt", weights_only=True)
+    assert resumed["steps"] == 4 and all(torch.equal(a, b) for a, b in zip(resumed["shadow"], average["shadow"]))
+    with pytest.raises(ValueError, match=r"trained without a weight average \(no average.pt\); resume it with --ema-decay 0"):
+        (tmp_path / "run" / "checkpoint" / "average.pt").unlink()
+        setup(build(TrainConfig, None, {**base, "out": str(tmp_path / "run"), "resume": True}))
