@@ -521,6 +521,7 @@ def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state, spe
         with average.applied() if average is not None else contextlib.nullcontext():
             m = dev_metrics(model, builder, dev_d, "predicted", speakers() if speakers else None,
                             audio.feed(dev_audio) if audio else None, cfg.lookahead)
+            seconds = time.time() - t0
             best = state["best"] is None or m["weighted_f1"] > state["best"]["dev_predicted"]["weighted_f1"]
             if best:
                 with atomic_dir(run / "adapter") as tmp:
@@ -530,7 +531,7 @@ def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state, spe
         if best:
             state["best"] = {"step": state["step"], "dev_predicted": m}
             atomic_write_json(run / "best.json", state["best"])
-        append_log(run, {"step": state["step"], "dev_predicted": m, "eval_seconds": time.time() - t0})
+        append_log(run, {"step": state["step"], "dev_predicted": m, "eval_seconds": seconds})
         log.info("step %d dev weighted F1 %.2f (best %.2f at step %d)", state["step"], m["weighted_f1"],
                  state["best"]["dev_predicted"]["weighted_f1"], state["best"]["step"])
     accelerator.wait_for_everyone()
