@@ -14,6 +14,7 @@ The shadow is saved in the checkpoint, so a resumed run continues the same avera
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -71,3 +72,17 @@ class WeightAverage:
                              f"{self.decay}; resume with --ema-decay {state['decay']}")
         self.steps = int(state["steps"])
         self.shadow = [s.float().clone() for s in shadow]
+
+
+def restore_average(average: WeightAverage | None, path: Path) -> None:
+    """Resume ``average`` (None: the config has no ema_decay) from a checkpoint's ``path``; a run trained with an
+    average cannot resume without one, nor the other way round."""
+    if average is not None and not path.is_file():
+        raise ValueError(f"{path.parent}: the run was trained without a weight average (no {path.name}); resume it "
+                         "with --ema-decay 0 (its config.yaml), or start a new run with --ema-decay")
+    if average is None and path.is_file():
+        decay = torch.load(path, weights_only=True)["decay"]
+        raise ValueError(f"{path.parent}: the run was trained with a weight average (ema_decay {decay}), this config "
+                         f"has none; resume with --ema-decay {decay}")
+    if average is not None:
+        average.load_state_dict(torch.load(path, weights_only=True), str(path))

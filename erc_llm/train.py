@@ -37,7 +37,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from erc_llm.averaging import WeightAverage
+from erc_llm.averaging import WeightAverage, restore_average
 from erc_llm.config import TrainConfig, build, to_dict
 from erc_llm.data import LabelSet, label_counts, load_split
 from erc_llm.data.schema import dialogues_digest
@@ -113,11 +113,7 @@ def load_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, proje
     load_trainable_state(model, torch.load(ck / "adapter.pt", weights_only=False), finetune, str(ck / "adapter.pt"))
     if projector is not None:
         projector.load_state_dict(torch.load(ck / "projector.pt", weights_only=True))
-    if average is not None:
-        if not (ck / "average.pt").is_file():
-            raise ValueError(f"{ck}: the run was trained without a weight average (no average.pt); resume it with "
-                             "--ema-decay 0 (its config.yaml), or start a new run with --ema-decay")
-        average.load_state_dict(torch.load(ck / "average.pt", weights_only=True), str(ck / "average.pt"))
+    restore_average(average, ck / "average.pt")
     optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=False))
     rng = torch.load(ck / "rng.pt", weights_only=False)

@@ -429,6 +429,9 @@ def test_ema_run_saves_the_averaged_weights_and_a_resumed_run_continues_the_aver
     fit(setup(build(TrainConfig, None, {**base, "out": str(tmp_path / "run"), "resume": True})))
     resumed = torch.load(tmp_path / "run" / "checkpoint" / "average.pt", weights_only=True)
     assert resumed["steps"] == 4 and all(torch.equal(a, b) for a, b in zip(resumed["shadow"], average["shadow"]))
+    with pytest.raises(ValueError, match=r"trained with a weight average \(ema_decay 0.9\), this config has none; "
+                                         r"resume with --ema-decay 0.9"):
+        setup(build(TrainConfig, None, {**base, "out": str(tmp_path / "run"), "resume": True, "ema_decay": 0.0}))
+    (tmp_path / "run" / "checkpoint" / "average.pt").unlink()
     with pytest.raises(ValueError, match=r"trained without a weight average \(no average.pt\); resume it with --ema-decay 0"):
-        (tmp_path / "run" / "checkpoint" / "average.pt").unlink()
         setup(build(TrainConfig, None, {**base, "out": str(tmp_path / "run"), "resume": True}))
