@@ -16,9 +16,16 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import transformers
+from packaging.version import Version
 
 from erc_llm.data.schema import Dialogue, Utterance
 from erc_llm.prompting import HISTORY_MODES, PromptBuilder, fit_window
+
+
+# The keyword that feeds a KV cache to a forward, and the output field that returns it: transformers 5.24 renamed
+# ``past_key_values`` to ``cache`` (the old name warns there and is removed in 5.40); 5.0-5.23 know only the old one.
+CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
 
 
 class LabelTrie:
@@ -60,12 +67,12 @@ def _last_logprobs(model, ids: list[int], cache, soft: torch.Tensor | None = Non
     ``soft`` fills the audio placeholder positions of ``ids`` (see ``erc_llm.projector``)."""
     x = torch.tensor([ids], dtype=torch.long, device=model.device)
     if soft is None:
-        out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=x, **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
     else:
         from erc_llm.projector import embed_ids
 
-        out = model(inputs_embeds=embed_ids(model, x, soft), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return torch.log_softmax(out.logits[0, -1].float(), dim=-1), out.past_key_values
+        out = model(inputs_embeds=embed_ids(model, x, soft), **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
+    return torch.log_softmax(out.logits[0, -1].float(), dim=-1), out[CACHE_ARG]
 
 
 def _last_label_logits(model, ids: list[int], cache, columns: list[int], soft: torch.Tensor | None = None):
@@ -76,8 +83,8 @@ def _last_label_logits(model, ids: list[int], cache, columns: list[int], soft: t
     from erc_llm.objective import decoder_hidden, label_head
 
     x = torch.tensor([ids], dtype=torch.long, device=model.device)
-    out = decoder_hidden(model, x, soft, past_key_values=cache, use_cache=True)
-    return label_head(model, out.last_hidden_state[0, -1], columns).float(), out.past_key_values
+    out = decoder_hidden(model, x, soft, **{CACHE_ARG: cache}, use_cache=True)
+    return label_head(model, out.last_hidden_state[0, -1], columns).float(), out[CACHE_ARG]
 
 
 def score_slot(model, trie: LabelTrie, slot_logprobs: torch.Tensor, cache) -> torch.Tensor:
@@ -363,7 +370,7 @@ class PackedTagger:
             qd = torch.tensor([i for i, f in zip(act, feeds) for _ in f], device=dev)
             qp = torch.tensor([pos[i] + j for i, f in zip(act, feeds) for j in range(len(f))], device=dev)
             kd, kp = torch.cat([kd, qd]), torch.cat([kp, qp])
-            hidden = self.model.get_decoder()(input_ids=ids[None], position_ids=qp[None], past_key_values=cache,
+            hidden = self.model.get_decoder()(input_ids=ids[None], position_ids=qp[None], **{CACHE_ARG: cache},
                                               attention_mask=self._masks(kd, kp, qd, qp), use_cache=True).last_hidden_state[0]
             ends = torch.tensor([len(f) for f in feeds], device=dev).cumsum(0) - 1
             probs = torch.softmax(label_head(self.model, hidden[ends], self.columns).float(), dim=-1)

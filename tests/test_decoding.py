@@ -1,4 +1,6 @@
 import functools
+import inspect
+import warnings
 
 import pytest
 import torch
@@ -6,7 +8,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from erc_llm.data.schema import Dialogue, LabelSet, Utterance
-from erc_llm.decoding import LabelTrie, PackedTagger, StreamingTagger, rollout
+from erc_llm.decoding import CACHE_ARG, LabelTrie, PackedTagger, StreamingTagger, rollout
 from erc_llm.prompting import PromptBuilder
 from tests.conftest import LABELS, make_model, make_tokenizer, toy_dialogue
 
@@ -57,6 +59,21 @@ def test_predicted_history_writes_predictions_not_gold(tiny_tokenizer, tiny_mode
     assert [p.probs for p in tagger.tag(d1)] == [p.probs for p in tagger.tag(d2)]
     gold = StreamingTagger(tiny_model, builder, "gold")
     assert [p.probs for p in gold.tag(d1)] != [p.probs for p in gold.tag(d2)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@torch.inference_mode()
+def test_kv_cache_is_fed_under_the_name_the_installed_transformers_takes(tiny_tokenizer, arch):
+    """transformers renames the cache argument (deprecated first, removed later): decoding must use the current
+    name, or it breaks when the old one goes."""
+    model = make_model(len(tiny_tokenizer), arch)
+    assert CACHE_ARG in inspect.signature(type(model.get_decoder()).forward).parameters
+    builder = PromptBuilder(tiny_tokenizer, LABELS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        StreamingTagger(model, builder, "predicted").tag(toy_dialogue(4))
+        PackedTagger(model, builder, batch=2).tag_many([toy_dialogue(3), toy_dialogue(4)])
+    assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
 
 
 def test_unknown_history_mode(tiny_tokenizer, tiny_model):
