@@ -169,6 +169,8 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     """
     import torch
 
+    from erc_llm.run import software_versions
+
     shard = Shard.from_env()
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // shard.world))
     dialogues, labels, report = load_split(cfg.dataset, cfg.split, cfg.data_dir, tuple(cfg.labels) or None,
@@ -210,7 +212,7 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
         "speakers": p.speakers.settings.__dict__ if p.speakers else None,
         "audio": {"source": audio.spec.source, "missing": audio.missing} if audio else None,
         "seconds": seconds, "utterances_per_second": len(rows) / max(seconds, 1e-9), "processes": shard.world,
-        "threads": torch.get_num_threads(), "config": to_dict(cfg), "command": command,
+        "threads": torch.get_num_threads(), "software": software_versions(), "config": to_dict(cfg), "command": command,
     }
     metrics = write_evaluation(out, rows, labels, info, f"{cfg.dataset}/{cfg.split} {p.name} (history={history}, {p.context})")
     if not scored:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,17 @@ def resolve(run: str | Path) -> Path:
                    f"model name; shipped models = {shipped_models()}")
 
 
+def software_versions() -> dict[str, str]:
+    """The library versions a figure depends on, recorded in every run and evaluation: the same command on
+    another version of torch or transformers can give other numbers."""
+    import peft
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """What a trained adapter needs at inference: written once by training, read by everything else."""
@@ -70,6 +82,7 @@ class RunSpec:
     audio: dict | None = None  # {"source", "dir", "k_tokens"}
     train_dtype: str | None = None
     finetune: str = "lora"  # lora: peft adapter; full: adapter/finetuned.safetensors (erc_llm.finetune)
+    software: dict = field(default_factory=dict)  # library versions at training time (software_versions())
 
     @classmethod
     def read(cls, run: str | Path) -> "RunSpec":

@@ -48,7 +48,7 @@ from erc_llm.losses import class_weights, label_loss
 from erc_llm.objective import corrupt_history, first_token_ids, pack, packed_slot_logits
 from erc_llm.projector import AudioModel
 from erc_llm.prompting import PROMPTS_DIR, PromptBuilder, Templates
-from erc_llm.run import RunSpec
+from erc_llm.run import RunSpec, software_versions
 
 log = logging.getLogger("erc_llm.train")
 
@@ -180,7 +180,7 @@ def write_run_files(run: Path, cfg: TrainConfig, labels: LabelSet, templates: Te
         model=cfg.model, labels=tuple(labels.labels), dataset=cfg.dataset, backbone=manifest,
         prompt_version=templates.version, max_tokens=cfg.max_tokens, max_utterance_tokens=cfg.max_utterance_tokens,
         context=cfg.context, label_history=cfg.label_history, lookahead=cfg.lookahead, speakers=settings_of(cfg), train_dtype=manifest.get("dtype"),
-        finetune=cfg.finetune,
+        finetune=cfg.finetune, software=software_versions(),
         audio={"source": cfg.audio_source, "dir": str(Path(cfg.audio_dir).resolve()), "k_tokens": cfg.audio_k_tokens,
                "normalize": cfg.audio_normalize}
         if cfg.audio_source != "none" else None,

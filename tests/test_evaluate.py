@@ -1,6 +1,8 @@
 import json
 
+import peft
 import pytest
+import transformers
 
 from erc_llm.config import EvalConfig, build
 from erc_llm.data.schema import LabelSet
@@ -42,6 +44,7 @@ def test_evaluate_end_to_end_writes_artifacts(tmp_path, tiny_model_dir):
     assert saved["weighted_f1"] == pytest.approx(m["weighted_f1"])
     assert saved["dialogues"] == 3 and saved["utterances"] == 3 + 4 + 5 and saved["history"] == "predicted"
     assert set(saved["per_class"]) == set(saved["labels"])
+    assert saved["software"]["transformers"] == transformers.__version__ and saved["software"]["peft"] == peft.__version__
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 12
     for r in rows:

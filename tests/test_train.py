@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from tests.conftest import LABELS, REPO, fit_toy_dialogue, write_jsonl_dataset, write_lora_run
 
@@ -70,6 +71,7 @@ def test_accelerate_launch_two_steps_writes_run_dir(tmp_path, tiny_model_dir):
     assert "test weighted F1" in r.stdout
     meta = json.loads((run / "run.json").read_text())
     assert meta["labels"] and meta["prompt_version"] and meta["model"] == str(tiny_model_dir)
+    assert meta["software"]["transformers"] == transformers.__version__ and meta["software"]["torch"] == torch.__version__
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log if "loss" in x] == [1, 2]
     assert any("dev_predicted" in x for x in log) and json.loads((run / "best.json").read_text())["step"] == 2
