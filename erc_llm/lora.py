@@ -93,6 +93,17 @@ def wrap_lora(model, cfg):
     return model
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward instead of keeping its activations (non-reentrant, so frozen
+    inputs and LoRA dropout replay correctly). transformers 5.24 renamed ``gradient_checkpointing_enable`` to
+    ``activation_checkpointing_enable`` (the old name warns and goes in v6); both are served."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def init_problems(cfg) -> list[str]:
     """Why ``cfg.init_adapter`` (a run folder or shipped model name) cannot start this LoRA training: every
     problem, for the config's up-front validation (empty when it can)."""

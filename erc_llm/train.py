@@ -43,7 +43,7 @@ from erc_llm.data import LabelSet, label_counts, load_split
 from erc_llm.data.schema import dialogues_digest
 from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text, content_digest
 from erc_llm.finetune import load_trainable_state, make_trainable, save_weights, trainable_state, training_precision
-from erc_llm.lora import compute_context
+from erc_llm.lora import compute_context, enable_activation_checkpointing
 from erc_llm.losses import class_weights, label_loss
 from erc_llm.objective import corrupt_history, first_token_ids, pack, packed_slot_logits
 from erc_llm.projector import AudioModel
@@ -328,7 +328,7 @@ def setup(cfg: TrainConfig) -> "Recipe":
         if main:
             log.info("LoRA adapter initialised from %s", folder)
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": params}]
     if projector is not None:

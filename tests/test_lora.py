@@ -1,11 +1,13 @@
 """The training adapter: the cheaper LoRA dropout behaves as nn.Dropout, and the bf16 compute context trains the
 same adapters as float32 (gradients within bf16 tolerance, adapter weights and their gradients kept float32)."""
 
+import warnings
+
 import pytest
 import torch
 
 from erc_llm.config import TrainConfig
-from erc_llm.lora import LoraDropout, compute_context, wrap_lora
+from erc_llm.lora import LoraDropout, compute_context, enable_activation_checkpointing, wrap_lora
 from erc_llm.losses import label_loss
 from erc_llm.objective import first_token_ids, slot_logits
 from erc_llm.prompting import PromptBuilder
@@ -101,7 +103,9 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_tokenizer):
                 torch.manual_seed(1)
                 torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", FutureWarning)  # no deprecated entry point on any transformers
+                enable_activation_checkpointing(model)
             assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
         torch.manual_seed(7)
         results.append(_grads(model, tiny_tokenizer, compute_context(model, torch.float32, "cpu")))
