@@ -281,7 +281,8 @@ class TrainConfig(AudioOptions, SpeakerOptions):
     # model and prompt
     model: str = _f(DEFAULT_MODEL, "backbone: a packaged name, a local Hugging Face dir, or a hub id")
     prompts: str = _f("", "folder with prompt templates (default: the packaged prompts/); copied into the run")
-    max_tokens: int = _f(2048, "token budget of a transcript; oldest turns are dropped beyond it", ge=64)
+    max_tokens: int = _f(2048, "token budget of a transcript: a longer training dialogue is trained as several "
+                         "transcripts, each its latest turns that fit; at test the oldest turns leave the context", ge=64)
     max_utterance_tokens: int = _f(96, "longest utterance text in tokens; longer ones are cut", ge=8)
     dtype: str = _f("auto", "frozen backbone weights dtype (LoRA weights and optimizer state stay float32); auto = "
                     "bfloat16 where the hardware computes it natively (CPU with AMX/avx512_bf16, GPU with bf16), "

@@ -20,7 +20,7 @@ import transformers
 from packaging.version import Version
 
 from erc_llm.data.schema import Dialogue, Utterance
-from erc_llm.prompting import HISTORY_MODES, PromptBuilder, fit_window
+from erc_llm.prompting import HISTORY_MODES, Piece, PromptBuilder, fit_window
 
 
 # The keyword that feeds a KV cache to a forward, and the output field that returns it: transformers 5.24 renamed
@@ -410,24 +410,13 @@ class LookaheadTagger:
     def single(self) -> "LookaheadTagger":
         return self
 
-    def pieces(self, dialogue: Dialogue) -> list[tuple]:
-        """(transcript, first scored turn, end of scored turns) covering every turn once, latest first."""
-        b = self.builder
-        enc = b.encode(dialogue)
-        n = len(enc["turns"])
-        out, end, scored_to = [], n, n
-        while scored_to > 0:
-            tr = b.assemble(enc["header"], enc["turns"][:end], [0] * end)
-            if tr.first_turn >= scored_to:  # the look-ahead turns alone fill the budget: score without them
-                end = scored_to
-                continue
-            out.append((tr, tr.first_turn, scored_to))
-            scored_to = tr.first_turn
-            end = min(n, scored_to + self.turns)
-        return out
+    def pieces(self, dialogue: Dialogue) -> list[Piece]:
+        """Transcripts covering every turn once with its look-ahead, latest first (as training cuts them)."""
+        enc = self.builder.encode(dialogue)
+        return self.builder.pieces(enc["header"], enc["turns"], [0] * len(enc["turns"]), self.turns)
 
     def size(self, dialogue: Dialogue) -> int:
-        return sum(len(tr.input_ids) for tr, _, _ in self.pieces(dialogue))
+        return sum(len(p.transcript.input_ids) for p in self.pieces(dialogue))
 
     def fits(self, dialogue: Dialogue) -> bool:
         return True
@@ -448,15 +437,16 @@ class LookaheadTagger:
     def tag_many(self, dialogues: list[Dialogue]) -> list[list[TurnPrediction]]:
         from erc_llm.objective import packed_slot_logits, pack
 
-        jobs = [(i, tr, a, z) for i, d in enumerate(dialogues) for tr, a, z in self.pieces(d)]
+        jobs = [(i, piece) for i, d in enumerate(dialogues) for piece in self.pieces(d)]
         probs: dict = {}
-        for group in pack([len(tr.input_ids) for _, tr, _, _ in jobs], self.group_tokens):
-            logits = packed_slot_logits(self.model, [jobs[j][1] for j in group], self.columns, lookahead=self.turns)
+        for group in pack([len(piece.transcript.input_ids) for _, piece in jobs], self.group_tokens):
+            logits = packed_slot_logits(self.model, [jobs[j][1].transcript for j in group], self.columns,
+                                        lookahead=self.turns)
             for j, lg in zip(group, logits):
-                i, tr, a, z = jobs[j]
+                i, piece = jobs[j]
                 p = torch.softmax(lg.float(), dim=-1)
-                for row, t in zip(p, tr.turn_index):
-                    if a <= t < z:
+                for row, t, scored in zip(p, piece.transcript.turn_index, piece.scored()):
+                    if scored:
                         probs[(i, t)] = row
         out = []
         for i, d in enumerate(dialogues):

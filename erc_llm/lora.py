@@ -1,5 +1,6 @@
 """The LoRA adapter as training uses it: wrapping the backbone (peft), starting from a trained run's adapter
-(``init_adapter``), a cheaper dropout, and the precision its matmuls run in.
+(``init_adapter``), a cheaper dropout, the precision its matmuls run in, and activation checkpointing
+(:func:`enable_activation_checkpointing`, under either of transformers' names for it).
 
 Two measured costs of peft's defaults on a CPU, removed here without changing what is computed:
 

@@ -7,7 +7,8 @@ sequence by construction. A label at turn *i* can only see turns ``<= i`` (causa
 
 Truncation: when a transcript exceeds ``max_tokens``, the header is kept and the oldest turns are
 dropped first; the turn being labelled is never dropped (its text is capped at
-``max_utterance_tokens``).
+``max_utterance_tokens``). Training covers the dropped turns too: :meth:`PromptBuilder.pieces` cuts a long
+dialogue into transcripts that each fit, every turn scored in exactly one.
 """
 
 from __future__ import annotations
@@ -79,6 +80,25 @@ class Transcript:
     label_positions: list[list[int]] = field(default_factory=list)
     turn_index: list[int] = field(default_factory=list)
     first_turn: int = 0
+
+
+@dataclass
+class Piece:
+    """One transcript of a dialogue cut into pieces (:meth:`PromptBuilder.pieces`): turns ``first`` to ``end``
+    (exclusive) are scored here; the transcript may also hold turns after ``end`` (look-ahead only)."""
+
+    transcript: Transcript
+    first: int
+    end: int
+
+    def scored(self) -> list[bool]:
+        """Per slot of the transcript: whether its turn is scored in this piece."""
+        return [self.first <= t < self.end for t in self.transcript.turn_index]
+
+    def targets(self, labels: list[int]) -> list[int]:
+        """Per slot: the label index its turn is trained towards (``labels`` per turn of the dialogue), -1 where
+        the turn is unlabelled or scored in another piece."""
+        return [labels[t] if ok else -1 for t, ok in zip(self.transcript.turn_index, self.scored())]
 
 
 def fit_window(header_len: int, seg_lens: list[int], budget: int) -> int:
@@ -186,6 +206,25 @@ class PromptBuilder:
             out.label_positions.append(list(range(len(ids), len(ids) + len(answers[i]) - len(self.suffix_ids))))
             out.turn_index.append(i)
             ids.extend(answers[i])
+        return out
+
+    def pieces(self, header: list[int], turns: list[list[int]], written: list[int], lookahead: int = 0) -> list[Piece]:
+        """Transcripts that give every turn exactly one scored slot, latest first: the longest run of turns that
+        fits ``max_tokens`` (the header kept), then the same for the turns before it, and so on. A dialogue that
+        fits is one piece, :meth:`assemble`'s transcript. Each earlier piece ends where the later one starts,
+        plus the ``lookahead`` turns after it (text its slots may attend to, scored in the later piece); so
+        the first turns of a long dialogue are scored with the start of the dialogue as their context, as a
+        streaming decoder sees them, instead of being cut off."""
+        n = len(turns)
+        out, end, scored_to = [], n, n
+        while scored_to > 0:
+            tr = self.assemble(header, turns[:end], written[:end])
+            if tr.first_turn >= scored_to:  # the look-ahead turns alone fill the budget: score without them
+                end = scored_to
+                continue
+            out.append(Piece(tr, tr.first_turn, scored_to))
+            scored_to = tr.first_turn
+            end = min(n, scored_to + lookahead)
         return out
 
     def build(self, dialogue: Dialogue, history: list[str], notes: list[str] | None = None) -> Transcript:

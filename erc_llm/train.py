@@ -45,7 +45,8 @@ from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text, content
 from erc_llm.finetune import load_trainable_state, make_trainable, save_weights, trainable_state, training_precision
 from erc_llm.lora import compute_context, enable_activation_checkpointing
 from erc_llm.losses import class_weights, label_loss
-from erc_llm.objective import corrupt_history, first_token_ids, pack, packed_slot_logits
+from erc_llm.objective import (batch_pieces, corrupt_history, first_token_ids, long_dialogue_report, pack,
+                               packed_slot_logits)
 from erc_llm.projector import AudioModel
 from erc_llm.prompting import PROMPTS_DIR, PromptBuilder, Templates
 from erc_llm.run import RunSpec, software_versions
@@ -315,6 +316,8 @@ def setup(cfg: TrainConfig) -> "Recipe":
         dev_d = dataset_order(dev_d)  # the cross-dialogue memory follows story order
     with accelerator.main_process_first():
         data = tokenized(builder, train_d, dialogues_digest(train_d), notes)
+    if main:
+        log.info(long_dialogue_report(builder, data, cfg.lookahead))
     counts = label_counts(train_d)
     weights = class_weights([counts.get(lab, 0) for lab in labels.labels], cfg.class_weights)
     prior = np.array([counts.get(lab, 0) for lab in labels.labels], dtype=np.float64)
@@ -392,22 +395,25 @@ def fit(r: "Recipe") -> None:
         step_loss, step_tokens, step_labels = 0.0, 0, 0
         rows = [data[idx] for idx in batch]
         written = history_labels(r, batch, rows)
-        trs = [builder.assemble(row["header"], row["turns"], w) for row, w in zip(rows, written)]
-        packs = pack([len(tr.input_ids) for tr in trs], cfg.pack_tokens)
+        owner, pieces, shares = zip(*batch_pieces(builder, rows, written, weights, cfg.lookahead))
+        packs = pack([len(p.transcript.input_ids) for p in pieces], cfg.pack_tokens)
         for i, group in enumerate(packs):
             sync = contextlib.nullcontext() if i == len(packs) - 1 else accelerator.no_sync(model)
             with sync:
                 with compute_context(unwrapped, dtype, accelerator.device.type, autocast):
-                    soft = (train_audio.soft_tokens(projector, [rows[j]["utterance_ids"][t] for j in group
-                                                                for t in trs[j].turn_index])
+                    soft = (train_audio.soft_tokens(projector, [rows[owner[j]]["utterance_ids"][t] for j in group
+                                                                for t in pieces[j].transcript.turn_index])
                             if projector is not None else None)
-                    logits = packed_slot_logits(model, [trs[j] for j in group], label_tokens, soft, cfg.lookahead)
-                loss = 0.0
+                    logits = packed_slot_logits(model, [pieces[j].transcript for j in group], label_tokens, soft,
+                                                cfg.lookahead)
+                loss = logits[0].sum() * 0.0  # a graph tensor even if no turn of the group carries a label
                 for j, lg in zip(group, logits):
-                    targets = torch.tensor([rows[j]["labels"][t] for t in trs[j].turn_index], device=accelerator.device)
+                    targets = torch.tensor(pieces[j].targets(rows[owner[j]]["labels"]), device=accelerator.device)
                     keep = targets >= 0
-                    loss = loss + label_loss(lg[keep], targets[keep], weights, cfg.focal_gamma, cfg.label_smoothing) / len(batch)
-                    step_tokens += len(trs[j].input_ids)
+                    if keep.any():
+                        piece_loss = label_loss(lg[keep], targets[keep], weights, cfg.focal_gamma, cfg.label_smoothing)
+                        loss = loss + piece_loss * shares[j] / len(batch)
+                    step_tokens += len(pieces[j].transcript.input_ids)
                     step_labels += int(keep.sum())
                 accelerator.backward(loss)
             step_loss += loss.item()

@@ -244,11 +244,11 @@ def test_lookahead_scores_a_long_dialogue_in_pieces_with_every_turn_once(tiny_to
     tagger = LookaheadTagger(tiny_model, builder, 2)
     d = toy_dialogue(20)
     pieces = tagger.pieces(d)
-    assert len(pieces) > 2 and all(len(tr.input_ids) <= 120 for tr, _, _ in pieces)
-    scored = sorted(t for _, a, z in pieces for t in range(a, z))
+    assert len(pieces) > 2 and all(len(p.transcript.input_ids) <= 120 for p in pieces)
+    scored = sorted(t for p in pieces for t in range(p.first, p.end))
     assert scored == list(range(20))
-    for tr, a, z in pieces:  # each scored turn has its two look-ahead turns in the same transcript
-        assert tr.turn_index[-1] >= min(19, z - 1 + 2)
+    for p in pieces:  # each scored turn has its two look-ahead turns in the same transcript
+        assert p.transcript.turn_index[-1] >= min(19, p.end - 1 + 2)
     preds = tagger.tag(d)
     assert [p.utterance_id for p in preds] == [u.utterance_id for u in d.utterances]
     with pytest.raises(ValueError, match="look-ahead needs a text-only transcript"):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from erc_llm.losses import class_weights, label_loss
-from erc_llm.objective import corrupt_history, first_token_ids, slot_logits
+from erc_llm.objective import batch_pieces, corrupt_history, first_token_ids, long_dialogue_report, slot_logits
 from erc_llm.prompting import PromptBuilder
 from tests.conftest import LABELS, toy_dialogue
 
@@ -78,3 +78,37 @@ def test_first_token_clash_is_reported(tiny_tokenizer):
             first_token_ids(b)
     else:
         assert len(set(first_token_ids(b))) == 2
+
+
+@pytest.mark.parametrize("mode", ["none", "sqrt_inverse"])
+def test_a_dialogue_cut_into_pieces_weighs_as_its_turns_together(tiny_tokenizer, mode):
+    """Each piece's loss times its share sums to the (class-)weighted mean loss over all the dialogue's
+    labelled turns, as if it had been one transcript; a dialogue that fits has one piece of share 1."""
+    d = toy_dialogue(40)
+    builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=200, max_utterance_tokens=24)
+    row = builder.encode(d)
+    row["labels"][3] = -1  # an unlabelled turn (context only) counts in no share
+    weights = None if mode == "none" else class_weights([5, 1, 2, 3, 1, 1, 4], mode)
+    jobs = batch_pieces(builder, [row], [[max(x, 0) for x in row["labels"]]], weights)
+    assert len(jobs) > 2 and sum(share for _, _, share in jobs) == pytest.approx(1.0)
+    logits = torch.randn(40, len(LABELS), generator=torch.Generator().manual_seed(0))
+    target = torch.tensor(row["labels"])
+    keep = target >= 0
+    whole = label_loss(logits[keep], target[keep], weights, 0.0)
+    parts = 0.0
+    for _, piece, share in jobs:
+        t = torch.tensor(piece.targets(row["labels"]))
+        idx = torch.tensor(piece.transcript.turn_index)[t >= 0]
+        parts = parts + share * label_loss(logits[idx], t[t >= 0], weights, 0.0)
+    torch.testing.assert_close(parts, whole)
+    short = builder.encode(toy_dialogue(4, "d2"))
+    assert [(k, share) for k, _, share in batch_pieces(builder, [short, row], [short["labels"], row["labels"]],
+                                                         weights)][0] == (0, 1.0)
+
+
+def test_the_training_log_says_how_many_dialogues_are_cut(tiny_tokenizer):
+    builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=200, max_utterance_tokens=24)
+    data = [builder.encode(toy_dialogue(40, "long")), builder.encode(toy_dialogue(3, "short"))]
+    msg = long_dialogue_report(builder, data)
+    assert msg.startswith("1 of 2 training dialogues exceed max_tokens 200") and "of 43 turns" in msg
+    assert long_dialogue_report(builder, data[1:]).startswith("every training dialogue fits")

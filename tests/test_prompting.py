@@ -118,3 +118,29 @@ def test_label_description_prompts_describe_exactly_the_label_set(folder, labels
     assert (t.turn_prefix, t.turn_suffix) == (Templates.load().turn_prefix, Templates.load().turn_suffix)
     described = re.findall(r"^- (\w+): ", t.header, flags=re.M)
     assert sorted(described) == sorted(getattr(schema, labels).labels)
+
+
+def test_pieces_of_a_dialogue_that_fits_are_its_one_transcript(builder):
+    d = toy_dialogue(6)
+    enc = builder.encode(d)
+    gold = enc["labels"]
+    (piece,) = builder.pieces(enc["header"], enc["turns"], gold)
+    assert piece.transcript == builder.assemble(enc["header"], enc["turns"], gold)
+    assert (piece.first, piece.end) == (0, 6) and piece.targets(gold) == gold
+
+
+def test_pieces_of_a_long_dialogue_train_every_turn_once_within_the_budget(tiny_tokenizer):
+    big = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=100_000)
+    d = toy_dialogue(40)
+    full = big.build(d, [u.emotion for u in d.utterances])
+    small = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=len(full.input_ids) // 3)
+    enc = small.encode(d)
+    gold = enc["labels"]
+    pieces = small.pieces(enc["header"], enc["turns"], gold)
+    assert len(pieces) >= 3 and all(len(p.transcript.input_ids) <= small.max_tokens for p in pieces)
+    assert pieces[0].transcript == small.assemble(enc["header"], enc["turns"], gold)  # the latest window first
+    assert sorted(t for p in pieces for t in range(p.first, p.end)) == list(range(40))
+    first = pieces[-1]  # the dialogue's opening turns, read from the dialogue's start as a streaming decoder does
+    assert first.first == 0 and first.transcript.input_ids == full.input_ids[: len(first.transcript.input_ids)]
+    trained = [lab for p in pieces for lab in p.targets(gold) if lab >= 0]
+    assert len(trained) == 40 and sorted(trained) == sorted(gold)

@@ -437,3 +437,26 @@ def test_ema_run_saves_the_averaged_weights_and_a_resumed_run_continues_the_aver
     (tmp_path / "run" / "checkpoint" / "average.pt").unlink()
     with pytest.raises(ValueError, match=r"trained without a weight average \(no average.pt\); resume it with --ema-decay 0"):
         setup(build(TrainConfig, None, {**base, "out": str(tmp_path / "run"), "resume": True}))
+
+
+def test_a_dialogue_longer_than_max_tokens_is_trained_on_every_turn(tmp_path, tiny_model_dir, caplog):
+    """A 30-turn dialogue with a 128-token budget is trained as several transcripts: one step over it and a
+    3-turn dialogue trains all 33 labelled turns (not only the last window), and the log says so."""
+    import erc_llm.train as train_mod
+    from erc_llm.config import TrainConfig, build
+    from tests.conftest import toy_dialogue
+
+    data = write_jsonl_dataset(tmp_path / "data", 2)
+    with open(data / "train.jsonl", "w") as f:
+        for d in (toy_dialogue(30, "long"), toy_dialogue(3, "short")):
+            f.write(json.dumps({"dialogue_id": d.id, "utterances": [
+                {"speaker": u.speaker, "text": u.text, "emotion": u.emotion} for u in d.utterances]}) + "\n")
+    cfg = {"dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir), "labels": list(LABELS.labels),
+           "batch_dialogues": 2, "max_steps": 1, "eval_every": 100, "save_every": 100, "test_eval": False,
+           "dtype": "float32", "max_tokens": 128, "max_utterance_tokens": 16, "out": str(tmp_path / "run")}
+    with caplog.at_level("INFO", logger="erc_llm.train"):
+        r = train_mod.setup(build(TrainConfig, None, cfg))
+    assert "1 of 2 training dialogues exceed max_tokens 128" in caplog.text
+    train_mod.fit(r)
+    assert r.state["labels_seen"] == 33
+    assert math.isfinite(json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])["loss"])

@@ -1,0 +1,82 @@
+"""Copy a finished training run's record into a results folder: what the run was (``run.json``,
+``config.yaml``), how it went (``log.jsonl``, ``train_summary.json``), what dev selected (``best.json``) and
+each of its evaluations (``metrics.json``, ``report.md``, ``confusion.png``), without the weights, the checkpoint
+or the per-utterance ``predictions.jsonl`` (re-run the command to get them).
+
+    python eval/record_run.py runs/iemocap_init_pros_s1 \
+        eval/results/iemocap_lora_gemma-3-270m_textonly_init-meld_prosody_speaker_seed1
+
+The folder it writes is what ``eval/seeds.py`` summarises and what each per-seed link of the README's tables
+points to. It refuses a run that has not finished (no ``train_summary.json``: resume it with ``--resume true``)
+and an existing results folder (a committed record is replaced only on purpose: delete it first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+RUN_FILES = ("run.json", "config.yaml", "best.json", "train_summary.json", "log.jsonl")
+EVAL_FILES = ("metrics.json", "report.md", "confusion.png")
+
+
+def record_files(run: Path) -> dict[Path, Path]:
+    """The files of ``run`` that make up its record, as {path in the results folder: source}; every problem
+    named at once."""
+    problems = [f"{run / name}: missing" for name in RUN_FILES if not (run / name).is_file()]
+    if problems:
+        hint = (" (the run has not finished: resume it with --resume true)"
+                if not (run / "train_summary.json").is_file() and (run / "run.json").is_file() else "")
+        raise SystemExit(f"{run} is not a finished training run folder{hint}:\n  " + "\n  ".join(problems))
+    evaluations = sorted(d for d in (run / "eval").glob("*")  # a finished evaluation has its metrics.json
+                         if not d.name.startswith(".") and (d / "metrics.json").is_file())
+    files = {Path(name): run / name for name in RUN_FILES}
+    files.update({p.relative_to(run / "eval"): p for d in evaluations for p in (d / name for name in EVAL_FILES)
+                  if p.is_file()})
+    return files
+
+
+def record(run: Path, out: Path) -> dict[Path, Path]:
+    """Write the record of ``run`` as ``out`` (evaluations at its top level: ``out/test_predicted/...``); the
+    folder appears whole or not at all."""
+    if out.exists():
+        raise SystemExit(f"{out} exists; a results folder is written once (delete it first to replace it)")
+    files = record_files(run)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for rel, src in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, tmp / rel)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp creates 0700; give the folder ordinary permissions
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path, help="a training run folder (the --out of erc_llm/train.py)")
+    p.add_argument("out", type=Path, help="the results folder to write (must not exist)")
+    args = p.parse_args(argv)
+    files = record(args.run, args.out)
+    print(f"{args.out}: {len(files)} files from {args.run}")
+    for rel in files:
+        print(f"  {rel}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

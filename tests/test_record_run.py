@@ -1,0 +1,58 @@
+"""eval/record_run.py: a finished run's record copied into a results folder, nothing else, all or nothing."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("record_run_script", ROOT / "eval" / "record_run.py")
+record_run = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(record_run)
+
+
+def finished_run(run: Path, finished: bool = True) -> Path:
+    for name in ("run.json", "config.yaml", "best.json", "log.jsonl"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(f"{name}\n")
+    if finished:
+        (run / "train_summary.json").write_text(json.dumps({"steps": 10}))
+    for name in ("adapter/adapter_model.safetensors", "checkpoint/state.json"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("weights")
+    for split in ("test_predicted", "test_gold"):
+        d = run / "eval" / split
+        d.mkdir(parents=True)
+        for name in ("metrics.json", "report.md", "confusion.png", "predictions.jsonl"):
+            (d / name).write_text(f"{split}/{name}")
+    (run / "eval" / "dev_predicted").mkdir()  # an evaluation killed before its metrics: not a record
+    (run / "eval" / "dev_predicted" / "predictions.partial.jsonl").write_text("{}")
+    return run
+
+
+def test_the_record_is_the_spec_log_selection_and_metrics_of_each_finished_evaluation(tmp_path):
+    run, out = finished_run(tmp_path / "runs" / "r"), tmp_path / "results" / "r_seed0"
+    assert record_run.main([str(run), str(out)]) == 0
+    got = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert got == sorted(["best.json", "config.yaml", "log.jsonl", "run.json", "train_summary.json",
+                          *(f"{s}/{n}" for s in ("test_gold", "test_predicted")
+                            for n in ("confusion.png", "metrics.json", "report.md"))])
+    assert (out / "test_gold" / "metrics.json").read_text() == "test_gold/metrics.json"
+    assert [p.name for p in out.parent.iterdir()] == ["r_seed0"]  # no temporary folder left beside it
+
+
+def test_an_unfinished_run_is_refused_with_how_to_finish_it(tmp_path):
+    run, out = finished_run(tmp_path / "r", finished=False), tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"--resume true[\s\S]*train_summary.json: missing"):
+        record_run.main([str(run), str(out)])
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["r"]
+
+
+def test_an_existing_results_folder_is_never_overwritten(tmp_path):
+    run, out = finished_run(tmp_path / "r"), tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("committed")
+    with pytest.raises(SystemExit, match="exists"):
+        record_run.main([str(run), str(out)])
+    assert (out / "metrics.json").read_text() == "committed"
