@@ -277,14 +277,15 @@ class PackedTagger:
     small forwards are bound by reading the weights).
 
     Used for batch evaluation, training's dev passes and on-policy rollouts (``rollout_many``) when every
-    label is one token and there is no cross-dialogue state (no speaker memory, no audio); a dialogue longer
-    than the token budget goes through :class:`StreamingTagger` (which truncates).
+    label is one token and there is no cross-dialogue state (no speaker memory); a dialogue longer than the
+    token budget goes through :class:`StreamingTagger` (which truncates). ``audio``: an AudioFeed when the
+    prompt carries audio soft tokens (each turn's, as :class:`StreamingTagger` computes them).
     """
 
     def __init__(self, model, builder: PromptBuilder, history: str = "predicted", batch: int = 8,
-                 group_tokens: int | None = None):
-        self.single = StreamingTagger(model, builder, history)
-        self.model, self.builder, self.history, self.batch = model, builder, history, batch
+                 group_tokens: int | None = None, audio=None):
+        self.single = StreamingTagger(model, builder, history, audio=audio)
+        self.model, self.builder, self.history, self.batch, self.audio = model, builder, history, batch, audio
         # a group's shared cache (the keys every query of a step is scored against) stays within this many tokens
         self.group_tokens = group_tokens or 2 * builder.max_tokens
         self.labels = builder.labels
@@ -322,8 +323,10 @@ class PackedTagger:
         encoded = [self._encode(d) for d in dialogues]
         out: list = [None] * len(dialogues)
         for members in self._packed_groups(encoded):
+            soft = ([[self.audio.soft_tokens([u.utterance_id]) for u in dialogues[i].utterances] for i in members]
+                    if self.audio else None)
             probs = self._decode_group([encoded[i] for i in members], lambda k, t, label: written_label(
-                self.history, dialogues[members[k]].utterances[t], label))
+                self.history, dialogues[members[k]].utterances[t], label), soft)
             for i, ps in zip(members, probs):
                 out[i] = [TurnPrediction(u.utterance_id, self.labels.labels[int(p.argmax())], p.tolist())
                           for u, p in zip(dialogues[i].utterances, ps)]
@@ -348,12 +351,15 @@ class PackedTagger:
         return layer_masks(self.model.config, allowed, (qp, kp), self.model.dtype)
 
     @torch.inference_mode()
-    def _decode_group(self, encoded: list[tuple[list[int], list[list[int]]]], write) -> list[list[torch.Tensor]]:
+    def _decode_group(self, encoded: list[tuple[list[int], list[list[int]]]], write,
+                      soft: list[list[torch.Tensor]] | None = None) -> list[list[torch.Tensor]]:
         """Label probabilities of every turn of tokenized dialogues ``(header, turns)`` decoded together; after
-        dialogue *k*'s turn *t* the label ``write(k, t, predicted)`` is written into its transcript."""
+        dialogue *k*'s turn *t* the label ``write(k, t, predicted)`` is written into its transcript. ``soft[k][t]``:
+        the audio soft tokens of dialogue *k*'s turn *t* (when the prompt has audio)."""
         from transformers import DynamicCache
 
         from erc_llm.objective import label_head
+        from erc_llm.projector import embed_ids
 
         b, dev = self.builder, self.model.device
         cache = DynamicCache()  # no sliding eviction: the masks do the windowing
@@ -370,7 +376,9 @@ class PackedTagger:
             qd = torch.tensor([i for i, f in zip(act, feeds) for _ in f], device=dev)
             qp = torch.tensor([pos[i] + j for i, f in zip(act, feeds) for j in range(len(f))], device=dev)
             kd, kp = torch.cat([kd, qd]), torch.cat([kp, qp])
-            hidden = self.model.get_decoder()(input_ids=ids[None], position_ids=qp[None], **{CACHE_ARG: cache},
+            x = ({"input_ids": ids[None]} if soft is None else
+                 {"inputs_embeds": embed_ids(self.model, ids[None], torch.cat([soft[i][t] for i in act]))})
+            hidden = self.model.get_decoder()(**x, position_ids=qp[None], **{CACHE_ARG: cache},
                                               attention_mask=self._masks(kd, kp, qd, qp), use_cache=True).last_hidden_state[0]
             ends = torch.tensor([len(f) for f in feeds], device=dev).cumsum(0) - 1
             probs = torch.softmax(label_head(self.model, hidden[ends], self.columns).float(), dim=-1)
@@ -459,9 +467,9 @@ class LookaheadTagger:
 def make_tagger(model, builder: PromptBuilder, history: str = "predicted", batch: int = 1, speakers=None,
                 audio=None, lookahead: int = 0):
     """The decoder for a model: a LookaheadTagger (``lookahead`` > 0), a PackedTagger (``batch`` > 1, no speaker
-    memory, no audio) or a StreamingTagger. ``audio``: an AudioFeed when the prompt carries audio soft tokens."""
+    memory) or a StreamingTagger. ``audio``: an AudioFeed when the prompt carries audio soft tokens."""
     if lookahead:
         return LookaheadTagger(model, builder, lookahead, max(batch, 1))
-    if batch > 1 and speakers is None and audio is None:
-        return PackedTagger(model, builder, history, batch)
+    if batch > 1 and speakers is None:
+        return PackedTagger(model, builder, history, batch, audio=audio)
     return StreamingTagger(model, builder, history, speakers, audio)

@@ -164,3 +164,26 @@ def test_live_session_normalises_with_the_speakers_turns_so_far(tiny_model):
         for i, got in zip(ids[:-1], live[:-1]):
             torch.testing.assert_close(got, proj([corpus.inputs[i]])[0])
         torch.testing.assert_close(live[-1], proj([split.inputs[ids[-1]]])[0])
+
+
+def test_packed_decoding_with_audio_equals_one_dialogue_at_a_time(tiny_tokenizer):
+    """Dialogues with audio soft tokens packed into one forward per turn step (batch evaluation, dev passes) get
+    the probabilities each gets through its own KV cache, also one over the token budget (decoded alone)."""
+    from erc_llm.decoding import PackedTagger, make_tagger
+
+    torch.manual_seed(0)
+    model = make_model(len(tiny_tokenizer), "gemma3")
+    ds = [toy_dialogue(n, f"d{n}") for n in (3, 9, 1, 40)]
+    ids = [u.utterance_id for d in ds for u in d.utterances]
+    spec = fit_spec("csv", 8, _table(ids), ids)
+    inputs = AudioInputs(spec, _table(ids[:-3]), ids)  # the last turns without audio
+    proj = AudioProjector(spec.in_dim, model.config.hidden_size, 2, False, target_rms=embedding_rms(model)).eval()
+    feed = AudioFeed(inputs, proj)
+    builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=700, max_utterance_tokens=16, audio_tokens=2)
+    tagger = make_tagger(model, builder, "predicted", 3, audio=feed)
+    assert isinstance(tagger, PackedTagger) and [tagger.fits(d) for d in ds] == [True, True, True, False]
+    ref = [StreamingTagger(model, builder, "predicted", audio=feed).tag(d) for d in ds]
+    for r, g in zip(ref, tagger.tag_many(ds)):
+        assert [p.label for p in r] == [p.label for p in g]
+        for a, b in zip(r, g):
+            assert a.probs == pytest.approx(b.probs, abs=1e-4)
