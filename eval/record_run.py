@@ -20,6 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from erc_llm.io import current_umask  # noqa: E402
+
 RUN_FILES = ("run.json", "config.yaml", "best.json", "train_summary.json", "log.jsonl")
 EVAL_FILES = ("metrics.json", "report.md", "confusion.png")
 
@@ -52,18 +56,12 @@ def record(run: Path, out: Path) -> dict[Path, Path]:
         for rel, src in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, tmp / rel)
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp creates 0700; give the folder ordinary permissions
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp creates 0700; give the folder ordinary permissions
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return files
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def main(argv: list[str] | None = None) -> int:

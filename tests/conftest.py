@@ -93,16 +93,21 @@ def toy_dialogue(n: int = 4, did: str = "d1") -> Dialogue:
     return Dialogue(did, [Utterance(s, t, e, f"{did}_{i}") for i, (s, t, e) in enumerate((lines * 20)[:n])])
 
 
-def write_jsonl_dataset(directory: Path, n_dialogues: int = 3) -> Path:
+def write_dialogues(path: Path, dialogues) -> Path:
+    """``dialogues`` as a file of the generic JSONL format (one dialogue per line)."""
     import json
 
+    with open(path, "w") as f:
+        for d in dialogues:
+            f.write(json.dumps({"dialogue_id": d.id, "utterances": [
+                {"speaker": u.speaker, "text": u.text, "emotion": u.emotion} for u in d.utterances]}) + "\n")
+    return path
+
+
+def write_jsonl_dataset(directory: Path, n_dialogues: int = 3) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for split in ("train", "dev", "test"):
-        with open(directory / f"{split}.jsonl", "w") as f:
-            for k in range(n_dialogues):
-                d = toy_dialogue(3 + k, f"{split}{k}")
-                f.write(json.dumps({"dialogue_id": d.id, "utterances": [
-                    {"speaker": u.speaker, "text": u.text, "emotion": u.emotion} for u in d.utterances]}) + "\n")
+        write_dialogues(directory / f"{split}.jsonl", [toy_dialogue(3 + k, f"{split}{k}") for k in range(n_dialogues)])
     return directory
 
 

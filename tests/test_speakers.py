@@ -9,6 +9,7 @@ from erc_llm.data.schema import Dialogue, LabelSet, Utterance
 from erc_llm.evaluate import evaluate
 from erc_llm.speakers import (NoteSettings, SpeakerContext, SpeakerStore, SpeakerTemplates, StoreError, build_store,
                               training_notes)
+from tests.conftest import write_dialogues
 
 LABELS = LabelSet("toy", ("neutral", "joy", "anger", "surprise"))
 CHEF = ["I will bake fresh bread in the oven tonight.", "The soup needs more salt and pepper.",
@@ -54,10 +55,7 @@ def test_store_holds_no_dev_or_test_utterances(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     for split in ("train", "dev", "test"):
-        with open(data / f"{split}.jsonl", "w") as f:
-            for d in _dialogues(split):
-                f.write(json.dumps({"dialogue_id": d.id, "utterances": [
-                    {"speaker": u.speaker, "text": u.text, "emotion": u.emotion} for u in d.utterances]}) + "\n")
+        write_dialogues(data / f"{split}.jsonl", _dialogues(split))
     assert main(["speakers", "build", "--dataset", "jsonl", "--data-dir", str(data), "--out", str(tmp_path / "s"),
                  "--labels", "neutral,joy,anger,surprise"]) == 0
     blob = (tmp_path / "s" / "profiles.json").read_text()
@@ -134,10 +132,7 @@ def test_test_time_history_never_reads_gold_test_labels(store_dir, tmp_path, tin
         data = tmp_path / name
         data.mkdir()
         for split in ("train", "test"):
-            with open(data / f"{split}.jsonl", "w") as f:
-                for d in _dialogues(split, emotions if split == "test" else ("joy", "anger")):
-                    f.write(json.dumps({"dialogue_id": d.id, "utterances": [
-                        {"speaker": u.speaker, "text": u.text, "emotion": u.emotion} for u in d.utterances]}) + "\n")
+            write_dialogues(data / f"{split}.jsonl", _dialogues(split, emotions if split == "test" else ("joy", "anger")))
         cfg = build(EvalConfig, None, {
             "dataset": "jsonl", "split": "test", "data_dir": str(data), "labels": list(LABELS.labels),
             "model": str(tiny_model_dir), "zero_shot": True, "out": str(tmp_path / f"out_{name}"),

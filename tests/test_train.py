@@ -444,13 +444,10 @@ def test_a_dialogue_longer_than_max_tokens_is_trained_on_every_turn(tmp_path, ti
     3-turn dialogue trains all 33 labelled turns (not only the last window), and the log says so."""
     import erc_llm.train as train_mod
     from erc_llm.config import TrainConfig, build
-    from tests.conftest import toy_dialogue
+    from tests.conftest import toy_dialogue, write_dialogues
 
     data = write_jsonl_dataset(tmp_path / "data", 2)
-    with open(data / "train.jsonl", "w") as f:
-        for d in (toy_dialogue(30, "long"), toy_dialogue(3, "short")):
-            f.write(json.dumps({"dialogue_id": d.id, "utterances": [
-                {"speaker": u.speaker, "text": u.text, "emotion": u.emotion} for u in d.utterances]}) + "\n")
+    write_dialogues(data / "train.jsonl", [toy_dialogue(30, "long"), toy_dialogue(3, "short")])
     cfg = {"dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir), "labels": list(LABELS.labels),
            "batch_dialogues": 2, "max_steps": 1, "eval_every": 100, "save_every": 100, "test_eval": False,
            "dtype": "float32", "max_tokens": 128, "max_utterance_tokens": 16, "out": str(tmp_path / "run")}
