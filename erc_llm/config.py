@@ -330,6 +330,11 @@ class TrainConfig(AudioOptions, SpeakerOptions):
     focal_gamma: float = _f(0.0, "focal loss gamma (0 = plain cross-entropy)", ge=0)
     label_smoothing: float = _f(0.0, "share of the target's probability spread evenly over all labels (0 = none)",
                                 ge=0, lt=1)
+    teacher: str = _f("", "knowledge distillation: an evaluation folder of the train split (erc-llm evaluate --split "
+                      "train, or eval/ensemble.py of several) whose per-label probabilities become soft targets; "
+                      "empty = gold labels only")
+    teacher_weight: float = _f(0.5, "with teacher: the share of each slot's loss that is KL(teacher || model); the "
+                               "rest is cross-entropy against the gold label", gt=0, le=1)
     label_history: bool = _f(False, "write each earlier turn's emotion label into the transcript (gold, with "
                              "history_noise, in training; the model's own predictions at test time); false = the "
                              "transcript carries text only, the same in training and at test (no exposure bias)")
@@ -381,6 +386,12 @@ class TrainConfig(AudioOptions, SpeakerOptions):
         p.extend(_out_problems(self.out))
         if self.prompts and not Path(self.prompts).is_dir():
             p.append(f"prompts: {self.prompts!r} is not a directory")
+        if self.teacher and not (Path(self.teacher) / "predictions.jsonl").is_file():
+            p.append(f"teacher: {self.teacher!r} holds no predictions.jsonl; give an evaluation folder of the train "
+                     "split (erc-llm evaluate --split train --out DIR, or eval/ensemble.py ... --out DIR)")
+        if self.teacher_weight != 0.5 and not self.teacher:
+            p.append(f"teacher_weight: {self.teacher_weight} weighs a teacher's soft targets, but no teacher is given; "
+                     "set teacher: DIR (an evaluation of the train split) or leave teacher_weight out")
         if self.history_noise > 0 and not self.label_history:
             p.append(f"history_noise: {self.history_noise} corrupts written labels, but label_history is false (no "
                      "labels are written); set label_history: true or history_noise: 0")

@@ -40,7 +40,23 @@ def label_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tenso
     (weighted mean when class weights are given, as in ``F.cross_entropy``; the class weight of a slot's
     target weighs its whole loss, smoothing term included).
     """
-    loss = per_example_loss(logits, targets, gamma, smoothing)
+    return _weighted_mean(per_example_loss(logits, targets, gamma, smoothing), targets, weights)
+
+
+def distillation_loss(logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor, share: float,
+                      weights: torch.Tensor | None, gamma: float = 0.0, smoothing: float = 0.0) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015): per slot, ``(1 - share)`` times the loss of
+    :func:`label_loss` against the gold label plus ``share`` times KL(teacher || model) against ``teacher``
+    (n, K), the teacher's probabilities; the same (class-weighted) mean over slots. A teacher that puts all its
+    mass on the gold label gives plain cross-entropy back."""
+    hard = per_example_loss(logits, targets, gamma, smoothing)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    q = teacher.to(logp.device, logp.dtype)
+    soft = (q * (torch.log(q.clamp_min(1e-12)) - logp)).sum(dim=-1)
+    return _weighted_mean((1 - share) * hard + share * soft, targets, weights)
+
+
+def _weighted_mean(loss: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     if weights is None:
         return loss.mean()
     w = weights.to(loss.device)[targets]

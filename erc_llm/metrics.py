@@ -3,13 +3,14 @@ plot and a markdown report. Shared by the LLM evaluation and the classical basel
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from erc_llm.data.schema import LabelSet
+from erc_llm.data.schema import DataError, LabelSet
 from erc_llm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 
@@ -92,3 +93,24 @@ def write_evaluation(out: Path, rows: list[dict], labels: LabelSet, info: dict, 
         atomic_write_text(out / "report.md", render_report(metrics) + note)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def read_evaluation(folder: str | Path) -> tuple[dict, list[dict]]:
+    """``metrics.json`` and the rows of ``predictions.jsonl`` of an evaluation folder, with errors that name the
+    file and line."""
+    folder = Path(folder)
+    missing = [n for n in ("metrics.json", "predictions.jsonl") if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"{folder}: missing {', '.join(missing)}; expected a folder written by erc-llm evaluate "
+                        "(or eval/ensemble.py)")
+    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    rows = []
+    with open(folder / "predictions.jsonl", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{folder / 'predictions.jsonl'}:{n}: not JSON ({e.msg}); the file is damaged, "
+                                    "write it again with erc-llm evaluate") from None
+    return metrics, rows

@@ -44,12 +44,13 @@ from erc_llm.data.schema import dialogues_digest
 from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text, content_digest
 from erc_llm.finetune import load_trainable_state, make_trainable, save_weights, trainable_state, training_precision
 from erc_llm.lora import compute_context, enable_activation_checkpointing
-from erc_llm.losses import class_weights, label_loss
+from erc_llm.losses import class_weights, distillation_loss, label_loss
 from erc_llm.objective import (batch_pieces, corrupt_history, first_token_ids, long_dialogue_report, pack,
                                packed_slot_logits)
 from erc_llm.projector import AudioModel
 from erc_llm.prompting import PROMPTS_DIR, PromptBuilder, Templates
 from erc_llm.run import RunSpec, software_versions
+from erc_llm.teacher import Teacher
 
 log = logging.getLogger("erc_llm.train")
 
@@ -268,6 +269,21 @@ class Recipe:
     dev_speakers: object = None
     lengths: list | None = None  # transcript tokens per training dialogue, for curriculum short_first
     average: WeightAverage | None = None  # ema_decay > 0: the averaged weights that dev selects and saves
+    soft_targets: list | None = None  # teacher: per training dialogue, its (turns, labels) probabilities
+
+
+def sharding_problem(distributed_type: str, zero_stage: int | None) -> str | None:
+    """Why training cannot run under this accelerate setup, or None. Dev evaluation, saving the adapter and the
+    weight average work on whole trained tensors in the main process, so setups that shard parameters across
+    processes (DeepSpeed ZeRO-3, FSDP) would hang or save shards; the trained weights of a small backbone fit on
+    every device anyway, so data parallelism (DDP, ZeRO-1/2) is what training supports."""
+    kind = distributed_type.rsplit(".", 1)[-1].upper()
+    if kind == "FSDP" or (kind == "DEEPSPEED" and zero_stage == 3):
+        what = "FSDP" if kind == "FSDP" else "DeepSpeed ZeRO-3"
+        return (f"accelerate is configured for {what}, which shards parameters across processes; training keeps "
+                f"whole trained tensors on every process. Use DDP (configs/accelerate/multi_gpu.yaml) or DeepSpeed "
+                f"ZeRO-2 (configs/accelerate/zero2.yaml), or quant: 4bit (QLoRA) to fit a larger backbone")
+    return None
 
 
 def setup(cfg: TrainConfig) -> "Recipe":
@@ -279,6 +295,10 @@ def setup(cfg: TrainConfig) -> "Recipe":
     from erc_llm.backbone import load_for_training
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    plugin = accelerator.state.deepspeed_plugin
+    problem = sharding_problem(str(accelerator.distributed_type), plugin.zero_stage if plugin else None)
+    if problem:
+        raise ValueError(problem)
     world, main = accelerator.num_processes, accelerator.is_main_process
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(cfg.seed)
@@ -293,6 +313,13 @@ def setup(cfg: TrainConfig) -> "Recipe":
         dev_d = dev_d[: cfg.eval_dialogues]
     if main:
         log.info("%s | %s | label set %s", report.summary(), dev_report.summary(), list(labels.labels))
+    soft_targets = None
+    if cfg.teacher:
+        teacher = Teacher.load(cfg.teacher, labels)
+        soft_targets = teacher.targets(train_d)
+        if main:
+            log.info("distilling from teacher %s (predictions.jsonl sha256 %s), teacher_weight %s", teacher.folder,
+                     teacher.digest, cfg.teacher_weight)
 
     # model
     dtype, _ = training_precision(cfg)
@@ -368,7 +395,7 @@ def setup(cfg: TrainConfig) -> "Recipe":
         write_run_files(run, cfg, labels, templates, manifest)
     return Recipe(cfg, accelerator, run, model, unwrapped, optimizer, scheduler, params, builder, data, dev_d,
                   label_tokens, weights, prior, total, state, projector, train_audio, audio, dev_audio,
-                  dev_speakers, lengths, average)
+                  dev_speakers, lengths, average, soft_targets)
 
 
 def fit(r: "Recipe") -> None:
@@ -411,8 +438,7 @@ def fit(r: "Recipe") -> None:
                     targets = torch.tensor(pieces[j].targets(rows[owner[j]]["labels"]), device=accelerator.device)
                     keep = targets >= 0
                     if keep.any():
-                        piece_loss = label_loss(lg[keep], targets[keep], weights, cfg.focal_gamma, cfg.label_smoothing)
-                        loss = loss + piece_loss * shares[j] / len(batch)
+                        loss = loss + piece_loss(r, lg, targets, keep, batch[owner[j]], pieces[j]) * shares[j] / len(batch)
                     step_tokens += len(pieces[j].transcript.input_ids)
                     step_labels += int(keep.sum())
                 accelerator.backward(loss)
@@ -457,6 +483,18 @@ def fit(r: "Recipe") -> None:
                                 r.audio.projector if r.audio else None, r.average)
             accelerator.wait_for_everyone()
     bar.close()
+
+
+def piece_loss(r: "Recipe", logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, dialogue: int,
+               piece) -> torch.Tensor:
+    """The loss at a piece's labelled slots (``keep``): cross-entropy against the gold labels, or with a teacher
+    the distillation mix against its probabilities for that training ``dialogue``'s turns."""
+    cfg = r.cfg
+    if r.soft_targets is None:
+        return label_loss(logits[keep], targets[keep], r.weights, cfg.focal_gamma, cfg.label_smoothing)
+    soft = torch.from_numpy(r.soft_targets[dialogue][piece.transcript.turn_index]).to(logits.device)
+    return distillation_loss(logits[keep], targets[keep], soft[keep], cfg.teacher_weight, r.weights, cfg.focal_gamma,
+                             cfg.label_smoothing)
 
 
 def history_labels(r: "Recipe", batch: list[int], rows: list[dict]) -> list[list[int]]:

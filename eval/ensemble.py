@@ -15,7 +15,6 @@ same dataset, split, context, label set and utterances.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,22 +22,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from erc_llm.data.schema import LabelSet  # noqa: E402
-from erc_llm.metrics import write_evaluation  # noqa: E402
+from erc_llm.data.schema import DataError, LabelSet  # noqa: E402
+from erc_llm.metrics import read_evaluation, write_evaluation  # noqa: E402
 
 MUST_MATCH = ("dataset", "split", "context", "labels")
 
 
 def read_member(folder: Path) -> tuple[dict, list[dict]]:
-    missing = [n for n in ("metrics.json", "predictions.jsonl") if not (folder / n).is_file()]
-    if missing:
-        raise SystemExit(f"{folder}: missing {', '.join(missing)}; expected a folder written by erc-llm evaluate")
-    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    try:
+        metrics, rows = read_evaluation(folder)
+    except DataError as e:
+        raise SystemExit(str(e)) from None
     if metrics.get("history") != "none":
         raise SystemExit(f"{folder}: history is {metrics.get('history')!r}; averaging finished predictions is an "
                          "ensemble only for models that write no labels into the transcript (history 'none')")
-    with open(folder / "predictions.jsonl", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
     return metrics, rows
 
 

@@ -107,3 +107,17 @@ def test_lookahead_needs_a_text_only_online_transcript_without_memory_or_audio(t
     assert "speaker memory and audio soft tokens do not support yet" in msg
     cfg = build(TrainConfig, None, {"data_dir": str(tmp_path), "dataset": "jsonl", "lookahead": "2"})
     assert cfg.lookahead == 2 and not cfg.label_history
+
+
+def test_a_teacher_must_be_an_evaluation_folder_and_its_weight_needs_it(tmp_path):
+    from erc_llm.config import ConfigError, TrainConfig
+
+    base = {"data_dir": str(tmp_path), "dataset": "jsonl"}
+    with pytest.raises(ConfigError, match=r"(?s)2 config problem.*teacher_weight: 0.0 is out of range; expected > 0.*"
+                                          r"teacher: '.*nowhere' holds no predictions.jsonl"):
+        build(TrainConfig, None, {**base, "teacher": str(tmp_path / "nowhere"), "teacher_weight": "0"})
+    with pytest.raises(ConfigError, match="teacher_weight: 0.8 weighs a teacher's soft targets, but no teacher"):
+        build(TrainConfig, None, {**base, "teacher_weight": "0.8"})
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "predictions.jsonl").write_text("")
+    assert build(TrainConfig, None, {**base, "teacher": str(tmp_path / "t"), "teacher_weight": "1"}).teacher_weight == 1

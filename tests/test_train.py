@@ -457,3 +457,37 @@ def test_a_dialogue_longer_than_max_tokens_is_trained_on_every_turn(tmp_path, ti
     train_mod.fit(r)
     assert r.state["labels_seen"] == 33
     assert math.isfinite(json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])["loss"])
+
+
+def test_parameter_sharding_setups_are_refused_with_the_supported_ones_named():
+    from accelerate.utils import DistributedType
+
+    from erc_llm.train import sharding_problem
+
+    for kind, stage in ((DistributedType.FSDP, None), (DistributedType.DEEPSPEED, 3)):
+        problem = sharding_problem(str(kind), stage)
+        assert problem and "shards parameters" in problem
+        assert "multi_gpu.yaml" in problem and "zero2.yaml" in problem
+    for kind, stage in ((DistributedType.NO, None), (DistributedType.MULTI_GPU, None), (DistributedType.MULTI_CPU, None),
+                        (DistributedType.DEEPSPEED, 1), (DistributedType.DEEPSPEED, 2)):
+        assert sharding_problem(str(kind), stage) is None
+
+
+def test_training_under_fsdp_stops_before_loading_data(tmp_path, monkeypatch):
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from erc_llm.config import TrainConfig
+    from erc_llm.train import setup
+
+    class ShardingAccelerator:
+        distributed_type = DistributedType.FSDP
+        state = type("State", (), {"deepspeed_plugin": None})()
+
+        def __init__(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(accelerate, "Accelerator", ShardingAccelerator)
+    with pytest.raises(ValueError, match="FSDP, which shards parameters"):
+        setup(TrainConfig(data_dir=str(tmp_path / "no-data"), out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
