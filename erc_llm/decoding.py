@@ -332,17 +332,19 @@ class PackedTagger:
                           for u, p in zip(dialogues[i].utterances, ps)]
         return [self.single.tag(d) if o is None else o for o, d in zip(out, dialogues)]
 
-    def rollout_many(self, dialogues: list[tuple[list[int], list[list[int]]]]) -> list[list[int]]:
+    def rollout_many(self, dialogues: list[tuple[list[int], list[list[int]]]], soft=None) -> list[list[int]]:
         """:func:`rollout` of several tokenized dialogues ``(header, turns)`` (``PromptBuilder.encode``), packed
         into one forward per turn step like ``tag_many``; a dialogue over the token budget (or with multi-token
-        labels) goes through :func:`rollout` alone. On-policy history in training: the caller puts the model in
-        eval mode."""
+        labels) goes through :func:`rollout` alone. ``soft(k, t)``: the audio soft tokens of dialogue *k*'s turn
+        *t* when the prompt has audio. On-policy history in training: the caller puts the model in eval mode."""
         out: list = [None] * len(dialogues)
         for members in self._packed_groups(dialogues):
-            probs = self._decode_group([dialogues[i] for i in members], lambda k, t, label: label)
+            group_soft = ([[soft(i, t) for t in range(len(dialogues[i][1]))] for i in members] if soft else None)
+            probs = self._decode_group([dialogues[i] for i in members], lambda k, t, label: label, group_soft)
             for i, ps in zip(members, probs):
                 out[i] = [int(p.argmax()) for p in ps]
-        return [rollout(self.model, self.builder, *e) if o is None else o for o, e in zip(out, dialogues)]
+        return [o if o is not None else rollout(self.model, self.builder, *e, (lambda t, k=k: soft(k, t)) if soft else None)
+                for k, (o, e) in enumerate(zip(out, dialogues))]
 
     def _masks(self, kd, kp, qd, qp):
         from erc_llm.attention import layer_masks

@@ -500,10 +500,10 @@ def piece_loss(r: "Recipe", logits: torch.Tensor, targets: torch.Tensor, keep: t
 def history_labels(r: "Recipe", batch: list[int], rows: list[dict]) -> list[list[int]]:
     """The labels written into the transcripts of training dialogues ``batch`` (``rows``, their tokenized
     forms): for each, with probability ``on_policy`` the model's own, decoded turn by turn with the current
-    weights as at test time (the step's dialogues packed into one forward per turn step); otherwise gold
-    corrupted at ``history_noise``. Both draws are seeded by (seed, epoch, dialogue), so a resumed run repeats
+    weights as at test time (the step's dialogues packed into one forward per turn step, audio soft tokens
+    included); otherwise gold corrupted at ``history_noise``. Both draws are seeded by (seed, epoch, dialogue), so a resumed run repeats
     them."""
-    from erc_llm.decoding import PackedTagger, rollout
+    from erc_llm.decoding import PackedTagger
 
     cfg, epoch = r.cfg, r.state["epoch"]
     if not cfg.label_history:
@@ -517,14 +517,11 @@ def history_labels(r: "Recipe", batch: list[int], rows: list[dict]) -> list[list
     if not todo:
         return written
     model, projector = r.unwrapped, r.audio.projector if r.audio else None
+    soft = ((lambda k, t: r.train_audio.soft_tokens(projector, [rows[todo[k]]["utterance_ids"][t]]))
+            if projector is not None else None)
     with eval_mode(model, projector), torch.inference_mode():
-        if projector is None:
-            decoded = PackedTagger(model, r.builder, batch=len(todo)).rollout_many(
-                [(rows[k]["header"], rows[k]["turns"]) for k in todo])
-        else:  # audio soft tokens: one dialogue at a time
-            decoded = [rollout(model, r.builder, rows[k]["header"], rows[k]["turns"],
-                               lambda i, k=k: r.train_audio.soft_tokens(projector, [rows[k]["utterance_ids"][i]]))
-                       for k in todo]
+        decoded = PackedTagger(model, r.builder, batch=len(todo)).rollout_many(
+            [(rows[k]["header"], rows[k]["turns"]) for k in todo], soft)
     for k, labels in zip(todo, decoded):
         written[k] = labels
     return written

@@ -187,3 +187,33 @@ def test_packed_decoding_with_audio_equals_one_dialogue_at_a_time(tiny_tokenizer
         assert [p.label for p in r] == [p.label for p in g]
         for a, b in zip(r, g):
             assert a.probs == pytest.approx(b.probs, abs=1e-4)
+
+
+def test_packed_rollouts_with_audio_write_what_each_dialogue_alone_writes(tiny_tokenizer):
+    """On-policy rollouts of dialogues with audio soft tokens, packed (training's on-policy history): the labels
+    each dialogue writes through its own KV cache with the same soft tokens, also over the token budget."""
+    from erc_llm.decoding import PackedTagger, rollout
+
+    torch.manual_seed(0)
+    model = make_model(len(tiny_tokenizer), "llama", seed=2).eval()
+    with torch.no_grad():  # sharper random weights: labels vary from turn to turn
+        for w in model.parameters():
+            if w.dim() == 2:
+                w.mul_(15)
+    ds = [toy_dialogue(n, f"d{n}") for n in (3, 9, 1, 40)]
+    ids = [u.utterance_id for d in ds for u in d.utterances]
+    spec = fit_spec("csv", 8, _table(ids), ids)
+    inputs = AudioInputs(spec, _table(ids), ids)
+    proj = AudioProjector(spec.in_dim, model.config.hidden_size, 2, False, target_rms=embedding_rms(model)).eval()
+    builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=700, max_utterance_tokens=16, audio_tokens=2)
+    encoded = [builder.encode(d) for d in ds]
+    soft = lambda k, t: inputs.soft_tokens(proj, [ds[k].utterances[t].utterance_id])  # noqa: E731
+    tagger = PackedTagger(model, builder, batch=4)
+    assert [tagger.fits(d) for d in ds] == [True, True, True, False]
+    with torch.inference_mode():
+        got = tagger.rollout_many([(e["header"], e["turns"]) for e in encoded], soft)
+        alone = [rollout(model, builder, e["header"], e["turns"], lambda t, k=k: soft(k, t))
+                 for k, e in enumerate(encoded)]
+        silent = tagger.rollout_many([(e["header"], e["turns"]) for e in encoded], lambda k, t: 0 * soft(k, t))
+    assert got == alone
+    assert got != silent, "the audio soft tokens should change some written label"

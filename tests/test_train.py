@@ -149,15 +149,12 @@ def test_qlora_4bit_loads_or_falls_back_with_warning(tiny_model_dir, caplog):
         assert "quant=4bit unavailable here" in caplog.text
 
 
-def test_train_with_audio_and_speakers_writes_a_self_contained_run(tmp_path, tiny_model_dir):
-    """Audio soft tokens (csv features, a few utterances missing) + speaker notes, through train and test eval."""
+def _write_features(data: Path, feats: Path) -> Path:
+    """csv audio features of every split's utterances but its last (two columns values, two always empty)."""
     import numpy as np
 
     from erc_llm.data import load_split
-    from erc_llm.speakers import SpeakerTemplates, build_store
 
-    data = write_jsonl_dataset(tmp_path / "data", 4)
-    feats = tmp_path / "feats"
     feats.mkdir()
     rng = np.random.default_rng(0)
     for split in ("train", "dev", "test"):
@@ -165,6 +162,16 @@ def test_train_with_audio_and_speakers_writes_a_self_contained_run(tmp_path, tin
         ids = [u.utterance_id for d in dialogues for u in d.utterances][:-1]  # one utterance without audio
         rows = "\n".join(f"{i},{rng.normal():.3f},{rng.normal():.3f},," for i in ids)
         (feats / f"{split}.csv").write_text("utterance_id,pitch,energy,hnr,jitter\n" + rows + "\n")
+    return feats
+
+
+def test_train_with_audio_and_speakers_writes_a_self_contained_run(tmp_path, tiny_model_dir):
+    """Audio soft tokens (csv features, a few utterances missing) + speaker notes, through train and test eval."""
+    from erc_llm.data import load_split
+    from erc_llm.speakers import SpeakerTemplates, build_store
+
+    data = write_jsonl_dataset(tmp_path / "data", 4)
+    feats = _write_features(data, tmp_path / "feats")
     train_d, _, _ = load_split("jsonl", "train", data, LABELS.labels)
     build_store(train_d, LABELS, SpeakerTemplates.load(), min_utterances=1)[0].save(tmp_path / "store")
     run = tmp_path / "run"
@@ -240,6 +247,27 @@ def test_on_policy_history_writes_the_labels_the_model_itself_would_write(tmp_pa
 
     gold = setup(build(TrainConfig, None, {**base, "on_policy": 0.0, "out": str(tmp_path / "gold")}))
     assert history_labels(gold, [1, 0], [gold.data[1], gold.data[0]]) == [gold.data[1]["labels"], gold.data[0]["labels"]]
+
+
+def test_on_policy_history_with_audio_writes_what_each_dialogue_alone_writes(tmp_path, tiny_model_dir):
+    """With audio soft tokens, a step's on-policy rollouts are packed: the labels of each dialogue rolled out
+    alone with its own turns' soft tokens."""
+    from erc_llm.config import TrainConfig, build
+    from erc_llm.decoding import rollout
+    from erc_llm.train import eval_mode, history_labels, setup
+
+    data = write_jsonl_dataset(tmp_path / "data", 4)
+    r = setup(build(TrainConfig, None, {
+        "dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir), "labels": list(LABELS.labels),
+        "label_history": True, "on_policy": 1.0, "audio_source": "csv", "audio_dir": str(_write_features(data, tmp_path / "f")),
+        "audio_k_tokens": 2, "batch_dialogues": 4, "max_steps": 1, "test_eval": False, "dtype": "float32",
+        "out": str(tmp_path / "run")}))
+    rows = [r.data[i] for i in range(4)]
+    proj = r.audio.projector
+    with eval_mode(r.unwrapped, proj), torch.inference_mode():
+        alone = [rollout(r.unwrapped, r.builder, row["header"], row["turns"],
+                         lambda t, row=row: r.train_audio.soft_tokens(proj, [row["utterance_ids"][t]])) for row in rows]
+    assert history_labels(r, [2, 0, 3, 1], [rows[2], rows[0], rows[3], rows[1]]) == [alone[2], alone[0], alone[3], alone[1]]
 
 
 def test_epoch_order_short_first_sorts_only_the_first_epoch():
