@@ -272,14 +272,17 @@ class Recipe:
     soft_targets: list | None = None  # teacher: per training dialogue, its (turns, labels) probabilities
 
 
-def sharding_problem(distributed_type: str, zero_stage: int | None) -> str | None:
-    """Why training cannot run under this accelerate setup, or None. Dev evaluation, saving the adapter and the
-    weight average work on whole trained tensors in the main process, so setups that shard parameters across
-    processes (DeepSpeed ZeRO-3, FSDP) would hang or save shards; the trained weights of a small backbone fit on
-    every device anyway, so data parallelism (DDP, ZeRO-1/2) is what training supports."""
-    kind = distributed_type.rsplit(".", 1)[-1].upper()
-    if kind == "FSDP" or (kind == "DEEPSPEED" and zero_stage == 3):
-        what = "FSDP" if kind == "FSDP" else "DeepSpeed ZeRO-3"
+def sharding_problem(distributed_type, zero_stage: int | None) -> str | None:
+    """Why training cannot run under this accelerate setup (``accelerate.utils.DistributedType``), or None. Dev
+    evaluation, saving the adapter and the weight average work on whole trained tensors in the main process, so
+    setups that shard parameters across processes (DeepSpeed ZeRO-3, FSDP) would hang or save shards; the trained
+    weights of a small backbone fit on every device anyway, so data parallelism (DDP, ZeRO-1/2) is what training
+    supports."""
+    from accelerate.utils import DistributedType
+
+    fsdp = distributed_type == DistributedType.FSDP
+    if fsdp or (distributed_type == DistributedType.DEEPSPEED and zero_stage == 3):
+        what = "FSDP" if fsdp else "DeepSpeed ZeRO-3"
         return (f"accelerate is configured for {what}, which shards parameters across processes; training keeps "
                 f"whole trained tensors on every process. Use DDP (configs/accelerate/multi_gpu.yaml) or DeepSpeed "
                 f"ZeRO-2 (configs/accelerate/zero2.yaml), or quant: 4bit (QLoRA) to fit a larger backbone")
@@ -296,7 +299,7 @@ def setup(cfg: TrainConfig) -> "Recipe":
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     plugin = accelerator.state.deepspeed_plugin
-    problem = sharding_problem(str(accelerator.distributed_type), plugin.zero_stage if plugin else None)
+    problem = sharding_problem(accelerator.distributed_type, plugin.zero_stage if plugin else None)
     if problem:
         raise ValueError(problem)
     world, main = accelerator.num_processes, accelerator.is_main_process
@@ -501,8 +504,8 @@ def history_labels(r: "Recipe", batch: list[int], rows: list[dict]) -> list[list
     """The labels written into the transcripts of training dialogues ``batch`` (``rows``, their tokenized
     forms): for each, with probability ``on_policy`` the model's own, decoded turn by turn with the current
     weights as at test time (the step's dialogues packed into one forward per turn step, audio soft tokens
-    included); otherwise gold corrupted at ``history_noise``. Both draws are seeded by (seed, epoch, dialogue), so a resumed run repeats
-    them."""
+    included); otherwise gold corrupted at ``history_noise``. Both draws are seeded by (seed, epoch, dialogue),
+    so a resumed run repeats them."""
     from erc_llm.decoding import PackedTagger
 
     cfg, epoch = r.cfg, r.state["epoch"]

@@ -58,6 +58,17 @@ def make_model(vocab_size: int, arch: str = "llama", seed: int = 0):
     return model.eval()
 
 
+def make_sharp_model(vocab_size: int):
+    """``make_model`` (llama, seed 2) with every weight matrix scaled by 15: sharper random predictions, so the
+    labels a random model writes vary from turn to turn and follow the written history."""
+    model = make_model(vocab_size, "llama", seed=2)
+    with torch.no_grad():
+        for w in model.parameters():
+            if w.dim() == 2:
+                w.mul_(15)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()

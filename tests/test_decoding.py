@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from erc_llm.data.schema import Dialogue, LabelSet, Utterance
 from erc_llm.decoding import CACHE_ARG, LabelTrie, PackedTagger, StreamingTagger, rollout
 from erc_llm.prompting import PromptBuilder
-from tests.conftest import LABELS, make_model, make_tokenizer, toy_dialogue
+from tests.conftest import LABELS, make_model, make_sharp_model, make_tokenizer, toy_dialogue
 
 
 @torch.inference_mode()
@@ -108,11 +108,7 @@ def test_rollout_of_tokenized_turns_writes_what_the_tagger_predicts(tiny_tokeniz
 def test_packed_rollouts_write_what_each_dialogue_alone_writes(tiny_tokenizer):
     """On-policy rollouts of a training step's dialogues packed into one forward per turn step: the same labels
     as one dialogue at a time, also for a dialogue over the token budget (decoded alone, with truncation)."""
-    model = make_model(len(tiny_tokenizer), "llama", seed=2)
-    with torch.no_grad():  # sharper random weights: labels vary from turn to turn and follow the written history
-        for w in model.parameters():
-            if w.dim() == 2:
-                w.mul_(15)
+    model = make_sharp_model(len(tiny_tokenizer))
     builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=600, max_utterance_tokens=24)
     ds = [toy_dialogue(n, f"d{n}") for n in (6, 60, 2, 11)]
     for i, d in enumerate(ds):

@@ -14,7 +14,7 @@ from erc_llm.projector import (SPEAKER_MIN_UTTERANCES, AudioFeed, AudioInputs, A
                                embed_ids, embedding_rms, fit_spec)
 from erc_llm.session import Engine
 from erc_llm.prompting import AUDIO_TOKEN, PromptBuilder
-from tests.conftest import LABELS, make_model, toy_dialogue
+from tests.conftest import LABELS, make_model, make_sharp_model, toy_dialogue
 
 
 def _table(ids, dim=8, frames=False, seed=0):
@@ -194,12 +194,7 @@ def test_packed_rollouts_with_audio_write_what_each_dialogue_alone_writes(tiny_t
     each dialogue writes through its own KV cache with the same soft tokens, also over the token budget."""
     from erc_llm.decoding import PackedTagger, rollout
 
-    torch.manual_seed(0)
-    model = make_model(len(tiny_tokenizer), "llama", seed=2).eval()
-    with torch.no_grad():  # sharper random weights: labels vary from turn to turn
-        for w in model.parameters():
-            if w.dim() == 2:
-                w.mul_(15)
+    model = make_sharp_model(len(tiny_tokenizer)).eval()
     ds = [toy_dialogue(n, f"d{n}") for n in (3, 9, 1, 40)]
     ids = [u.utterance_id for d in ds for u in d.utterances]
     spec = fit_spec("csv", 8, _table(ids), ids)

@@ -493,12 +493,12 @@ def test_parameter_sharding_setups_are_refused_with_the_supported_ones_named():
     from erc_llm.train import sharding_problem
 
     for kind, stage in ((DistributedType.FSDP, None), (DistributedType.DEEPSPEED, 3)):
-        problem = sharding_problem(str(kind), stage)
+        problem = sharding_problem(kind, stage)
         assert problem and "shards parameters" in problem
         assert "multi_gpu.yaml" in problem and "zero2.yaml" in problem
     for kind, stage in ((DistributedType.NO, None), (DistributedType.MULTI_GPU, None), (DistributedType.MULTI_CPU, None),
                         (DistributedType.DEEPSPEED, 1), (DistributedType.DEEPSPEED, 2)):
-        assert sharding_problem(str(kind), stage) is None
+        assert sharding_problem(kind, stage) is None
 
 
 def test_training_under_fsdp_stops_before_loading_data(tmp_path, monkeypatch):
