@@ -18,11 +18,9 @@ from it), and ``eval/test_predicted``, ``eval/test_gold`` with the final test ev
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -37,12 +35,13 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from erc_llm.averaging import WeightAverage, restore_average
+from erc_llm.averaging import WeightAverage
+from erc_llm.checkpoint import append_log, load_checkpoint, save_checkpoint, truncate_log
 from erc_llm.config import TrainConfig, build, to_dict
 from erc_llm.data import LabelSet, label_counts, load_split
 from erc_llm.data.schema import dialogues_digest
 from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text, content_digest
-from erc_llm.finetune import load_trainable_state, make_trainable, save_weights, trainable_state, training_precision
+from erc_llm.finetune import make_trainable, save_weights, training_precision
 from erc_llm.lora import compute_context, enable_activation_checkpointing
 from erc_llm.losses import class_weights, distillation_loss, label_loss
 from erc_llm.objective import (batch_pieces, corrupt_history, first_token_ids, long_dialogue_report, pack,
@@ -90,39 +89,6 @@ def epoch_order(n: int, seed: int, epoch: int, world: int, per_step: int, length
     if lengths is not None and epoch == 0:
         order = order[np.argsort(np.asarray(lengths)[order], kind="stable")]
     return order.tolist()
-
-
-# ---------------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, state: dict, projector=None,
-                    average: WeightAverage | None = None) -> None:
-    with atomic_dir(run / "checkpoint") as tmp:
-        torch.save(trainable_state(model, finetune), tmp / "adapter.pt")
-        if projector is not None:
-            torch.save(projector.state_dict(), tmp / "projector.pt")
-        if average is not None:
-            torch.save(average.state_dict(), tmp / "average.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-                   tmp / "rng.pt")
-        atomic_write_json(tmp / "state.json", state)
-
-
-def load_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, projector=None,
-                    average: WeightAverage | None = None) -> dict:
-    ck = run / "checkpoint"
-    load_trainable_state(model, torch.load(ck / "adapter.pt", weights_only=False), finetune, str(ck / "adapter.pt"))
-    if projector is not None:
-        projector.load_state_dict(torch.load(ck / "projector.pt", weights_only=True))
-    restore_average(average, ck / "average.pt")
-    optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=False))
-    rng = torch.load(ck / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    return json.loads((ck / "state.json").read_text())
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -226,18 +192,6 @@ def speaker_setup(cfg: TrainConfig, labels: LabelSet, train_d):
     ctx = open_context(cfg.speaker_store, settings, prompts_dir(cfg), labels, seed=False)
     notes = training_notes(ctx.store, ctx.templates, ctx.settings, train_d)
     return notes, lambda: open_context(cfg.speaker_store, settings, prompts_dir(cfg), labels, seed=True)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows written after the checkpoint we resume from (they will be written again)."""
-    if path.is_file():
-        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
-        atomic_write_text(path, "".join(r + "\n" for r in rows))
-
-
-def append_log(run: Path, row: dict) -> None:
-    with open(run / "log.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -390,7 +344,7 @@ def setup(cfg: TrainConfig) -> "Recipe":
                                 average)
         if main:
             log.info("resumed from %s/checkpoint at step %d", run, state["step"])
-            _truncate_log(run / "log.jsonl", state["step"])
+            truncate_log(run, state["step"])
     elif main and cfg.overwrite and run.is_dir():
         log.warning("--overwrite: replacing the run in %s", run)
         shutil.rmtree(run)

@@ -67,7 +67,7 @@ def test_full_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path, tin
 
     from erc_llm.config import TrainConfig
     from erc_llm.finetune import make_trainable, trainable_state
-    from erc_llm.train import load_checkpoint, save_checkpoint
+    from erc_llm.checkpoint import load_checkpoint, save_checkpoint
 
     def fresh():
         m = make_trainable(make_model(len(tiny_tokenizer), "gemma3", seed=1).train(), TrainConfig(data_dir=".", finetune="full"))
