@@ -19,16 +19,22 @@ def _parts(seed: int):
     return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
 
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def _draws():
     return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
 
 
 def test_load_restores_every_random_generator(tmp_path):
     model, opt, sched = _parts(0)
-    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    _seed_all(5)
     save_checkpoint(tmp_path, model, "full", opt, sched, {"step": 3})
     expected = _draws()
-    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    _seed_all(9)
     fresh, opt2, sched2 = _parts(1)
     assert load_checkpoint(tmp_path, fresh, "full", opt2, sched2) == {"step": 3}
     assert _draws() == expected
