@@ -23,11 +23,17 @@ from erc_llm.finetune import load_trainable_state, trainable_state
 from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text
 
 LOG_FILE = "log.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+
+
+def has_checkpoint(run: str | Path) -> bool:
+    """Whether ``run`` holds a complete checkpoint to resume from (``state.json`` is written last)."""
+    return (Path(run) / CHECKPOINT_DIR / "state.json").is_file()
 
 
 def save_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, state: dict, projector=None,
                     average: WeightAverage | None = None) -> None:
-    with atomic_dir(run / "checkpoint") as tmp:
+    with atomic_dir(run / CHECKPOINT_DIR) as tmp:
         torch.save(trainable_state(model, finetune), tmp / "adapter.pt")
         if projector is not None:
             torch.save(projector.state_dict(), tmp / "projector.pt")
@@ -43,7 +49,7 @@ def save_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, state
 def load_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, projector=None,
                     average: WeightAverage | None = None) -> dict:
     """Restore everything :func:`save_checkpoint` wrote into the given objects; returns the training state."""
-    ck = run / "checkpoint"
+    ck = run / CHECKPOINT_DIR
     load_trainable_state(model, torch.load(ck / "adapter.pt", weights_only=False), finetune, str(ck / "adapter.pt"))
     if projector is not None:
         projector.load_state_dict(torch.load(ck / "projector.pt", weights_only=True))

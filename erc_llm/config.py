@@ -375,8 +375,11 @@ class TrainConfig(AudioOptions, SpeakerOptions):
             p.append("epochs/max_steps: one of them must be > 0")
         if self.max_tokens < 4 * self.max_utterance_tokens:
             p.append(f"max_tokens: {self.max_tokens} must be at least 4 x max_utterance_tokens")
-        if self.resume and not (Path(self.out) / "checkpoint" / "state.json").is_file():
-            p.append(f"resume: no checkpoint in {self.out}/checkpoint to resume from")
+        if self.resume:
+            from erc_llm.checkpoint import CHECKPOINT_DIR, has_checkpoint  # torch: only when resuming
+
+            if not has_checkpoint(self.out):
+                p.append(f"resume: no checkpoint in {self.out}/{CHECKPOINT_DIR} to resume from")
         if self.resume and self.overwrite:
             p.append("resume/overwrite: choose one (continue the run, or replace it)")
         out = Path(self.out)

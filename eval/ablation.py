@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from erc_llm.checkpoint import has_checkpoint  # noqa: E402
 from erc_llm.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 CONFIG = "configs/meld_ablation.yaml"
@@ -47,7 +48,7 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     cmd = [sys.executable, "erc_llm/train.py", "--config", CONFIG, "--data-dir", args.data_dir, "--out", str(out)]
     for k, v in overrides.items():
         cmd += [f"--{k.replace('_', '-')}", v.format(audio_dir=args.audio_dir)]
-    if (out / "checkpoint" / "state.json").is_file():
+    if has_checkpoint(out):
         cmd += ["--resume", "true"]
     print(f"[{name}] {' '.join(cmd)}", flush=True)
     t0 = time.time()

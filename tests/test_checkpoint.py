@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from erc_llm.checkpoint import append_log, load_checkpoint, save_checkpoint, truncate_log
+from erc_llm.checkpoint import append_log, has_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 
 
 def _parts(seed: int):
@@ -42,7 +42,9 @@ def test_load_restores_every_random_generator(tmp_path):
 
 def test_interrupted_save_keeps_the_last_complete_checkpoint(tmp_path):
     model, opt, sched = _parts(0)
+    assert not has_checkpoint(tmp_path)
     save_checkpoint(tmp_path, model, "full", opt, sched, {"step": 1})
+    assert has_checkpoint(tmp_path)
     with torch.no_grad():
         model.weight.add_(1.0)
 

@@ -194,7 +194,7 @@ def test_packed_rollouts_with_audio_write_what_each_dialogue_alone_writes(tiny_t
     each dialogue writes through its own KV cache with the same soft tokens, also over the token budget."""
     from erc_llm.decoding import PackedTagger, rollout
 
-    model = make_sharp_model(len(tiny_tokenizer)).eval()
+    model = make_sharp_model(len(tiny_tokenizer))
     ds = [toy_dialogue(n, f"d{n}") for n in (3, 9, 1, 40)]
     ids = [u.utterance_id for d in ds for u in d.utterances]
     spec = fit_spec("csv", 8, _table(ids), ids)

@@ -74,6 +74,8 @@ def test_training_refuses_an_existing_run_dir_without_resume_or_overwrite(tmp_pa
     assert build(TrainConfig, None, {"data_dir": str(tmp_path), "out": str(run), "overwrite": True}).overwrite
     with pytest.raises(ConfigError, match="choose one"):
         build(TrainConfig, None, {"data_dir": str(tmp_path), "out": str(run), "overwrite": True, "resume": True})
+    with pytest.raises(ConfigError, match=r"resume: no checkpoint in .*run/checkpoint to resume from"):
+        build(TrainConfig, None, {"data_dir": str(tmp_path), "out": str(run), "resume": True})
 
 
 # 3 ----------------------------------------------------------------------------------------------------------
