@@ -7,8 +7,9 @@ or the per-utterance ``predictions.jsonl`` (re-run the command to get them).
         eval/results/iemocap_lora_gemma-3-270m_textonly_init-meld_prosody_speaker_seed1
 
 The folder it writes is what ``eval/seeds.py`` summarises and what each per-seed link of the README's tables
-points to. It refuses a run that has not finished (no ``train_summary.json``: resume it with ``--resume true``)
-and an existing results folder (a committed record is replaced only on purpose: delete it first).
+points to. It refuses a run that has not finished (no ``train_summary.json``: resume it with ``--resume true``), one
+whose test evaluation has not finished (training writes ``train_summary.json`` before it evaluates the selected
+adapter on test) and an existing results folder (a committed record is replaced only on purpose: delete it first).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -38,10 +41,28 @@ def record_files(run: Path) -> dict[Path, Path]:
         raise SystemExit(f"{run} is not a finished training run folder{hint}:\n  " + "\n  ".join(problems))
     evaluations = sorted(d for d in (run / "eval").glob("*")  # a finished evaluation has its metrics.json
                          if not d.name.startswith(".") and (d / "metrics.json").is_file())
+    missing_test = unfinished_test(run)
+    if missing_test:
+        raise SystemExit(missing_test)
     files = {Path(name): run / name for name in RUN_FILES}
     files.update({p.relative_to(run / "eval"): p for d in evaluations for p in (d / name for name in EVAL_FILES)
                   if p.is_file()})
     return files
+
+
+def unfinished_test(run: Path) -> str | None:
+    """Why the record of ``run`` would lack its test evaluation, or None: a run trained with ``test_eval`` (the
+    default) is recorded only once ``eval/test_predicted`` is finished."""
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    if not isinstance(cfg, dict):
+        return f"{run / 'config.yaml'}: expected the run's config (a mapping), got {type(cfg).__name__}"
+    if not cfg.get("test_eval", True) or (run / "eval" / "test_predicted" / "metrics.json").is_file():
+        return None
+    audio = f" --audio-dir {cfg['audio_dir']}" if cfg.get("audio_dir") else ""
+    return (f"{run}: the test evaluation of the selected adapter has not finished ({run}/eval/test_predicted/"
+            f"metrics.json missing); wait for training to end, or if it was stopped, run `erc-llm evaluate --dataset "
+            f"{cfg.get('dataset')} --split test --data-dir {cfg.get('data_dir')}{audio} --run {run} --out "
+            f"{run}/eval/test_predicted`")
 
 
 def record(run: Path, out: Path) -> dict[Path, Path]:

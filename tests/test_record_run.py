@@ -12,21 +12,22 @@ record_run = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(record_run)
 
 
-def finished_run(run: Path, finished: bool = True) -> Path:
-    for name in ("run.json", "config.yaml", "best.json", "log.jsonl"):
+def finished_run(run: Path, finished: bool = True, tested: bool = True) -> Path:
+    for name in ("run.json", "best.json", "log.jsonl"):
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text(f"{name}\n")
+    (run / "config.yaml").write_text("dataset: jsonl\ndata_dir: data/iemocap\naudio_dir: data/prosody\ntest_eval: true\n")
     if finished:
         (run / "train_summary.json").write_text(json.dumps({"steps": 10}))
     for name in ("adapter/adapter_model.safetensors", "checkpoint/state.json"):
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text("weights")
-    for split in ("test_predicted", "test_gold"):
+    for split in ("test_predicted", "test_gold") if tested else ():
         d = run / "eval" / split
         d.mkdir(parents=True)
         for name in ("metrics.json", "report.md", "confusion.png", "predictions.jsonl"):
             (d / name).write_text(f"{split}/{name}")
-    (run / "eval" / "dev_predicted").mkdir()  # an evaluation killed before its metrics: not a record
+    (run / "eval" / "dev_predicted").mkdir(parents=True)  # an evaluation killed before its metrics: not a record
     (run / "eval" / "dev_predicted" / "predictions.partial.jsonl").write_text("{}")
     return run
 
@@ -39,6 +40,7 @@ def test_the_record_is_the_spec_log_selection_and_metrics_of_each_finished_evalu
                           *(f"{s}/{n}" for s in ("test_gold", "test_predicted")
                             for n in ("confusion.png", "metrics.json", "report.md"))])
     assert (out / "test_gold" / "metrics.json").read_text() == "test_gold/metrics.json"
+    assert (out / "config.yaml").read_text() == (run / "config.yaml").read_text()
     assert [p.name for p in out.parent.iterdir()] == ["r_seed0"]  # no temporary folder left beside it
 
 
@@ -47,6 +49,19 @@ def test_an_unfinished_run_is_refused_with_how_to_finish_it(tmp_path):
     with pytest.raises(SystemExit, match=r"--resume true[\s\S]*train_summary.json: missing"):
         record_run.main([str(run), str(out)])
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["r"]
+
+
+def test_a_run_whose_test_evaluation_has_not_finished_is_refused_with_the_command_that_finishes_it(tmp_path):
+    # training writes train_summary.json before it evaluates the selected adapter on test
+    run, out = finished_run(tmp_path / "r", tested=False), tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"test evaluation .* not finished[\s\S]*erc-llm evaluate --dataset jsonl "
+                                         r"--split test --data-dir data/iemocap --audio-dir data/prosody "
+                                         rf"--run {run} --out {run}/eval/test_predicted"):
+        record_run.main([str(run), str(out)])
+    assert not out.exists()
+    cfg = run / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("test_eval: true", "test_eval: false"))  # no test asked: nothing owed
+    assert record_run.main([str(run), str(out)]) == 0 and (out / "train_summary.json").is_file()
 
 
 def test_an_existing_results_folder_is_never_overwritten(tmp_path):
