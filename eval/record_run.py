@@ -39,11 +39,11 @@ def record_files(run: Path) -> dict[Path, Path]:
         hint = (" (the run has not finished: resume it with --resume true)"
                 if not (run / "train_summary.json").is_file() and (run / "run.json").is_file() else "")
         raise SystemExit(f"{run} is not a finished training run folder{hint}:\n  " + "\n  ".join(problems))
-    evaluations = sorted(d for d in (run / "eval").glob("*")  # a finished evaluation has its metrics.json
-                         if not d.name.startswith(".") and (d / "metrics.json").is_file())
     missing_test = unfinished_test(run)
     if missing_test:
         raise SystemExit(missing_test)
+    evaluations = sorted(d for d in (run / "eval").glob("*")  # a finished evaluation has its metrics.json
+                         if not d.name.startswith(".") and (d / "metrics.json").is_file())
     files = {Path(name): run / name for name in RUN_FILES}
     files.update({p.relative_to(run / "eval"): p for d in evaluations for p in (d / name for name in EVAL_FILES)
                   if p.is_file()})
