@@ -58,10 +58,14 @@ def unfinished_test(run: Path) -> str | None:
         return f"{run / 'config.yaml'}: expected the run's config (a mapping), got {type(cfg).__name__}"
     if not cfg.get("test_eval", True) or (run / "eval" / "test_predicted" / "metrics.json").is_file():
         return None
-    audio = f" --audio-dir {cfg['audio_dir']}" if cfg.get("audio_dir") else ""
+    # the options training's own test evaluation (erc_llm/train.py test_evaluation) takes from the config
+    options = {"labels": ",".join(cfg.get("labels") or []),
+               "on-bad-row": "" if cfg.get("on_bad_row", "error") == "error" else cfg["on_bad_row"],
+               "audio-dir": cfg.get("audio_dir") or ""}
+    extra = "".join(f" --{flag} {value}" for flag, value in options.items() if value)
     return (f"{run}: the test evaluation of the selected adapter has not finished ({run}/eval/test_predicted/"
             f"metrics.json missing); wait for training to end, or if it was stopped, run `erc-llm evaluate --dataset "
-            f"{cfg.get('dataset')} --split test --data-dir {cfg.get('data_dir')}{audio} --run {run} --out "
+            f"{cfg.get('dataset')} --split test --data-dir {cfg.get('data_dir')}{extra} --run {run} --out "
             f"{run}/eval/test_predicted`")
 
 

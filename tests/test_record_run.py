@@ -60,6 +60,10 @@ def test_a_run_whose_test_evaluation_has_not_finished_is_refused_with_the_comman
         record_run.main([str(run), str(out)])
     assert not out.exists()
     cfg = run / "config.yaml"
+    cfg.write_text(cfg.read_text() + "labels: [neu, ang]\non_bad_row: skip\n")  # as training's test evaluation ran
+    with pytest.raises(SystemExit, match=r"--data-dir data/iemocap --labels neu,ang --on-bad-row skip "
+                                         r"--audio-dir data/prosody --run"):
+        record_run.main([str(run), str(out)])
     cfg.write_text(cfg.read_text().replace("test_eval: true", "test_eval: false"))  # no test asked: nothing owed
     assert record_run.main([str(run), str(out)]) == 0 and (out / "train_summary.json").is_file()
 
