@@ -548,6 +548,9 @@ def test_evaluation(cfg: TrainConfig, run: Path) -> dict:
     from erc_llm.evaluate import evaluate
 
     out = {}
+    # the options of this evaluation beyond the defaults, so the recorded command reproduces it
+    extra = (f" --labels {','.join(cfg.labels)}" if cfg.labels else "") + (
+        f" --on-bad-row {cfg.on_bad_row}" if cfg.on_bad_row != "error" else "")
     # a text-only history (label_history false) writes no labels: gold and predicted history are the same run
     for history in ("predicted", "gold") if cfg.test_gold and cfg.label_history else ("predicted",):
         ecfg = build(EvalConfig, None, {
@@ -556,7 +559,7 @@ def test_evaluation(cfg: TrainConfig, run: Path) -> dict:
             "max_utterance_tokens": cfg.max_utterance_tokens, "dtype": "float32", "threads": cfg.threads,
             "on_bad_row": cfg.on_bad_row})
         m = evaluate(ecfg, command=f"erc-llm evaluate --dataset {cfg.dataset} --split test --data-dir {cfg.data_dir} "
-                                   f"--run {run} --history {history} --out {ecfg.out}")
+                                   f"--run {run} --history {history}{extra} --out {ecfg.out}")
         out[history] = {k: m[k] for k in ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1")}
     return out
 

@@ -191,6 +191,7 @@ def test_train_with_audio_and_speakers_writes_a_self_contained_run(tmp_path, tin
     assert spec["feature_dim"] == 4 and spec["in_dim"] == 8  # values + missing mask (two columns all empty)
     m = json.loads((run / "eval" / "test_predicted" / "metrics.json").read_text())
     assert m["audio"] == {"source": "csv", "missing": 1} and m["speakers"]["history"] == 3
+    assert f"--labels {','.join(LABELS.labels)} " in m["command"]  # the recorded command scores the same label set
     assert not (run / "eval" / "test_gold").exists()
 
 
