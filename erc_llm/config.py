@@ -264,6 +264,14 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def eval_flags(labels: list[str], on_bad_row: str, audio_dir: str = "") -> str:
+    """The ``erc-llm evaluate`` options a run's config implies beyond the defaults, as command-line text (empty, or
+    starting with a space), so a recorded or suggested command evaluates the run as training did."""
+    options = {"labels": ",".join(labels), "on-bad-row": "" if on_bad_row == "error" else on_bad_row,
+               "audio-dir": audio_dir}
+    return "".join(f" --{flag} {value}" for flag, value in options.items() if value)
+
+
 QUANT_MODES = ("none", "4bit")
 
 

@@ -544,13 +544,11 @@ def _broadcast(accelerator, obj):
 
 def test_evaluation(cfg: TrainConfig, run: Path) -> dict:
     """The best adapter on the test split, with predicted history (the figure) and gold (diagnostic)."""
-    from erc_llm.config import EvalConfig
+    from erc_llm.config import EvalConfig, eval_flags
     from erc_llm.evaluate import evaluate
 
     out = {}
-    # the options of this evaluation beyond the defaults, so the recorded command reproduces it
-    extra = (f" --labels {','.join(cfg.labels)}" if cfg.labels else "") + (
-        f" --on-bad-row {cfg.on_bad_row}" if cfg.on_bad_row != "error" else "")
+    extra = eval_flags(cfg.labels, cfg.on_bad_row)  # so the recorded command reproduces this evaluation
     # a text-only history (label_history false) writes no labels: gold and predicted history are the same run
     for history in ("predicted", "gold") if cfg.test_gold and cfg.label_history else ("predicted",):
         ecfg = build(EvalConfig, None, {

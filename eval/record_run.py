@@ -25,6 +25,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from erc_llm.config import eval_flags  # noqa: E402
 from erc_llm.io import current_umask  # noqa: E402
 
 RUN_FILES = ("run.json", "config.yaml", "best.json", "train_summary.json", "log.jsonl")
@@ -59,10 +60,7 @@ def unfinished_test(run: Path) -> str | None:
     if not cfg.get("test_eval", True) or (run / "eval" / "test_predicted" / "metrics.json").is_file():
         return None
     # the options training's own test evaluation (erc_llm/train.py test_evaluation) takes from the config
-    options = {"labels": ",".join(cfg.get("labels") or []),
-               "on-bad-row": "" if cfg.get("on_bad_row", "error") == "error" else cfg["on_bad_row"],
-               "audio-dir": cfg.get("audio_dir") or ""}
-    extra = "".join(f" --{flag} {value}" for flag, value in options.items() if value)
+    extra = eval_flags(cfg.get("labels") or [], cfg.get("on_bad_row", "error"), cfg.get("audio_dir") or "")
     return (f"{run}: the test evaluation of the selected adapter has not finished ({run}/eval/test_predicted/"
             f"metrics.json missing); wait for training to end, or if it was stopped, run `erc-llm evaluate --dataset "
             f"{cfg.get('dataset')} --split test --data-dir {cfg.get('data_dir')}{extra} --run {run} --out "

@@ -1,6 +1,6 @@
 import pytest
 
-from erc_llm.config import ConfigError, EvalConfig, build
+from erc_llm.config import ConfigError, EvalConfig, build, eval_flags
 
 
 def test_unknown_keys_and_all_problems_reported_at_once(tmp_path):
@@ -121,3 +121,9 @@ def test_a_teacher_must_be_an_evaluation_folder_and_its_weight_needs_it(tmp_path
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "predictions.jsonl").write_text("")
     assert build(TrainConfig, None, {**base, "teacher": str(tmp_path / "t"), "teacher_weight": "1"}).teacher_weight == 1
+
+
+def test_eval_flags_carry_only_options_that_differ_from_the_defaults():
+    assert eval_flags([], "error") == ""
+    assert eval_flags(["neutral", "sad"], "skip", "/data/prosody") == (
+        " --labels neutral,sad --on-bad-row skip --audio-dir /data/prosody")
