@@ -9,7 +9,8 @@ Each input is a folder written by ``erc-llm evaluate`` (``metrics.json`` + ``pre
 finished predictions equals decoding with the ensemble only when no member wrote its labels into the
 transcript (``history: none``, the text-only recipe): with predicted labels in the history each member would
 have read the ensemble's labels, not its own, so such evaluations are refused. The members must cover the
-same dataset, split, context, label set and utterances.
+same dataset, split, context, label set and utterances. Where a member's model is a training run folder, its
+``config.yaml`` is recorded with it, so ``eval/seeds.py`` can summarise ensembles of one seed each over seeds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -37,6 +39,12 @@ def read_member(folder: Path) -> tuple[dict, list[dict]]:
         raise SystemExit(f"{folder}: history is {metrics.get('history')!r}; averaging finished predictions is an "
                          "ensemble only for models that write no labels into the transcript (history 'none')")
     return metrics, rows
+
+
+def run_config(model: str | None) -> dict | None:
+    """The training config of a member's run folder (``config.yaml``), or None for a shipped or hub model."""
+    path = Path(model) / "config.yaml" if model else None
+    return yaml.safe_load(path.read_text()) if path is not None and path.is_file() else None
 
 
 def check_members(members: list[tuple[Path, dict, list[dict]]]) -> None:
@@ -73,8 +81,8 @@ def ensemble(folders: list[Path], out: Path, command: str = "") -> dict:
     info = {**{k: ref[k] for k in MUST_MATCH}, "history": "none",
             "dialogues": ref["dialogues"], "utterances": len(rows),
             "scored_utterances": sum(r["gold"] is not None for r in rows),
-            "model": name, "members": [{"folder": str(f), "model": m.get("model"), "weighted_f1": m.get("weighted_f1")}
-                                       for f, m, _ in members],
+            "model": name, "members": [{"folder": str(f), "model": m.get("model"), "weighted_f1": m.get("weighted_f1"),
+                                        "config": run_config(m.get("model"))} for f, m, _ in members],
             "seconds": seconds, "utterances_per_second": len(rows) / max(seconds, 1e-9), "command": command}
     return write_evaluation(out, rows, labels, info, f"{ref['dataset']}/{ref['split']} {name} (history=none, {ref['context']})")
 

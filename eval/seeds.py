@@ -6,7 +6,9 @@ adapter and the dev score it was selected by. Writes ``summary.json`` and prints
         --out eval/results/iemocap_lora_gemma-3-270m_textonly_seeds
 
 Each folder holds ``best.json`` (dev selection), ``config.yaml`` and ``test_predicted/metrics.json``, as the
-training command writes them. The std is the sample standard deviation (n - 1).
+training command writes them — or, for a row of ensembles, ``dev/`` and ``test/`` as ``eval/ensemble.py`` writes
+them, one ensemble per seed: its members are runs of one seed, and each ensemble has the same recipes as the
+others. The std is the sample standard deviation (n - 1).
 """
 
 from __future__ import annotations
@@ -43,6 +45,28 @@ def read_run(folder: Path) -> dict:
             "recipe": {k: v for k, v in cfg.items() if k not in RUNTIME}}
 
 
+def read_ensemble(folder: Path) -> dict:
+    """One ensemble of ``eval/ensemble.py`` (``dev/`` and ``test/``) as a run of its members' common seed."""
+    dev, test = (json.loads((folder / split / "metrics.json").read_text()) for split in ("dev", "test"))
+    configs = [m.get("config") for m in test.get("members", [])]
+    problems = [f"{folder / split}: split is {m.get('split')!r}, expected {split!r}"
+                for split, m in (("dev", dev), ("test", test)) if m.get("split") != split]
+    if [m["model"] for m in dev.get("members", [])] != [m["model"] for m in test.get("members", [])]:
+        problems.append(f"{folder}: dev and test were averaged over different members")
+    if not configs or None in configs:
+        problems.append(f"{folder / 'test'}: a member has no recorded training config (its model is not a run "
+                        "folder with config.yaml); re-run eval/ensemble.py on evaluations of training runs")
+    elif len({c["seed"] for c in configs}) != 1:
+        problems.append(f"{folder}: members of seeds {[c['seed'] for c in configs]}; each ensemble of a seed row "
+                        "holds runs of one seed")
+    if problems:
+        raise SystemExit("\n".join(problems))
+    recipes = sorted(({k: v for k, v in c.items() if k not in RUNTIME} for c in configs), key=json.dumps)
+    return {"folder": str(folder), "seed": configs[0]["seed"], "dev_weighted_f1": dev["weighted_f1"],
+            "best_step": None, **{k: test[k] for k in KEYS},
+            "per_class_f1": {c: v["f1"] for c, v in test["per_class"].items()}, "recipe": {"members": recipes}}
+
+
 def summarize(runs: list[dict]) -> dict:
     common = set.intersection(*(set(r["recipe"]) for r in runs))  # options added later are left at their default
     differ = sorted(k for k in common if len({json.dumps(r["recipe"][k]) for r in runs}) > 1)
@@ -68,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folders", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True, help="folder for summary.json")
     args = p.parse_args(argv)
-    s = summarize([read_run(f) for f in args.folders])
+    s = summarize([read_ensemble(f) if (f / "dev" / "metrics.json").is_file() else read_run(f) for f in args.folders])
     atomic_write_json(args.out / "summary.json", {**s, "command": "python eval/seeds.py " + " ".join(argv or sys.argv[1:])})
     cells = " | ".join(f"{s[k]['mean']:.2f} ± {s[k]['std']:.2f}" for k in ("dev_weighted_f1", *KEYS))
     print(f"| seeds {s['seeds']} | {cells} |")

@@ -69,3 +69,15 @@ def test_missing_files_name_the_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match=r"empty: missing metrics.json, predictions.jsonl"):
         ensemble_script.ensemble([a, tmp_path / "empty"], tmp_path / "out")
+
+
+def test_records_the_training_config_of_members_that_are_run_folders(tmp_path):
+    a = write_eval(tmp_path / "a", [p(0.5, 0.3, 0.2)], ["neutral"])
+    b = write_eval(tmp_path / "b", [p(0.5, 0.3, 0.2)], ["neutral"])
+    run = tmp_path / "run_b"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 2\nlr: 0.0001\n")
+    metrics = json.loads((b / "metrics.json").read_text())
+    (b / "metrics.json").write_text(json.dumps({**metrics, "model": str(run)}))
+    m = ensemble_script.ensemble([a, b], tmp_path / "out")
+    assert [x["config"] for x in m["members"]] == [None, {"seed": 2, "lr": 0.0001}]

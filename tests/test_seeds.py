@@ -45,3 +45,35 @@ def test_runs_of_different_recipes_or_repeated_seeds_are_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"duplicate seeds \[0, 0\]"):
         seeds_script.main([str(a), str(c), "--out", str(tmp_path / "sum")])
     assert not (tmp_path / "sum").exists()
+
+
+def write_ensemble(folder: Path, seeds: list[int], dev: float, test: float, lrs=(1e-4, 2e-4)) -> Path:
+    members = [{"model": f"runs/lr{lr}_s{s}", "config": {"seed": s, "out": f"runs/lr{lr}_s{s}", "lr": lr}}
+               for s, lr in zip(seeds, lrs)]
+    for split, value in (("dev", dev), ("test", test)):
+        (folder / split).mkdir(parents=True)
+        metrics = {"split": split, "members": members, "weighted_f1": value, "accuracy": value,
+                   "unweighted_accuracy": value, "macro_f1": value, "per_class": {"joy": {"f1": value}}}
+        (folder / split / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_a_row_of_ensembles_is_summarised_by_their_members_seed(tmp_path):
+    ens = [write_ensemble(tmp_path / f"e{s}", [s, s], 55.0 + s, 60.0 + 2 * s) for s in (0, 1, 2)]
+    seeds_script.main([str(e) for e in ens] + ["--out", str(tmp_path / "sum")])
+    s = json.loads((tmp_path / "sum" / "summary.json").read_text())
+    assert s["seeds"] == [0, 1, 2]
+    assert s["dev_weighted_f1"]["values"] == [55.0, 56.0, 57.0]
+    assert s["weighted_f1"]["mean"] == pytest.approx(62.0) and s["weighted_f1"]["std"] == pytest.approx(2.0)
+    assert [m["lr"] for m in s["recipe"]["members"]] == [1e-4, 2e-4]
+
+
+def test_ensembles_of_mixed_seeds_or_different_recipes_are_refused(tmp_path):
+    mixed = write_ensemble(tmp_path / "mixed", [0, 1], 55.0, 60.0)
+    other = write_ensemble(tmp_path / "other", [1, 1], 55.0, 60.0)
+    with pytest.raises(SystemExit, match=r"members of seeds \[0, 1\]"):
+        seeds_script.main([str(mixed), str(other), "--out", str(tmp_path / "sum")])
+    third = write_ensemble(tmp_path / "third", [2, 2], 55.0, 60.0, lrs=(1e-4, 5e-5))
+    with pytest.raises(SystemExit, match=r"differ in more than the seed \(members\)"):
+        seeds_script.main([str(other), str(third), "--out", str(tmp_path / "sum")])
+    assert not (tmp_path / "sum").exists()
