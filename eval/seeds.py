@@ -32,6 +32,17 @@ RUNTIME = ("seed", "out", "data_dir", "resume", "overwrite", "threads", "on_bad_
            "test_gold")
 
 
+def recipe(cfg: dict) -> dict:
+    """A run's config without the options that do not change the model (RUNTIME)."""
+    return {k: v for k, v in cfg.items() if k not in RUNTIME}
+
+
+def row(folder: Path, seed: int, dev_weighted_f1: float, test: dict, options: dict) -> dict:
+    """One seed's entry of the summary: its dev selection score, test metrics and recipe."""
+    return {"folder": str(folder), "seed": seed, "dev_weighted_f1": dev_weighted_f1, **{k: test[k] for k in KEYS},
+            "per_class_f1": {c: v["f1"] for c, v in test["per_class"].items()}, "recipe": options}
+
+
 def read_run(folder: Path) -> dict:
     missing = [p for p in ("best.json", "config.yaml", "test_predicted/metrics.json") if not (folder / p).is_file()]
     if missing:
@@ -39,10 +50,7 @@ def read_run(folder: Path) -> dict:
     test = json.loads((folder / "test_predicted" / "metrics.json").read_text())
     best = json.loads((folder / "best.json").read_text())
     cfg = yaml.safe_load((folder / "config.yaml").read_text())
-    return {"folder": str(folder), "seed": cfg["seed"], "dev_weighted_f1": best["dev_predicted"]["weighted_f1"],
-            "best_step": best["step"], **{k: test[k] for k in KEYS},
-            "per_class_f1": {c: v["f1"] for c, v in test["per_class"].items()},
-            "recipe": {k: v for k, v in cfg.items() if k not in RUNTIME}}
+    return row(folder, cfg["seed"], best["dev_predicted"]["weighted_f1"], test, recipe(cfg))
 
 
 def read_ensemble(folder: Path) -> dict:
@@ -61,10 +69,8 @@ def read_ensemble(folder: Path) -> dict:
                         "holds runs of one seed")
     if problems:
         raise SystemExit("\n".join(problems))
-    recipes = sorted(({k: v for k, v in c.items() if k not in RUNTIME} for c in configs), key=json.dumps)
-    return {"folder": str(folder), "seed": configs[0]["seed"], "dev_weighted_f1": dev["weighted_f1"],
-            "best_step": None, **{k: test[k] for k in KEYS},
-            "per_class_f1": {c: v["f1"] for c, v in test["per_class"].items()}, "recipe": {"members": recipes}}
+    members = sorted((recipe(c) for c in configs), key=json.dumps)
+    return row(folder, configs[0]["seed"], dev["weighted_f1"], test, {"members": members})
 
 
 def summarize(runs: list[dict]) -> dict:
