@@ -55,6 +55,9 @@ def read_run(folder: Path) -> dict:
 
 def read_ensemble(folder: Path) -> dict:
     """One ensemble of ``eval/ensemble.py`` (``dev/`` and ``test/``) as a run of its members' common seed."""
+    if not (folder / "test" / "metrics.json").is_file():
+        raise SystemExit(f"{folder}: missing test/metrics.json beside dev/; expected an ensemble folder written by "
+                         "eval/ensemble.py for both splits")
     dev, test = (json.loads((folder / split / "metrics.json").read_text()) for split in ("dev", "test"))
     configs = [m.get("config") for m in test.get("members", [])]
     problems = [f"{folder / split}: split is {m.get('split')!r}, expected {split!r}"

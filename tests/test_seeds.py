@@ -77,3 +77,10 @@ def test_ensembles_of_mixed_seeds_or_different_recipes_are_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"differ in more than the seed \(members\)"):
         seeds_script.main([str(other), str(third), "--out", str(tmp_path / "sum")])
     assert not (tmp_path / "sum").exists()
+
+
+def test_an_ensemble_without_its_test_split_is_named(tmp_path):
+    ens = write_ensemble(tmp_path / "e0", [0, 0], 55.0, 60.0)
+    (ens / "test" / "metrics.json").unlink()
+    with pytest.raises(SystemExit, match=r"e0: missing test/metrics.json beside dev/"):
+        seeds_script.main([str(ens), "--out", str(tmp_path / "sum")])
