@@ -49,10 +49,21 @@ With plain transformers + peft: load the backbone (`erc-llm prepare-model gemma-
 `prompts/header.txt` (labels, participants) followed, per turn, by `prompts/turn.txt` up to `{label}`; each
 piece is tokenized on its own (no special tokens) and the pieces concatenated after the BOS token. The
 label distribution at a turn is the softmax over the first tokens of " neutral", " joy", ... at the last
-position of that turn's piece; earlier turns are followed only by the turn's suffix (this model writes no
-labels into the history). `erc-llm export` writes this folder for any run; tests/test_export.py checks the
-recipe against erc-llm.
+position of that turn's piece; {history} `erc-llm export` writes this folder for any run;
+tests/test_export.py checks the recipe against erc-llm.
 """
+
+HISTORY = {
+    False: "earlier turns are followed only by the turn's suffix (this model writes no labels into the history).",
+    True: "each earlier turn's piece continues with the tokens of the label this model predicted for it (the "
+          "argmax, tokenized with its leading space, e.g. \" joy\"; its own prediction, never a gold label: it was "
+          "trained on the labels it writes), then the turn's suffix.",
+}
+
+
+def usage(label_history: bool) -> str:
+    """The model card's use section for a model that does (or does not) write its labels into the history."""
+    return USE.replace("{history}", HISTORY[label_history])
 
 
 def main() -> int:
@@ -98,7 +109,7 @@ def main() -> int:
              f"The adapter is stored in bfloat16: MELD test weighted F1 {packaged['weighted_f1']:.2f} with these "
              f"files (fp32 compute) vs {metrics['run_test_fp32_adapter']:.2f} with the float32 adapter. MELD test "
              f"(2,610 utterances) took {packaged['seconds']:.0f} s here ({packaged['utterances_per_second']:.1f} utt/s, "
-             f"float32, {packaged['threads']} threads).\n\n```yaml\n{cfg}```\n" + USE)
+             f"float32, {packaged['threads']} threads).\n\n```yaml\n{cfg}```\n" + usage(spec.label_history))
     (target / "README.md").write_text(model_card(spec, args.name, metrics, extra), encoding="utf-8")
     print(f"packaged {args.run} -> {target}; MELD test weighted F1 {packaged['weighted_f1']:.2f}")
     return 0
