@@ -72,8 +72,7 @@ def test_sharded_evaluation_equals_one_process(tmp_path, tiny_model_dir):
                 for n in (1, 2))
     assert [r["utterance_id"] for r in two] == [r["utterance_id"] for r in one]  # dataset order, nothing lost
     assert [r["predicted"] for r in two] == [r["predicted"] for r in one]
-    for a, b in zip(one, two):  # same numbers up to float32 kernel order (differs across CPUs by ~1e-7)
-        assert a["probabilities"].keys() == b["probabilities"].keys()
+    for a, b in zip(one, two):  # same labels; float32 sums may differ in the last written digit between layouts
         assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
     m1, m2 = (json.loads((tmp_path / f"p{n}" / "metrics.json").read_text()) for n in (1, 2))
     assert m2["processes"] == 2 and m2["utterances"] == m1["utterances"] == 3 + 4 + 5 + 6 + 7
