@@ -59,6 +59,16 @@ def make_trainable(model, cfg):
     return model
 
 
+def merge_init(model, init_adapter: str):
+    """``model`` with the trained weights of run ``init_adapter`` (folder or shipped name) in its own weights: a
+    LoRA run's adapter merged in, or a full run's tensors copied — where full fine-tuning starts from a trained
+    ERC model (e.g. the shipped MELD adapter before training on another corpus)."""
+    from erc_llm.run import RunSpec, resolve, trained_weights
+
+    run = resolve(init_adapter)
+    return trained_weights(model, run, RunSpec.read(run).finetune)
+
+
 def trainable_state(model, finetune: str) -> dict[str, torch.Tensor]:
     """The tensors training changes, by name (what a checkpoint holds)."""
     if finetune == "lora":

@@ -106,20 +106,23 @@ def enable_activation_checkpointing(model) -> None:
 
 
 def init_problems(cfg) -> list[str]:
-    """Why ``cfg.init_adapter`` (a run folder or shipped model name) cannot start this LoRA training: every
-    problem, for the config's up-front validation (empty when it can)."""
+    """Why ``cfg.init_adapter`` (a run folder or shipped model name) cannot start this training: every problem,
+    for the config's up-front validation (empty when it can). LoRA training continues the run's adapter, so
+    its shape must be this config's; full fine-tuning starts from the run's weights merged into the backbone,
+    so only the backbone must match."""
     from erc_llm.run import RunError, RunSpec, check_reference, resolve
 
     where = f"init_adapter: {cfg.init_adapter!r}"
-    if cfg.finetune != "lora":
-        return [f"{where} starts LoRA training from a trained adapter; finetune: {cfg.finetune} trains no adapter "
-                "(set finetune: lora, or init_adapter: '')"]
     try:
         run = resolve(cfg.init_adapter)
         spec = RunSpec.read(run)
         check_reference(run)  # a packaged model's adapter must be the one it was packaged with
     except RunError as e:
         return [f"{where}: {e}"]
+    if cfg.finetune == "full":  # the run's weights are merged into the backbone: any run of this backbone
+        return [] if spec.model == cfg.model else [
+            f"{where} was trained on model {spec.model!r}, this config has {cfg.model!r}; set model: "
+            f"{spec.model!r} to start from it"]
     if spec.finetune != "lora":
         return [f"{where} was trained with finetune: {spec.finetune}; it has no LoRA adapter to start from"]
     try:

@@ -183,7 +183,7 @@ def check_reference(run_dir: Path) -> None:
                        f"({ref_file}): the file is corrupted or was replaced; reinstall erc-llm or restore the folder")
 
 
-def _trained_weights(model, run: Path, finetune: str):
+def trained_weights(model, run: Path, finetune: str):
     """The backbone with the run's trained weights: the LoRA adapter merged in, or the fully fine-tuned tensors."""
     from erc_llm.finetune import FULL_WEIGHTS, assign_full_weights
 
@@ -236,7 +236,7 @@ def load(run: str | Path | None, *, model: str = "", dtype: str = "float32", lab
     if spec is not None:
         labels = check_labels(labels, spec, str(run)) if labels is not None else spec.label_set
         net, tok, manifest = load_backbone(spec.model, dtype)
-        net = _trained_weights(net, run_dir, spec.finetune)
+        net = trained_weights(net, run_dir, spec.finetune)
         manifest = {**manifest, "run": str(run_dir), "run_prompt_version": spec.prompt_version}
         name = str(run) if str(run) in shipped_models() else str(run_dir)
     else:

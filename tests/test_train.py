@@ -418,6 +418,31 @@ def test_init_adapter_of_another_shape_is_refused_up_front_or_at_load(tmp_path, 
         setup(cfg)
 
 
+def test_full_finetuning_from_a_lora_run_starts_from_its_merged_weights(tmp_path, tiny_model, tiny_model_dir):
+    """finetune: full with init_adapter trains the backbone with the run's LoRA update merged in (W + B A ·
+    scale on every adapted projection, the rest untouched); any adapter shape is accepted, another backbone is
+    refused up front."""
+    from erc_llm.backbone import load_backbone
+    from erc_llm.run import RunSpec, trained_weights
+    from erc_llm.train import setup
+
+    init = write_lora_run(tmp_path / "trained", tiny_model, tiny_model_dir)
+    cfg = _init_config(tmp_path, tiny_model_dir, init, finetune="full", lora_r=8)  # the adapter's r is 4
+    r = setup(cfg)
+    plain, _, _ = load_backbone(str(tiny_model_dir), "float32")
+    plain_weights = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    merged = dict(trained_weights(plain, init, "lora").named_parameters())
+    ours = dict(r.unwrapped.named_parameters())
+    changed = [n for n in ours if not torch.equal(ours[n].detach(), plain_weights[n])]
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)
+    for name in changed:
+        assert torch.allclose(ours[name].detach(), merged[name].detach()), name
+    assert ours[changed[0]].requires_grad
+    RunSpec(model=str(tmp_path / "another"), labels=LABELS.labels).write(init)
+    with pytest.raises(ValueError, match=r"init_adapter: .* was trained on model .*another.*, this config has"):
+        _init_config(tmp_path, tiny_model_dir, init, finetune="full")
+
+
 def test_ema_run_saves_the_averaged_weights_and_a_resumed_run_continues_the_average(tmp_path, tiny_model_dir,
                                                                                     monkeypatch):
     """ema_decay: dev evaluates, and run/adapter holds, the moving average, while the optimizer goes on with the
