@@ -320,8 +320,9 @@ class TrainConfig(AudioOptions, SpeakerOptions):
     init_adapter: str = _f("", "start from a trained run's LoRA adapter (a run folder or a shipped model name, e.g. "
                            "meld-gemma3-270m) instead of a fresh one: adapting a trained ERC model to another corpus "
                            "or label set. Its backbone, lora_r, lora_alpha, lora_layers and targets must be this "
-                           "config's; only the adapter is taken (not its audio projector, speakers or prompts). With finetune: full "
-                           "the run's weights are merged into the backbone first (any run of this model)")
+                           "config's; only the adapter is taken (not its audio projector, speakers or prompts). "
+                           "With finetune: full the run's weights are merged into the backbone first (any run of "
+                           "this model)")
     # optimisation
     epochs: float = _f(1.0, "passes over the training dialogues (fractions allowed)", ge=0)
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = run all epochs)", ge=0)
