@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
@@ -187,6 +188,9 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
             raise ValueError("a model with cross-dialogue speaker history tags dialogues in story order, one after "
                              "another; it cannot be sharded across processes: run it with --processes 1")
         dialogues = dataset_order(dialogues)  # the cross-dialogue memory follows story order
+    coverage = p.speakers.coverage(dialogues) if p.speakers is not None and p.speakers.settings.bios else None
+    if coverage is not None and shard.rank == 0:
+        log.info("speaker memory on %s: %s", cfg.split, coverage)
     mine = dialogues[shard.rank::shard.world]
     audio = p.audio_inputs(cfg.split, mine, cfg.audio_dir)
     tagger = p.tagger(cfg.history, cfg.batch, audio)
@@ -209,7 +213,7 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
         "skipped_on_load": dict(report.skipped), "model": p.name, "backbone": p.manifest.get("name", cfg.model),
         "model_source": p.manifest.get("source"), "run": str(p.run_dir) if p.run_dir else None,
         "prompt_version": p.builder.templates.version,
-        "speakers": p.speakers.settings.__dict__ if p.speakers else None,
+        "speakers": {**p.speakers.settings.__dict__, "coverage": coverage and asdict(coverage)} if p.speakers else None,
         "audio": {"source": audio.spec.source, "missing": audio.missing} if audio else None,
         "seconds": seconds, "utterances_per_second": len(rows) / max(seconds, 1e-9), "processes": shard.world,
         "threads": torch.get_num_threads(), "software": software_versions(), "config": to_dict(cfg), "command": command,

@@ -298,6 +298,19 @@ class NoteSettings:
     top_k: int = 2
 
 
+@dataclass
+class Coverage:
+    """Speaker notes of a split that describe a stored speaker (``known``) out of all (one per dialogue and speaker)."""
+
+    known: int
+    notes: int
+    speakers: int  # distinct speaker names
+
+    def __str__(self) -> str:
+        return (f"{self.known} of {self.notes} speaker notes ({self.speakers} speakers) describe a stored speaker; "
+                f"the other {self.notes - self.known} name the nearest stored speakers instead")
+
+
 class SpeakerContext:
     """Renders speaker notes and keeps the cross-dialogue emotion memory (state passed explicitly).
 
@@ -312,17 +325,27 @@ class SpeakerContext:
         if n and seed:
             self.memory = {p.name: deque(p.last[-n:], maxlen=n) for p in store.profiles}
 
+    def profile(self, speaker: str, leave_out: Dialogue | None = None) -> Profile | None:
+        """The stored profile a note describes (``leave_out``'s own lines removed), or None: an unseen speaker."""
+        p = self.store.get(speaker)
+        if p is not None and leave_out is not None:
+            p = p.without(leave_out)
+            if p.utterances < self.store.manifest["min_utterances"]:
+                return None
+            p.bio = render_bio(p, self.templates.bio)
+        return p
+
+    def coverage(self, dialogues: list[Dialogue], leave_out: bool = False) -> "Coverage":
+        """How many speaker notes of these dialogues describe a stored speaker rather than the nearest ones."""
+        pairs = {(d.id, u.speaker): d for d in dialogues for u in d.utterances}
+        known = sum(self.profile(s, d if leave_out else None) is not None for (_, s), d in pairs.items())
+        return Coverage(known, len(pairs), len({s for _, s in pairs}))
+
     def note(self, speaker: str, said: list[str], leave_out: Dialogue | None = None) -> str:
         """The note before ``speaker``'s first turn; ``said`` = their lines so far (retrieval query if unseen)."""
         parts = []
         if self.settings.bios:
-            p = self.store.get(speaker)
-            if p is not None and leave_out is not None:
-                p = p.without(leave_out)
-                if p.utterances < self.store.manifest["min_utterances"]:
-                    p = None
-                else:
-                    p.bio = render_bio(p, self.templates.bio)
+            p = self.profile(speaker, leave_out)
             if p is not None:
                 parts.append(self.templates.known.format(speaker=speaker, bio=p.bio))
             else:

@@ -298,6 +298,10 @@ def setup(cfg: TrainConfig) -> "Recipe":
         from erc_llm.speakers import dataset_order
 
         dev_d = dataset_order(dev_d)  # the cross-dialogue memory follows story order
+        if main and cfg.speaker_bios:
+            ctx = dev_speakers()
+            log.info("speaker memory: train %s (its own dialogue left out); dev %s",
+                     ctx.coverage(train_d, leave_out=True), ctx.coverage(dev_d))
     with accelerator.main_process_first():
         data = tokenized(builder, train_d, dialogues_digest(train_d), notes)
     if main:

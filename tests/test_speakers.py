@@ -7,8 +7,8 @@ import pytest
 from erc_llm.config import EvalConfig, build
 from erc_llm.data.schema import Dialogue, LabelSet, Utterance
 from erc_llm.evaluate import evaluate
-from erc_llm.speakers import (NoteSettings, SpeakerContext, SpeakerStore, SpeakerTemplates, StoreError, build_store,
-                              training_notes)
+from erc_llm.speakers import (Coverage, NoteSettings, SpeakerContext, SpeakerStore, SpeakerTemplates, StoreError,
+                              build_store, training_notes)
 from tests.conftest import write_dialogues
 
 LABELS = LabelSet("toy", ("neutral", "joy", "anger", "surprise"))
@@ -110,6 +110,17 @@ def test_mismatched_encoder_or_labels_are_refused(store_dir):
         open_context(store_dir, settings, PROMPTS_DIR, LabelSet("other", ("happy", "sad")))
 
 
+def test_coverage_counts_notes_that_describe_a_stored_speaker(store_dir):
+    """What a training or evaluation log reports: notes with a biography against notes naming the nearest speakers."""
+    ctx = SpeakerContext(SpeakerStore.load(store_dir), SpeakerTemplates.load(), NoteSettings(bios=True, top_k=1))
+    # leave-one-out: without its own dialogue Pilot keeps 4 lines (< 5), so all five Pilot notes name neighbours
+    assert ctx.coverage(_dialogues("train"), leave_out=True) == Coverage(known=5, notes=10, speakers=2)
+    assert ctx.coverage(_dialogues("test")) == Coverage(known=10, notes=10, speakers=2)
+    d = Dialogue("x", [Utterance("Baker", "I bake bread.", None, "x0"), Utterance("Chef", "Nice.", None, "x1"),
+                       Utterance("Baker", "Thanks.", None, "x2")])
+    assert str(ctx.coverage([d])).startswith("1 of 2 speaker notes (2 speakers) describe a stored speaker; the other 1")
+
+
 def test_training_notes_never_describe_their_own_dialogue(store_dir):
     """Leave-one-out: a training dialogue's bio equals the bio of a store built without that dialogue."""
     train = _dialogues("train")
@@ -139,6 +150,8 @@ def test_test_time_history_never_reads_gold_test_labels(store_dir, tmp_path, tin
             "speaker_store": str(store_dir),
             "speaker_bios": True, "speaker_history": 4})
         evaluate(cfg)
+        metrics = json.loads((tmp_path / f"out_{name}" / "metrics.json").read_text())
+        assert metrics["speakers"]["coverage"] == {"known": 10, "notes": 10, "speakers": 2}
         rows = [json.loads(r) for r in (tmp_path / f"out_{name}" / "predictions.jsonl").read_text().splitlines()]
         outs.append([(r["utterance_id"], r["predicted"], r["probabilities"]) for r in rows])
     assert outs[0] == outs[1]

@@ -181,6 +181,7 @@ def test_train_with_audio_and_speakers_writes_a_self_contained_run(tmp_path, tin
     r = subprocess.run([sys.executable, str(REPO / "erc_llm/train.py"), *args], env=_env(tmp_path),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "speaker memory: train " in r.stderr and "describe a stored speaker" in r.stderr
     meta = json.loads((run / "run.json").read_text())
     assert meta["audio"]["source"] == "csv" and meta["audio"]["k_tokens"] == 2
     assert meta["speakers"] == {"bios": True, "history": 3, "top_k": 2, "note_tokens": 64}
