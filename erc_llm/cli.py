@@ -131,6 +131,18 @@ def _speakers_show(args) -> None:
     print(f"last emotions: {', '.join(p.last)}")
 
 
+def _speakers_coverage(args) -> None:
+    from erc_llm.data import load_split
+    from erc_llm.speakers import NoteSettings, SpeakerContext, SpeakerStore, SpeakerTemplates
+
+    store = SpeakerStore.load(args.store)
+    dialogues, _, report = load_split(args.dataset, args.split, args.data_dir, tuple(store.manifest["labels"]))
+    print(report.summary())
+    ctx = SpeakerContext(store, SpeakerTemplates.load(), NoteSettings(bios=True))
+    leave_out = args.split == "train"  # as training sees it: each dialogue's own lines left out of its notes
+    print(f"{args.split}: {ctx.coverage(dialogues, leave_out)}" + (" (own dialogue left out)" if leave_out else ""))
+
+
 def _audio_extract(args) -> None:
     from erc_llm.audio import extract_dir
 
@@ -217,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--store", required=True)
     ss.add_argument("name", nargs="?")
     ss.set_defaults(func=_speakers_show)
+    sc = spk.add_parser("coverage", help="how many speaker notes of a split describe a stored speaker (the rest name "
+                        "the nearest stored speakers)")
+    sc.add_argument("--store", required=True)
+    sc.add_argument("--dataset", required=True, choices=["meld", "iemocap", "jsonl"])
+    sc.add_argument("--split", required=True, choices=["train", "dev", "test"])
+    sc.add_argument("--data-dir", required=True)
+    sc.set_defaults(func=_speakers_coverage)
 
     ch = sub.add_parser("chat", help="label a conversation as you type it (REPL; works piped)")
     sv = sub.add_parser("serve", help="HTTP service + web page for live emotion queries (FastAPI)")

@@ -84,3 +84,29 @@ def test_an_ensemble_without_its_test_split_is_named(tmp_path):
     (ens / "test" / "metrics.json").unlink()
     with pytest.raises(SystemExit, match=r"e0: missing test/metrics.json beside dev/"):
         seeds_script.main([str(ens), "--out", str(tmp_path / "sum")])
+
+
+table_spec = importlib.util.spec_from_file_location("seeds_table_script", ROOT / "eval" / "seeds_table.py")
+seeds_table = importlib.util.module_from_spec(table_spec)
+table_spec.loader.exec_module(seeds_table)
+
+
+def test_table_of_seed_rows_shows_each_rows_seeds_and_refuses_mixed_label_sets(tmp_path):
+    a = [write_result(tmp_path / f"a{s}", s, 50.0 + 2 * s, 60.0 + 2 * s) for s in (0, 1, 2)]
+    b = [write_result(tmp_path / f"b{s}", s, 55.0, 61.0 + s, lr=1e-4) for s in (0, 1)]
+    seeds_script.main([str(r) for r in a] + ["--out", str(tmp_path / "A")])
+    seeds_script.main([str(r) for r in b] + ["--out", str(tmp_path / "B")])
+    seeds_table.main([f"text only={tmp_path / 'A'}", f"+ half rate={tmp_path / 'B'}", "--out", str(tmp_path / "t")])
+    lines = (tmp_path / "t" / "table.md").read_text().splitlines()
+    assert lines[0] == "| variant | seeds | dev wF1 | test wF1 | WA | UA | joy | anger |"
+    assert lines[2] == "| text only | 0 · 1 · 2 | 52.00 ± 2.00 | 62.00 ± 2.00 | 62.00 ± 2.00 | 62.00 ± 2.00 | 61.0 | 63.0 |"
+    assert lines[3].startswith("| + half rate | 0 · 1 | 55.00 ± 0.00 | 61.50 ± 0.71 |")
+    assert "'text only=" in lines[-1]  # the command that wrote it, quoted so it runs as printed
+    summary = json.loads((tmp_path / "B" / "summary.json").read_text())
+    summary["per_class_f1"] = {"sad": summary["per_class_f1"]["joy"]}
+    (tmp_path / "B" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SystemExit, match=r"row '\+ half rate' has classes \['sad'\]"):
+        seeds_table.main([f"a={tmp_path / 'A'}", f"+ half rate={tmp_path / 'B'}", "--out", str(tmp_path / "u")])
+    with pytest.raises(SystemExit, match="expected LABEL=FOLDER"):
+        seeds_table.main([str(tmp_path / "A"), "--out", str(tmp_path / "u")])
+    assert not (tmp_path / "u").exists()

@@ -49,7 +49,7 @@ def test_profiles_count_the_training_split(store_dir):
     assert len(chef.lines) == 3 and {tuple(x) for x in chef.lines} <= own
 
 
-def test_store_holds_no_dev_or_test_utterances(tmp_path):
+def test_store_holds_no_dev_or_test_utterances(tmp_path, capsys):
     from erc_llm.cli import main
 
     data = tmp_path / "data"
@@ -58,6 +58,10 @@ def test_store_holds_no_dev_or_test_utterances(tmp_path):
         write_dialogues(data / f"{split}.jsonl", _dialogues(split))
     assert main(["speakers", "build", "--dataset", "jsonl", "--data-dir", str(data), "--out", str(tmp_path / "s"),
                  "--labels", "neutral,joy,anger,surprise"]) == 0
+    assert main(["speakers", "coverage", "--store", str(tmp_path / "s"), "--dataset", "jsonl", "--split", "train",
+                 "--data-dir", str(data)]) == 0
+    # Pilot has 5 lines in 5 dialogues: without a dialogue's own line too few are left, as in training
+    assert "train: 5 of 10 speaker notes (2 speakers) describe a stored speaker" in capsys.readouterr().out
     blob = (tmp_path / "s" / "profiles.json").read_text()
     assert "train line" in blob or "Chef" in blob
     assert "dev line" not in blob and "test line" not in blob
