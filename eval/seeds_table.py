@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(label, json.loads(path.read_text())) for label, path in map(parse_row, args.rows)]
     table = render(rows)
     command = "python eval/seeds_table.py " + " ".join(f"'{a}'" if " " in a else a for a in (argv or sys.argv[1:]))
-    atomic_write_text(args.out / "table.md", table + f"\nCommand: `{command}`\n")
+    atomic_write_text(args.out / "table.md", table + f"\nCommand:\n\n```bash\n{command}\n```\n")
     print(table)
     return 0
 
