@@ -326,16 +326,16 @@ class SpeakerContext:
             self.memory = {p.name: deque(p.last[-n:], maxlen=n) for p in store.profiles}
 
     def profile(self, speaker: str, leave_out: Dialogue | None = None) -> Profile | None:
-        """The stored profile a note describes (``leave_out``'s own lines removed), or None: an unseen speaker."""
+        """The stored profile a note describes, or None: an unseen speaker. With ``leave_out`` its own lines are
+        removed (the copy has no biography yet: ``note`` renders it)."""
         p = self.store.get(speaker)
         if p is not None and leave_out is not None:
             p = p.without(leave_out)
             if p.utterances < self.store.manifest["min_utterances"]:
                 return None
-            p.bio = render_bio(p, self.templates.bio)
         return p
 
-    def coverage(self, dialogues: list[Dialogue], leave_out: bool = False) -> "Coverage":
+    def coverage(self, dialogues: list[Dialogue], leave_out: bool = False) -> Coverage:
         """How many speaker notes of these dialogues describe a stored speaker rather than the nearest ones."""
         pairs = {(d.id, u.speaker): d for d in dialogues for u in d.utterances}
         known = sum(self.profile(s, d if leave_out else None) is not None for (_, s), d in pairs.items())
@@ -347,7 +347,8 @@ class SpeakerContext:
         if self.settings.bios:
             p = self.profile(speaker, leave_out)
             if p is not None:
-                parts.append(self.templates.known.format(speaker=speaker, bio=p.bio))
+                bio = render_bio(p, self.templates.bio) if leave_out is not None else p.bio
+                parts.append(self.templates.known.format(speaker=speaker, bio=bio))
             else:
                 near = self.store.similar(said, self.settings.top_k, exclude=(speaker,))
                 if near:

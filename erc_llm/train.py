@@ -182,7 +182,7 @@ def audio_setup(cfg: TrainConfig, train_d, dev_d, model):
     return spec, train_in, dev_in, projector
 
 
-def speaker_setup(cfg: TrainConfig, labels: LabelSet, train_d):
+def speaker_setup(cfg: TrainConfig, labels: LabelSet, train_d, dev_d, main: bool):
     """(training notes per dialogue id, a factory of fresh evaluation contexts) or (None, None)."""
     from erc_llm.speakers import open_context, settings_of, training_notes
 
@@ -190,6 +190,9 @@ def speaker_setup(cfg: TrainConfig, labels: LabelSet, train_d):
     if settings is None:
         return None, None
     ctx = open_context(cfg.speaker_store, settings, prompts_dir(cfg), labels, seed=False)
+    if main and cfg.speaker_bios:
+        log.info("speaker memory: train %s (its own dialogue left out); dev %s",
+                 ctx.coverage(train_d, leave_out=True), ctx.coverage(dev_d))
     notes = training_notes(ctx.store, ctx.templates, ctx.settings, train_d)
     return notes, lambda: open_context(cfg.speaker_store, settings, prompts_dir(cfg), labels, seed=True)
 
@@ -293,15 +296,11 @@ def setup(cfg: TrainConfig) -> "Recipe":
     builder = PromptBuilder(tok, labels, templates, cfg.max_tokens, cfg.max_utterance_tokens, cfg.speaker_note_tokens,
                             cfg.audio_k_tokens if cfg.audio_source != "none" else 0, cfg.label_history)
     label_tokens = first_token_ids(builder)
-    notes, dev_speakers = speaker_setup(cfg, labels, train_d)
+    notes, dev_speakers = speaker_setup(cfg, labels, train_d, dev_d, main)
     if dev_speakers is not None:
         from erc_llm.speakers import dataset_order
 
         dev_d = dataset_order(dev_d)  # the cross-dialogue memory follows story order
-        if main and cfg.speaker_bios:
-            ctx = dev_speakers()
-            log.info("speaker memory: train %s (its own dialogue left out); dev %s",
-                     ctx.coverage(train_d, leave_out=True), ctx.coverage(dev_d))
     with accelerator.main_process_first():
         data = tokenized(builder, train_d, dialogues_digest(train_d), notes)
     if main:

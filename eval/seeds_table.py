@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = [(label, json.loads(path.read_text())) for label, path in map(parse_row, args.rows)]
     table = render(rows)
-    command = "python eval/seeds_table.py " + " ".join(f"'{a}'" if " " in a else a for a in (argv or sys.argv[1:]))
+    command = "python eval/seeds_table.py " + shlex.join(argv or sys.argv[1:])
     atomic_write_text(args.out / "table.md", table + f"\nCommand:\n\n```bash\n{command}\n```\n")
     print(table)
     return 0
