@@ -48,11 +48,18 @@ def frozen_parameters(model) -> set[int]:
 
 def make_trainable(model, cfg):
     """``model`` ready to train per ``cfg.finetune``: peft-wrapped with LoRA, or with every parameter but the
-    embeddings and output head set to require gradients."""
+    embeddings and output head set to require gradients — started from ``cfg.init_adapter``'s trained weights
+    when one is given, unless resuming (a resumed run's weights are in its checkpoint)."""
+    start = bool(cfg.init_adapter) and not cfg.resume
     if cfg.finetune == "lora":
-        from erc_llm.lora import wrap_lora
+        from erc_llm.lora import load_init, wrap_lora
 
-        return wrap_lora(model, cfg)
+        model = wrap_lora(model, cfg)
+        if start:
+            load_init(model, cfg.init_adapter)
+        return model
+    if start:
+        model = merge_init(model, cfg.init_adapter)
     frozen = frozen_parameters(model)
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)

@@ -41,7 +41,7 @@ from erc_llm.config import TrainConfig, build, to_dict
 from erc_llm.data import LabelSet, label_counts, load_split
 from erc_llm.data.schema import dialogues_digest
 from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text, content_digest
-from erc_llm.finetune import make_trainable, merge_init, save_weights, training_precision
+from erc_llm.finetune import make_trainable, save_weights, training_precision
 from erc_llm.lora import compute_context, enable_activation_checkpointing
 from erc_llm.losses import class_weights, distillation_loss, label_loss
 from erc_llm.objective import (batch_pieces, corrupt_history, first_token_ids, long_dialogue_report, pack,
@@ -310,17 +310,10 @@ def setup(cfg: TrainConfig) -> "Recipe":
     prior = np.array([counts.get(lab, 0) for lab in labels.labels], dtype=np.float64)
     prior /= prior.sum()
     spec, train_audio, dev_audio, projector = audio_setup(cfg, train_d, dev_d, model)
-    if cfg.init_adapter and cfg.finetune == "full" and not cfg.resume:  # a resumed run's weights are in its checkpoint
-        model = merge_init(model, cfg.init_adapter)
-        if main:
-            log.info("backbone initialised with the trained weights of %s", cfg.init_adapter)
     model = make_trainable(model, cfg)
-    if cfg.init_adapter and cfg.finetune == "lora" and not cfg.resume:
-        from erc_llm.lora import load_init
-
-        folder = load_init(model, cfg.init_adapter)
-        if main:
-            log.info("LoRA adapter initialised from %s", folder)
+    if main and cfg.init_adapter and not cfg.resume:  # a resumed run's weights are in its checkpoint
+        log.info("%s initialised with the trained weights of %s", "LoRA adapter" if cfg.finetune == "lora"
+                 else "backbone", cfg.init_adapter)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
