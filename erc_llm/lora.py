@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -139,10 +138,9 @@ def init_problems(cfg) -> list[str]:
             f"{theirs[key]!r} to start from it" for key in ours if ours[key] != theirs[key]]
 
 
-def load_init(model, init_adapter: str) -> Path:
+def load_init(model, init_adapter: str) -> None:
     """Copy the LoRA weights of a trained run (``init_adapter``: folder or shipped name) into the freshly wrapped
-    ``model``; every adapted module must receive weights and every saved tensor must find its module. Returns
-    the adapter folder read."""
+    ``model``; every adapted module must receive weights and every saved tensor must find its module."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -156,7 +154,6 @@ def load_init(model, init_adapter: str) -> Path:
                          f"without saved weights, e.g. {missing[:2]}; {len(result.unexpected_keys)} saved tensors "
                          f"without a module, e.g. {result.unexpected_keys[:2]}); it was trained with other "
                          "lora_targets or another backbone: match its adapter_config.json")
-    return folder
 
 
 def compute_context(model, backbone_dtype: torch.dtype, device_type: str, autocast: bool = False):
