@@ -286,6 +286,16 @@ class TrainConfig(AudioOptions, SpeakerOptions):
     on_bad_row: str = _f("error", "a row the loader cannot use: error = stop and list every one; skip = leave it "
                          "out and count it in the load report", BAD_ROW_MODES)
     limit_train: int = _f(0, "use only the first N training dialogues (0 = all)", ge=0)
+    joint_dataset: str = _f("", "joint training: a second corpus's training dialogues (a dataset format: "
+                            f"{', '.join(DATASETS)}) mixed into every epoch. Each keeps its own label set: its "
+                            "prompt header lists its labels, its loss is over them, with its own class weights. "
+                            "Dev selection, the run's label set and the test evaluation stay those of dataset; "
+                            "empty = off")
+    joint_data_dir: str = _f("", "folder with the joint corpus's files (its train split is read; a jsonl corpus's "
+                             "label set is inferred from it)")
+    joint_fraction: float = _f(1.0, "share of the joint corpus's training dialogues drawn into each epoch, a fresh "
+                               "seeded draw every epoch (e.g. 1/epochs: each joint dialogue about once per run)",
+                               gt=0, le=1)
     # model and prompt
     model: str = _f(DEFAULT_MODEL, "backbone: a packaged name, a local Hugging Face dir, or a hub id")
     prompts: str = _f("", "folder with prompt templates (default: the packaged prompts/); copied into the run")
@@ -429,11 +439,34 @@ class TrainConfig(AudioOptions, SpeakerOptions):
                      "(float32 master weights, bf16 autocast where native) or float32")
         if self.audio_source == "meld_prosody" and self.dataset != "meld":
             p.append("audio_source: meld_prosody features only exist for dataset: meld")
+        p.extend(self.joint_problems())
         if self.init_adapter:
             from erc_llm.lora import init_problems
 
             p.extend(init_problems(self))
         return p + self.speaker_problems() + self.audio_problems()
+
+    def joint_problems(self) -> list[str]:
+        if not self.joint_dataset:
+            return [f"{name}: {value!r} is set, but joint_dataset is empty; set joint_dataset too, or leave {name} out"
+                    for name, value in (("joint_data_dir", self.joint_data_dir), ("joint_fraction", self.joint_fraction))
+                    if value not in ("", 1.0)]
+        p = []
+        if self.joint_dataset not in DATASETS:
+            p.append(f"joint_dataset: {self.joint_dataset!r} is not a dataset format; available: {', '.join(DATASETS)}")
+        if not self.joint_data_dir:
+            p.append("joint_data_dir: required with joint_dataset — the folder holding the joint corpus's files")
+        elif not Path(self.joint_data_dir).exists():
+            p.append(f"joint_data_dir: {self.joint_data_dir!r} does not exist")
+        unsupported = [name for name, on in (
+            ("label_history", self.label_history), ("teacher", bool(self.teacher)),
+            ("speaker_bios", self.speaker_bios), ("speaker_history", self.speaker_history > 0),
+            ("audio_source", self.audio_source != "none")) if on]
+        if unsupported:
+            p.append(f"joint_dataset: joint training keeps each corpus's label set apart, which {', '.join(unsupported)} "
+                     "(written labels, teacher targets, speaker memory, audio features of one corpus) do not support "
+                     "yet; turn them off or leave joint_dataset empty")
+        return p
 
 
 @dataclass

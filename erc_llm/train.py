@@ -80,11 +80,17 @@ def tokenized(builder: PromptBuilder, dialogues, source_digest: str, notes: dict
     return datasets.load_from_disk(str(path))
 
 
-def epoch_order(n: int, seed: int, epoch: int, world: int, per_step: int, lengths: list[int] | None = None) -> list[int]:
+def epoch_order(n: int, seed: int, epoch: int, world: int, per_step: int, lengths: list[int] | None = None,
+                joint: int = 0, fraction: float = 1.0) -> list[int]:
     """Deterministic shuffled order, cut to a whole number of optimizer steps over all processes. With
     ``lengths`` (curriculum ``short_first``), the first epoch's dialogues then go shortest first (the cut is
-    still random; equal lengths keep their shuffled order)."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
+    still random; equal lengths keep their shuffled order). The last ``joint`` of the ``n`` dialogues are a
+    joint corpus: a seeded draw of ``fraction`` of them joins the epoch, all the others always do."""
+    members = np.arange(n - joint)
+    if joint:
+        drawn = np.random.default_rng([seed, epoch, 2]).permutation(joint)[: round(fraction * joint)]
+        members = np.concatenate([members, n - joint + np.sort(drawn)])
+    order = members[np.random.default_rng([seed, epoch]).permutation(len(members))]
     order = order[: n - n % (world * per_step)]
     if lengths is not None and epoch == 0:
         order = order[np.argsort(np.asarray(lengths)[order], kind="stable")]
@@ -197,6 +203,41 @@ def speaker_setup(cfg: TrainConfig, labels: LabelSet, train_d, dev_d, main: bool
     return notes, lambda: open_context(cfg.speaker_store, settings, prompts_dir(cfg), labels, seed=True)
 
 
+@dataclass
+class Corpus:
+    """One training corpus's label set as training scores it: the prompt builder whose header lists its labels,
+    its class weights, and its columns among the label tokens scored at every slot."""
+
+    builder: PromptBuilder
+    weights: object  # torch.Tensor (K,) or None
+    columns: slice
+
+
+def joint_setup(cfg: TrainConfig, builder: PromptBuilder, label_tokens: list[int], data, main: bool):
+    """With ``joint_dataset``: (the training data with the joint corpus's tokenized dialogues appended and a
+    ``corpus`` column, its :class:`Corpus`, the label tokens of both corpora, the joint dialogue count);
+    otherwise the inputs unchanged with no corpus and count 0."""
+    import datasets
+
+    if not cfg.joint_dataset:
+        return data, None, label_tokens, 0
+    joint_d, labels, report = load_split(cfg.joint_dataset, "train", cfg.joint_data_dir, None, cfg.on_bad_row)
+    jb = PromptBuilder(builder.tokenizer, labels, builder.templates, cfg.max_tokens, cfg.max_utterance_tokens,
+                       cfg.speaker_note_tokens, 0, cfg.label_history)
+    tokens = first_token_ids(jb)
+    counts = label_counts(joint_d)
+    corpus = Corpus(jb, class_weights([counts.get(lab, 0) for lab in labels.labels], cfg.class_weights),
+                    slice(len(label_tokens), len(label_tokens) + len(tokens)))
+    joint = tokenized(jb, joint_d, dialogues_digest(joint_d))
+    if main:
+        log.info("joint corpus %s (%s): %s | label set %s; %d of its %d dialogues join each epoch", cfg.joint_dataset,
+                 cfg.joint_data_dir, report.summary(), list(labels.labels), round(cfg.joint_fraction * len(joint)),
+                 len(joint))
+    data = datasets.concatenate_datasets([data.add_column("corpus", [0] * len(data)),
+                                          joint.add_column("corpus", [1] * len(joint))])
+    return data, corpus, label_tokens + tokens, len(joint)
+
+
 # ----------------------------------------------------------------------------------------- main
 
 @dataclass
@@ -214,8 +255,8 @@ class Recipe:
     builder: PromptBuilder
     data: object  # tokenized training dialogues (datasets.Dataset)
     dev_d: list
-    label_tokens: list
-    weights: object
+    label_tokens: list  # first tokens of every corpus's labels, scored at each slot (Corpus.columns select)
+    corpora: list  # Corpus per value of the data's corpus column: dataset's first, then the joint one
     prior: np.ndarray
     total: int
     state: dict
@@ -227,6 +268,7 @@ class Recipe:
     lengths: list | None = None  # transcript tokens per training dialogue, for curriculum short_first
     average: WeightAverage | None = None  # ema_decay > 0: the averaged weights that dev selects and saves
     soft_targets: list | None = None  # teacher: per training dialogue, its (turns, labels) probabilities
+    joint: int = 0  # the last `joint` training dialogues are the joint corpus (joint_fraction of them per epoch)
 
 
 def sharding_problem(distributed_type, zero_stage: int | None) -> str | None:
@@ -309,6 +351,10 @@ def setup(cfg: TrainConfig) -> "Recipe":
     weights = class_weights([counts.get(lab, 0) for lab in labels.labels], cfg.class_weights)
     prior = np.array([counts.get(lab, 0) for lab in labels.labels], dtype=np.float64)
     prior /= prior.sum()
+    corpora = [Corpus(builder, weights, slice(0, len(label_tokens)))]
+    data, joint_corpus, label_tokens, joint = joint_setup(cfg, builder, label_tokens, data, main)
+    if joint_corpus is not None:
+        corpora.append(joint_corpus)
     spec, train_audio, dev_audio, projector = audio_setup(cfg, train_d, dev_d, model)
     model = make_trainable(model, cfg)
     if main and cfg.init_adapter and not cfg.resume:  # a resumed run's weights are in its checkpoint
@@ -325,7 +371,8 @@ def setup(cfg: TrainConfig) -> "Recipe":
     average = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay else None
     lengths = ([len(h) + sum(map(len, ts)) for h, ts in zip(data["header"], data["turns"])]
                if cfg.curriculum == "short_first" else None)
-    per_epoch = len(epoch_order(len(data), cfg.seed, 0, world, cfg.batch_dialogues)) // (world * cfg.batch_dialogues)
+    per_epoch = len(epoch_order(len(data), cfg.seed, 0, world, cfg.batch_dialogues, joint=joint,
+                                fraction=cfg.joint_fraction)) // (world * cfg.batch_dialogues)
     if per_epoch == 0:
         raise ValueError(f"{len(data)} training dialogues are fewer than one step needs "
                          f"({world} processes x batch_dialogues {cfg.batch_dialogues}); lower batch_dialogues")
@@ -351,8 +398,8 @@ def setup(cfg: TrainConfig) -> "Recipe":
     if main:
         write_run_files(run, cfg, labels, templates, manifest)
     return Recipe(cfg, accelerator, run, model, unwrapped, optimizer, scheduler, params, builder, data, dev_d,
-                  label_tokens, weights, prior, total, state, projector, train_audio, audio, dev_audio,
-                  dev_speakers, lengths, average, soft_targets)
+                  label_tokens, corpora, prior, total, state, projector, train_audio, audio, dev_audio,
+                  dev_speakers, lengths, average, soft_targets, joint)
 
 
 def fit(r: "Recipe") -> None:
@@ -361,7 +408,7 @@ def fit(r: "Recipe") -> None:
     optimizer, scheduler, params, builder, data, state = r.optimizer, r.scheduler, r.params, r.builder, r.data, r.state
     projector, train_audio = r.projector, r.train_audio
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    total, weights, label_tokens = r.total, r.weights, r.label_tokens
+    total, label_tokens = r.total, r.label_tokens
     weights_dtype, autocast = training_precision(cfg)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[weights_dtype]
     bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", disable=not main, dynamic_ncols=True)
@@ -369,7 +416,8 @@ def fit(r: "Recipe") -> None:
     if projector is not None:
         projector.train()
     while state["step"] < total:
-        order = epoch_order(len(data), cfg.seed, state["epoch"], world, cfg.batch_dialogues, r.lengths)[rank::world]
+        order = epoch_order(len(data), cfg.seed, state["epoch"], world, cfg.batch_dialogues, r.lengths, r.joint,
+                            cfg.joint_fraction)[rank::world]
         if state["position"] >= len(order):
             state["epoch"] += 1
             state["position"] = 0
@@ -379,7 +427,7 @@ def fit(r: "Recipe") -> None:
         step_loss, step_tokens, step_labels = 0.0, 0, 0
         rows = [data[idx] for idx in batch]
         written = history_labels(r, batch, rows)
-        owner, pieces, shares = zip(*batch_pieces(builder, rows, written, weights, cfg.lookahead))
+        owner, pieces, shares = zip(*step_pieces(r, rows, written))
         packs = pack([len(p.transcript.input_ids) for p in pieces], cfg.pack_tokens)
         for i, group in enumerate(packs):
             sync = contextlib.nullcontext() if i == len(packs) - 1 else accelerator.no_sync(model)
@@ -392,10 +440,12 @@ def fit(r: "Recipe") -> None:
                                                 cfg.lookahead)
                 loss = logits[0].sum() * 0.0  # a graph tensor even if no turn of the group carries a label
                 for j, lg in zip(group, logits):
+                    corpus = r.corpora[rows[owner[j]].get("corpus", 0)]
                     targets = torch.tensor(pieces[j].targets(rows[owner[j]]["labels"]), device=accelerator.device)
                     keep = targets >= 0
                     if keep.any():
-                        loss = loss + piece_loss(r, lg, targets, keep, batch[owner[j]], pieces[j]) * shares[j] / len(batch)
+                        loss = loss + piece_loss(r, lg[:, corpus.columns], targets, keep, batch[owner[j]], pieces[j],
+                                                 corpus.weights) * shares[j] / len(batch)
                     step_tokens += len(pieces[j].transcript.input_ids)
                     step_labels += int(keep.sum())
                 accelerator.backward(loss)
@@ -443,15 +493,27 @@ def fit(r: "Recipe") -> None:
 
 
 def piece_loss(r: "Recipe", logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, dialogue: int,
-               piece) -> torch.Tensor:
-    """The loss at a piece's labelled slots (``keep``): cross-entropy against the gold labels, or with a teacher
-    the distillation mix against its probabilities for that training ``dialogue``'s turns."""
+               piece, weights) -> torch.Tensor:
+    """The loss at a piece's labelled slots (``keep``; ``logits`` over its corpus's labels, ``weights`` that
+    corpus's class weights): cross-entropy against the gold labels, or with a teacher the distillation mix
+    against its probabilities for that training ``dialogue``'s turns."""
     cfg = r.cfg
     if r.soft_targets is None:
-        return label_loss(logits[keep], targets[keep], r.weights, cfg.focal_gamma, cfg.label_smoothing)
+        return label_loss(logits[keep], targets[keep], weights, cfg.focal_gamma, cfg.label_smoothing)
     soft = torch.from_numpy(r.soft_targets[dialogue][piece.transcript.turn_index]).to(logits.device)
-    return distillation_loss(logits[keep], targets[keep], soft[keep], cfg.teacher_weight, r.weights, cfg.focal_gamma,
+    return distillation_loss(logits[keep], targets[keep], soft[keep], cfg.teacher_weight, weights, cfg.focal_gamma,
                              cfg.label_smoothing)
+
+
+def step_pieces(r: "Recipe", rows: list[dict], written: list[list[int]]):
+    """:func:`batch_pieces` of a step's ``rows``, each cut and weighted by its own corpus's builder and class
+    weights: (row index, piece, share of that row's loss)."""
+    out = []
+    for k, (row, w) in enumerate(zip(rows, written)):
+        corpus = r.corpora[row.get("corpus", 0)]
+        out.extend((k, p, share) for _, p, share in batch_pieces(corpus.builder, [row], [w], corpus.weights,
+                                                                 r.cfg.lookahead))
+    return out
 
 
 def history_labels(r: "Recipe", batch: list[int], rows: list[dict]) -> list[list[int]]:

@@ -546,3 +546,60 @@ def test_training_under_fsdp_stops_before_loading_data(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="FSDP, which shards parameters"):
         setup(TrainConfig(data_dir=str(tmp_path / "no-data"), out=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
+
+
+def test_epoch_order_draws_a_fraction_of_the_joint_corpus_afresh_every_epoch():
+    """Without a joint corpus the order is the plain shuffle; with one, every dialogue of the dataset and a seeded
+    draw of `fraction` of the joint corpus's are in each epoch, a different draw each epoch."""
+    from erc_llm.train import epoch_order
+
+    assert epoch_order(10, 3, 0, 1, 1, joint=0, fraction=0.5) == epoch_order(10, 3, 0, 1, 1)
+    epochs = [epoch_order(30, 3, e, 1, 1, joint=20, fraction=0.25) for e in range(3)]
+    for order in epochs:
+        assert len(order) == 15 and len(set(order)) == 15
+        assert set(range(10)) <= set(order) and len([i for i in order if i >= 10]) == 5
+    assert len({frozenset(order) for order in epochs}) == 3
+    assert epochs[1] == epoch_order(30, 3, 1, 1, 1, joint=20, fraction=0.25)
+
+
+def test_joint_training_scores_each_corpus_over_its_own_label_set(tmp_path, tiny_model_dir, monkeypatch):
+    """A joint corpus with another label set: its dialogues are prompted with their own labels and their loss is
+    over those labels' columns with their own class weights; dev, the run's label set and test stay the dataset's."""
+    import erc_llm.train as train_mod
+    from erc_llm.config import ConfigError, TrainConfig, build
+    from erc_llm.data.schema import Dialogue, Utterance
+    from tests.conftest import write_dialogues
+
+    data = write_jsonl_dataset(tmp_path / "data", 4)
+    joint_dir = tmp_path / "joint"
+    joint_dir.mkdir()
+    lines = [("A", "I got the job!", "happy"), ("B", "My dog died.", "sad"), ("A", "Okay.", "neutral")]
+    write_dialogues(joint_dir / "train.jsonl", [
+        Dialogue(f"j{k}", [Utterance(s, t, e, f"j{k}_{i}") for i, (s, t, e) in enumerate(lines[: 2 + k % 2])])
+        for k in range(6)])
+    cfg = {"dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir), "labels": list(LABELS.labels),
+           "batch_dialogues": 2, "epochs": 2, "eval_every": 100, "save_every": 100, "test_eval": False,
+           "dtype": "float32", "joint_dataset": "jsonl", "joint_data_dir": str(joint_dir), "joint_fraction": 0.5,
+           "out": str(tmp_path / "run")}
+    r = train_mod.setup(build(TrainConfig, None, cfg))
+    target, joint = r.corpora
+    assert joint.builder.labels.labels == ("happy", "sad", "neutral") and r.joint == 6 and len(r.data) == 10
+    assert len(r.label_tokens) == 7 and joint.columns == slice(4, 7)
+    header = joint.builder.tokenizer.decode(r.data[4]["header"])
+    assert "happy" in header and "anger" not in header
+    seen = []
+    real = train_mod.piece_loss
+    monkeypatch.setattr(train_mod, "piece_loss", lambda r_, lg, t, keep, d, piece, w: seen.append(
+        (d >= 4, lg.shape[1], w is joint.weights, int(t[keep].max()))) or real(r_, lg, t, keep, d, piece, w))
+    train_mod.fit(r)
+    assert r.total == 2 * ((4 + 3) // 2)  # 4 dialogues and 3 of the 6 joint ones, cut to whole steps of 2
+    assert {(j, k, w) for j, k, w, _ in seen} == {(False, 4, False), (True, 3, True)}
+    assert max(top for j, _, _, top in seen if j) <= 2
+    spec = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert tuple(spec["labels"]) == LABELS.labels and (tmp_path / "run" / "adapter").is_dir()
+    with pytest.raises(ConfigError) as e:
+        build(TrainConfig, None, {**cfg, "joint_dataset": "friends", "label_history": True, "overwrite": True})
+    assert "joint_dataset: 'friends' is not a dataset format; available: meld, iemocap, jsonl" in str(e.value)
+    assert "label_history" in str(e.value)
+    with pytest.raises(ConfigError, match="joint_data_dir: .* joint_dataset is empty"):
+        build(TrainConfig, None, {**cfg, "joint_dataset": "", "joint_fraction": 1.0, "overwrite": True})
