@@ -91,7 +91,7 @@ def epoch_order(n: int, seed: int, epoch: int, world: int, per_step: int, length
         drawn = np.random.default_rng([seed, epoch, 2]).permutation(joint)[: round(fraction * joint)]
         members = np.concatenate([members, n - joint + np.sort(drawn)])
     order = members[np.random.default_rng([seed, epoch]).permutation(len(members))]
-    order = order[: n - n % (world * per_step)]
+    order = order[: len(order) - len(order) % (world * per_step)]
     if lengths is not None and epoch == 0:
         order = order[np.argsort(np.asarray(lengths)[order], kind="stable")]
     return order.tolist()

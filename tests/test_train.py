@@ -560,6 +560,7 @@ def test_epoch_order_draws_a_fraction_of_the_joint_corpus_afresh_every_epoch():
         assert set(range(10)) <= set(order) and len([i for i in order if i >= 10]) == 5
     assert len({frozenset(order) for order in epochs}) == 3
     assert epochs[1] == epoch_order(30, 3, 1, 1, 1, joint=20, fraction=0.25)
+    assert len(epoch_order(30, 3, 0, 2, 2, joint=20, fraction=0.25)) == 12  # 15 cut to whole steps of 2 x 2
 
 
 def test_joint_training_scores_each_corpus_over_its_own_label_set(tmp_path, tiny_model_dir, monkeypatch):
@@ -592,6 +593,7 @@ def test_joint_training_scores_each_corpus_over_its_own_label_set(tmp_path, tiny
     monkeypatch.setattr(train_mod, "piece_loss", lambda r_, lg, t, keep, d, piece, w: seen.append(
         (d >= 4, lg.shape[1], w is joint.weights, int(t[keep].max()))) or real(r_, lg, t, keep, d, piece, w))
     train_mod.fit(r)
+    assert len(seen) == r.total * 2 and r.state["epoch"] == 1  # whole steps of 2 dialogues, 3 per epoch
     assert r.total == 2 * ((4 + 3) // 2)  # 4 dialogues and 3 of the 6 joint ones, cut to whole steps of 2
     assert {(j, k, w) for j, k, w, _ in seen} == {(False, 4, False), (True, 3, True)}
     assert max(top for j, _, _, top in seen if j) <= 2
