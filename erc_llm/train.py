@@ -352,7 +352,8 @@ def setup(cfg: TrainConfig) -> "Recipe":
     prior = np.array([counts.get(lab, 0) for lab in labels.labels], dtype=np.float64)
     prior /= prior.sum()
     corpora = [Corpus(builder, weights, slice(0, len(label_tokens)))]
-    data, joint_corpus, label_tokens, joint = joint_setup(cfg, builder, label_tokens, data, main)
+    with accelerator.main_process_first():  # the joint corpus's tokenized cache, written once as the main one's
+        data, joint_corpus, label_tokens, joint = joint_setup(cfg, builder, label_tokens, data, main)
     if joint_corpus is not None:
         corpora.append(joint_corpus)
     spec, train_audio, dev_audio, projector = audio_setup(cfg, train_d, dev_d, model)
