@@ -233,6 +233,7 @@ def joint_setup(cfg: TrainConfig, builder: PromptBuilder, label_tokens: list[int
         log.info("joint corpus %s (%s): %s | label set %s; %d of its %d dialogues join each epoch", cfg.joint_dataset,
                  cfg.joint_data_dir, report.summary(), list(labels.labels), round(cfg.joint_fraction * len(joint)),
                  len(joint))
+        log.info("joint corpus: %s", long_dialogue_report(jb, joint, cfg.lookahead))
     data = datasets.concatenate_datasets([data.add_column("corpus", [0] * len(data)),
                                           joint.add_column("corpus", [1] * len(joint))])
     return data, corpus, label_tokens + tokens, len(joint)

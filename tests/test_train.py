@@ -563,7 +563,7 @@ def test_epoch_order_draws_a_fraction_of_the_joint_corpus_afresh_every_epoch():
     assert len(epoch_order(30, 3, 0, 2, 2, joint=20, fraction=0.25)) == 12  # 15 cut to whole steps of 2 x 2
 
 
-def test_joint_training_scores_each_corpus_over_its_own_label_set(tmp_path, tiny_model_dir, monkeypatch):
+def test_joint_training_scores_each_corpus_over_its_own_label_set(tmp_path, tiny_model_dir, monkeypatch, caplog):
     """A joint corpus with another label set: its dialogues are prompted with their own labels and their loss is
     over those labels' columns with their own class weights; dev, the run's label set and test stay the dataset's."""
     import erc_llm.train as train_mod
@@ -582,7 +582,9 @@ def test_joint_training_scores_each_corpus_over_its_own_label_set(tmp_path, tiny
            "batch_dialogues": 2, "epochs": 2, "eval_every": 100, "save_every": 100, "test_eval": False,
            "dtype": "float32", "joint_dataset": "jsonl", "joint_data_dir": str(joint_dir), "joint_fraction": 0.5,
            "out": str(tmp_path / "run")}
-    r = train_mod.setup(build(TrainConfig, None, cfg))
+    with caplog.at_level("INFO", logger="erc_llm"):
+        r = train_mod.setup(build(TrainConfig, None, cfg))
+    assert "joint corpus: every training dialogue fits max_tokens 2048" in caplog.text  # reported per corpus
     target, joint = r.corpora
     assert joint.builder.labels.labels == ("happy", "sad", "neutral") and r.joint == 6 and len(r.data) == 10
     assert len(r.label_tokens) == 7 and joint.columns == slice(4, 7)
