@@ -47,6 +47,12 @@ def run_config(model: str | None) -> dict | None:
     return yaml.safe_load(path.read_text()) if path is not None and path.is_file() else None
 
 
+def member_record(folder: Path, metrics: dict) -> dict:
+    """What an ensemble's (or a fusion's) ``metrics.json`` records of one member evaluation."""
+    model = metrics.get("model")
+    return {"folder": str(folder), "model": model, "weighted_f1": metrics.get("weighted_f1"), "config": run_config(model)}
+
+
 def check_members(members: list[tuple[Path, dict, list[dict]]]) -> None:
     """Report every mismatch between the first member and the others at once."""
     (first, ref, ref_rows), problems = members[0], []
@@ -81,8 +87,7 @@ def ensemble(folders: list[Path], out: Path, command: str = "") -> dict:
     info = {**{k: ref[k] for k in MUST_MATCH}, "history": "none",
             "dialogues": ref["dialogues"], "utterances": len(rows),
             "scored_utterances": sum(r["gold"] is not None for r in rows),
-            "model": name, "members": [{"folder": str(f), "model": m.get("model"), "weighted_f1": m.get("weighted_f1"),
-                                        "config": run_config(m.get("model"))} for f, m, _ in members],
+            "model": name, "members": [member_record(f, m) for f, m, _ in members],
             "seconds": seconds, "utterances_per_second": len(rows) / max(seconds, 1e-9), "command": command}
     return write_evaluation(out, rows, labels, info, f"{ref['dataset']}/{ref['split']} {name} (history=none, {ref['context']})")
 

@@ -1,0 +1,156 @@
+"""Late fusion of finished LLM evaluations with an acoustic classifier: a logistic regression on each utterance's
+audio features (Praat prosody, eGeMAPS, ...), trained on the train split, and the LLM's label probabilities are
+combined as ``log p_llm + w * log p_audio``; the weight ``w`` is chosen on dev and then read once on test.
+
+    python eval/audio_fusion.py --dataset jsonl --data-dir ../shared/data/iemocap \
+        --audio-source csv --audio-dir ../shared/data/iemocap_prosody \
+        --dev runs/iemocap_s0/eval/dev_predicted --test runs/iemocap_s0/eval/test_predicted \
+        --out eval/results/iemocap_lora_gemma-3-270m_textonly_prosody-fusion_seed0
+
+``--dev`` and ``--test`` are folders written by ``erc-llm evaluate`` for the same model(s); several folders are
+averaged first (a probability ensemble, as ``eval/ensemble.py``). Only evaluations without labels in the
+history are accepted: with predicted labels in the transcript, changing one prediction would change what later
+turns read. The audio inputs are the ones the LLM's audio soft tokens use (``erc_llm.projector``): z-scores
+with a missing-value mask, by default with each speaker's own statistics over the split (no labels). Writes
+``dev/`` and ``test/`` evaluation folders (``eval/seeds.py`` reads them like an ensemble's) whose
+``metrics.json`` carries the dev curve of ``w``, the chosen ``w`` and the acoustic classifier's own scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+
+from ensemble import MUST_MATCH, average, check_members, member_record, read_member  # noqa: E402
+
+from erc_llm.audio import FEATURE_SOURCES, load_source  # noqa: E402
+from erc_llm.data import DATASETS, load_split  # noqa: E402
+from erc_llm.data.schema import DataError, LabelSet  # noqa: E402
+from erc_llm.metrics import compute_metrics, write_evaluation  # noqa: E402
+from erc_llm.projector import NORMALIZE, AudioInputs, fit_spec  # noqa: E402
+
+WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
+
+
+def split_inputs(args, split: str, labels: tuple[str, ...], spec=None):
+    """(spec, utterance ids, gold labels, audio input matrix) of one split; the spec is fitted on train."""
+    dialogues, _, _ = load_split(args.dataset, split, args.data_dir, labels if args.dataset == "jsonl" else None)
+    utts = [u for d in dialogues for u in d.utterances]
+    ids, speakers = [u.utterance_id for u in utts], [u.speaker for u in utts]
+    table = load_source(args.audio_source, args.audio_dir, split)
+    spec = spec or fit_spec(args.audio_source, 1, table, ids, args.audio_normalize)
+    inputs = AudioInputs(spec, table, ids, speakers)
+    x = np.stack([inputs.inputs[i].numpy() for i in ids])
+    return spec, ids, [u.emotion for u in utts], x, inputs.missing
+
+
+def acoustic_probabilities(args, labels: tuple[str, ...]) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+    """Per split (dev, test): utterance id -> the acoustic classifier's label probabilities, in ``labels`` order;
+    and a report of coverage and the classifier's own dev/test metrics."""
+    spec, _, gold, x, missing = split_inputs(args, "train", labels)
+    keep = [i for i, g in enumerate(gold) if g is not None]
+    unknown = sorted({gold[i] for i in keep} - set(labels))
+    if unknown:
+        raise DataError(f"{args.data_dir}: train labels {unknown} are not in the evaluations' label set {list(labels)}")
+    clf = LogisticRegression(max_iter=5000, class_weight="balanced").fit(x[keep], [gold[i] for i in keep])
+    order = [list(clf.classes_).index(n) for n in labels if n in clf.classes_]
+    if len(order) != len(labels):
+        raise DataError(f"{args.data_dir}: labels {sorted(set(labels) - set(clf.classes_))} never occur in train; "
+                        "the acoustic classifier needs examples of every label")
+    out, report = {}, {"train_utterances": len(keep), "train_without_audio": missing}
+    for split in ("dev", "test"):
+        _, ids, g, xs, missing = split_inputs(args, split, labels, spec)
+        probs = clf.predict_proba(xs)[:, order]
+        out[split] = dict(zip(ids, probs))
+        scored = [i for i, v in enumerate(g) if v is not None]
+        pred = [labels[int(np.argmax(probs[i]))] for i in scored]
+        m = compute_metrics([g[i] for i in scored], pred, LabelSet(name=args.dataset, labels=labels))
+        report[split] = {"without_audio": missing, **{k: m[k] for k in ("weighted_f1", "unweighted_accuracy")}}
+    return out, report
+
+
+def fuse(rows: list[dict], acoustic: dict[str, np.ndarray], labels: tuple[str, ...], w: float) -> list[dict]:
+    """Rows with probabilities ∝ p_llm * p_audio ** w and the argmax as the prediction (ties: label order)."""
+    missing = [r["utterance_id"] for r in rows if r["utterance_id"] not in acoustic]
+    if missing:
+        raise DataError(f"{len(missing)} evaluated utterances (e.g. {missing[:3]}) are not in the data split; "
+                        "evaluate and fuse the same --data-dir")
+    llm = np.log(np.clip([[r["probabilities"][n] for n in labels] for r in rows], 1e-12, None))
+    z = llm + w * np.log(np.clip([acoustic[r["utterance_id"]] for r in rows], 1e-12, None))
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return [{**r, "predicted": labels[int(np.argmax(pi))], "probabilities": {n: round(float(v), 6) for n, v in zip(labels, pi)}}
+            for r, pi in zip(rows, p)]
+
+
+def weighted_f1(rows: list[dict], labels: LabelSet) -> float:
+    scored = [r for r in rows if r["gold"] is not None]
+    return compute_metrics([r["gold"] for r in scored], [r["predicted"] for r in scored], labels)["weighted_f1"]
+
+
+def read_split(folders: list[Path], split: str) -> tuple[dict, list[dict], list[dict]]:
+    """The first member's metrics, the (averaged) rows, and a record of each member."""
+    members = [(f, *read_member(f)) for f in folders]
+    check_members(members)
+    ref = {**members[0][1], "seconds": sum(m.get("seconds", 0.0) for _, m, _ in members)}
+    if ref.get("split") != split:
+        raise SystemExit(f"{folders[0]}: split {ref.get('split')!r}; --{split} expects {split} evaluations")
+    rows = average([m[2] for m in members], list(ref["labels"]))
+    return ref, rows, [member_record(f, m) for f, m, _ in members]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", required=True, choices=DATASETS, help="dataset the evaluations were made on")
+    ap.add_argument("--data-dir", type=Path, required=True, help="the dataset's folder (train, dev and test splits)")
+    ap.add_argument("--audio-source", required=True, choices=FEATURE_SOURCES, help="how to read the audio features")
+    ap.add_argument("--audio-dir", type=Path, required=True, help="folder of the audio features of every split")
+    ap.add_argument("--audio-normalize", default="speaker", choices=NORMALIZE,
+                    help="standardise with each speaker's own statistics over the split (speaker) or train's (corpus)")
+    ap.add_argument("--dev", type=Path, nargs="+", required=True, help="dev evaluation folder(s) of the model")
+    ap.add_argument("--test", type=Path, nargs="+", required=True, help="test evaluation folder(s), same models and order")
+    ap.add_argument("--weights", type=float, nargs="+", default=list(WEIGHTS), help="grid of w (0 = the LLM alone)")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the fused dev/ and test/ evaluations")
+    args = ap.parse_args(argv)
+    if len(args.dev) != len(args.test):
+        ap.error(f"--dev has {len(args.dev)} folders and --test {len(args.test)}; give one of each per model")
+    if 0.0 not in args.weights:
+        ap.error("--weights must include 0 (the LLM alone) so the change can be read off")
+    command = "python eval/audio_fusion.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    splits = {s: read_split(f, s) for s, f in (("dev", args.dev), ("test", args.test))}
+    ref = splits["dev"][0]
+    if ref["dataset"] != args.dataset:
+        raise SystemExit(f"{args.dev[0]}: evaluated on {ref['dataset']!r}, but --dataset is {args.dataset!r}")
+    labels = LabelSet(name=ref["dataset"], labels=tuple(ref["labels"]))
+    try:
+        acoustic, report = acoustic_probabilities(args, labels.labels)
+        dev_rows = splits["dev"][1]
+        curve = [{"weight": w, "dev_weighted_f1": weighted_f1(fuse(dev_rows, acoustic["dev"], labels.labels, w), labels)}
+                 for w in args.weights]
+        best = max(curve, key=lambda c: (c["dev_weighted_f1"], -c["weight"]))["weight"]
+        fusion = {"audio_source": args.audio_source, "audio_dir": str(args.audio_dir), "normalize": args.audio_normalize,
+                  "weight_chosen_on_dev": best, "dev_curve": curve, "acoustic_classifier": report}
+        for split, (m, rows, members) in splits.items():
+            fused = fuse(rows, acoustic[split], labels.labels, best)
+            info = {**{k: m[k] for k in MUST_MATCH}, "history": "none", "dialogues": m["dialogues"],
+                    "utterances": len(fused), "scored_utterances": sum(r["gold"] is not None for r in fused),
+                    "model": f"{len(members)} LLM evaluation(s) + acoustic classifier", "members": members,
+                    "seconds": m["seconds"], "utterances_per_second": len(fused) / max(m["seconds"], 1e-9),
+                    "audio_fusion": fusion, "command": command}
+            out = write_evaluation(args.out / split, fused, labels, info,
+                                   f"{m['dataset']}/{split} LLM + audio (w = {best})")
+            print(f"{m['dataset']}/{split}: LLM {weighted_f1(rows, labels):.2f} -> fused (w = {best}) "
+                  f"{out['weighted_f1']:.2f} weighted F1; acoustic classifier alone {report[split]['weighted_f1']:.2f}")
+    except DataError as e:
+        raise SystemExit(str(e)) from None
+    print("dev curve: " + ", ".join(f"w {c['weight']}: {c['dev_weighted_f1']:.2f}" for c in curve) + f" -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
