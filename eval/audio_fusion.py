@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,45 +34,55 @@ from erc_llm.audio import FEATURE_SOURCES, load_source  # noqa: E402
 from erc_llm.data import DATASETS, load_split  # noqa: E402
 from erc_llm.data.schema import DataError, LabelSet  # noqa: E402
 from erc_llm.metrics import compute_metrics, write_evaluation  # noqa: E402
-from erc_llm.projector import NORMALIZE, AudioInputs, fit_spec  # noqa: E402
+from erc_llm.projector import NORMALIZE, AudioInputs, AudioSpec, fit_spec  # noqa: E402
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 
 
-def split_inputs(args, split: str, labels: tuple[str, ...], spec=None):
-    """(spec, utterance ids, gold labels, audio input matrix) of one split; the spec is fitted on train."""
+@dataclass
+class SplitAudio:
+    """One split's utterances in order, their gold labels (None = unlabelled) and acoustic classifier inputs."""
+
+    ids: list[str]
+    gold: list[str | None]
+    x: np.ndarray
+    without_audio: int
+
+
+def split_audio(args, split: str, labels: tuple[str, ...], spec: AudioSpec | None = None) -> tuple[AudioSpec, SplitAudio]:
+    """The audio inputs of one split, as the soft tokens get them; ``spec=None`` fits the spec on this split."""
     dialogues, _, _ = load_split(args.dataset, split, args.data_dir, labels if args.dataset == "jsonl" else None)
     utts = [u for d in dialogues for u in d.utterances]
-    ids, speakers = [u.utterance_id for u in utts], [u.speaker for u in utts]
+    ids = [u.utterance_id for u in utts]
     table = load_source(args.audio_source, args.audio_dir, split)
     spec = spec or fit_spec(args.audio_source, 1, table, ids, args.audio_normalize)
-    inputs = AudioInputs(spec, table, ids, speakers)
+    inputs = AudioInputs(spec, table, ids, [u.speaker for u in utts])
     x = np.stack([inputs.inputs[i].numpy() for i in ids])
-    return spec, ids, [u.emotion for u in utts], x, inputs.missing
+    return spec, SplitAudio(ids, [u.emotion for u in utts], x, inputs.missing)
 
 
 def acoustic_probabilities(args, labels: tuple[str, ...]) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
     """Per split (dev, test): utterance id -> the acoustic classifier's label probabilities, in ``labels`` order;
     and a report of coverage and the classifier's own dev/test metrics."""
-    spec, _, gold, x, missing = split_inputs(args, "train", labels)
-    keep = [i for i, g in enumerate(gold) if g is not None]
-    unknown = sorted({gold[i] for i in keep} - set(labels))
+    spec, train = split_audio(args, "train", labels)
+    keep = [i for i, g in enumerate(train.gold) if g is not None]
+    unknown = sorted({train.gold[i] for i in keep} - set(labels))
     if unknown:
         raise DataError(f"{args.data_dir}: train labels {unknown} are not in the evaluations' label set {list(labels)}")
-    clf = LogisticRegression(max_iter=5000, class_weight="balanced").fit(x[keep], [gold[i] for i in keep])
+    clf = LogisticRegression(max_iter=5000, class_weight="balanced").fit(train.x[keep], [train.gold[i] for i in keep])
     order = [list(clf.classes_).index(n) for n in labels if n in clf.classes_]
     if len(order) != len(labels):
         raise DataError(f"{args.data_dir}: labels {sorted(set(labels) - set(clf.classes_))} never occur in train; "
                         "the acoustic classifier needs examples of every label")
-    out, report = {}, {"train_utterances": len(keep), "train_without_audio": missing}
+    out, report = {}, {"train_utterances": len(keep), "train_without_audio": train.without_audio}
     for split in ("dev", "test"):
-        _, ids, g, xs, missing = split_inputs(args, split, labels, spec)
-        probs = clf.predict_proba(xs)[:, order]
-        out[split] = dict(zip(ids, probs))
-        scored = [i for i, v in enumerate(g) if v is not None]
+        _, a = split_audio(args, split, labels, spec)
+        probs = clf.predict_proba(a.x)[:, order]
+        out[split] = dict(zip(a.ids, probs))
+        scored = [i for i, g in enumerate(a.gold) if g is not None]
         pred = [labels[int(np.argmax(probs[i]))] for i in scored]
-        m = compute_metrics([g[i] for i in scored], pred, LabelSet(name=args.dataset, labels=labels))
-        report[split] = {"without_audio": missing, **{k: m[k] for k in ("weighted_f1", "unweighted_accuracy")}}
+        m = compute_metrics([a.gold[i] for i in scored], pred, LabelSet(name=args.dataset, labels=labels))
+        report[split] = {"without_audio": a.without_audio, **{k: m[k] for k in ("weighted_f1", "unweighted_accuracy")}}
     return out, report
 
 

@@ -3,6 +3,7 @@
 import csv
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from tests.test_ensemble import LABELS, p, write_eval
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("audio_fusion_script", ROOT / "eval" / "audio_fusion.py")
 audio_fusion = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = audio_fusion  # its dataclass looks its module up
 spec.loader.exec_module(audio_fusion)
 
 LOUDNESS = {"neutral": 0.0, "joy": 1.0, "anger": 3.0}  # what the voice says about each label
