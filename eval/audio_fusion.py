@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     command = "python eval/audio_fusion.py " + " ".join(sys.argv[1:] if argv is None else argv)
     splits = {s: read_split(f, s) for s, f in (("dev", args.dev), ("test", args.test))}
     ref = splits["dev"][0]
+    models = {s: [m["model"] for m in members] for s, (_, _, members) in splits.items()}
+    if models["dev"] != models["test"]:
+        raise SystemExit(f"--dev evaluates {models['dev']} but --test {models['test']}; the weight chosen on dev "
+                         "applies only to the same model(s), in the same order")
     if ref["dataset"] != args.dataset:
         raise SystemExit(f"{args.dev[0]}: evaluated on {ref['dataset']!r}, but --dataset is {args.dataset!r}")
     labels = LabelSet(name=ref["dataset"], labels=tuple(ref["labels"]))

@@ -45,11 +45,15 @@ def write_corpus(root: Path, informative: bool = True) -> tuple[Path, Path]:
     return data, audio
 
 
-def llm_eval(folder: Path, split: str) -> Path:
-    """An LLM that hesitates on anger: neutral 0.45 over anger 0.35, right on the other labels."""
+def llm_eval(folder: Path, split: str, model: str = "runs/m") -> Path:
+    """``model``'s evaluation of ``split``: an LLM that hesitates on anger (neutral 0.45 over anger 0.35) and is
+    right on the other labels."""
     probs = {"neutral": p(0.7, 0.1, 0.2), "joy": p(0.2, 0.7, 0.1), "anger": p(0.45, 0.2, 0.35)}
     gold = gold_of(split)
-    return write_eval(folder, [probs[g] for g in gold], gold, split=split)
+    write_eval(folder, [probs[g] for g in gold], gold, split=split)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").write_text(json.dumps({**metrics, "model": model}))
+    return folder
 
 
 def run(tmp_path, data, audio, dev, test, *extra):
@@ -87,19 +91,21 @@ def test_uninformative_audio_leaves_the_llm_alone(tmp_path):
 
 def test_members_are_averaged_before_fusion(tmp_path):
     data, audio = write_corpus(tmp_path)
-    dev = [llm_eval(tmp_path / "dev_a", "dev"), llm_eval(tmp_path / "dev_b", "dev")]
-    test = [llm_eval(tmp_path / "test_a", "test"), llm_eval(tmp_path / "test_b", "test")]
+    dev = [llm_eval(tmp_path / "dev_a", "dev", "runs/a"), llm_eval(tmp_path / "dev_b", "dev", "runs/b")]
+    test = [llm_eval(tmp_path / "test_a", "test", "runs/a"), llm_eval(tmp_path / "test_b", "test", "runs/b")]
     out = run(tmp_path, data, audio, dev, test)
     m = json.loads((out / "test" / "metrics.json").read_text())
     assert [x["folder"] for x in m["members"]] == [str(t) for t in test]
     assert m["seconds"] == pytest.approx(4.0)  # the members' decoding time
 
 
-def test_refuses_swapped_splits_and_evaluations_of_another_corpus(tmp_path):
+def test_refuses_swapped_splits_other_models_and_evaluations_of_another_corpus(tmp_path):
     data, audio = write_corpus(tmp_path)
     dev, test = llm_eval(tmp_path / "dev", "dev"), llm_eval(tmp_path / "test", "test")
     with pytest.raises(SystemExit, match=r"split 'test'; --dev expects dev evaluations"):
         run(tmp_path, data, audio, [test], [test])
+    with pytest.raises(SystemExit, match=r"--dev evaluates \['runs/m'\] but --test \['runs/other'\]"):
+        run(tmp_path, data, audio, [dev], [llm_eval(tmp_path / "elsewhere", "test", "runs/other")])
     other = tmp_path / "other"
     other.mkdir()
     (other / "dev.jsonl").write_text(json.dumps({"dialogue_id": "x", "utterances": [
