@@ -78,17 +78,22 @@ def render_report(m: dict) -> str:
     return "\n".join(lines)
 
 
+def scored_pairs(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """Gold and predicted labels of the prediction rows that have a gold label, in order."""
+    scored = [r for r in rows if r["gold"] is not None]
+    return [r["gold"] for r in scored], [r["predicted"] for r in scored]
+
+
 def write_evaluation(out: Path, rows: list[dict], labels: LabelSet, info: dict, title: str, note: str = "") -> dict:
     """An evaluation folder as every scorer here writes it: ``predictions.jsonl`` (``rows``, each with ``gold``
     and ``predicted``) and ``metrics.json`` (the metrics of the rows that have a gold label, then ``info``);
     when any row has a gold label also ``confusion.png`` (titled ``title``) and ``report.md`` (``note``
     appended). Returns the metrics."""
-    scored = [r for r in rows if r["gold"] is not None]
-    gold, pred = [r["gold"] for r in scored], [r["predicted"] for r in scored]
-    metrics = {**(compute_metrics(gold, pred, labels) if scored else {}), **info}
+    gold, pred = scored_pairs(rows)
+    metrics = {**(compute_metrics(gold, pred, labels) if gold else {}), **info}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_jsonl(out / "predictions.jsonl", rows)
-    if scored:
+    if gold:
         plot_confusion(gold, pred, labels, out / "confusion.png", title)
         atomic_write_text(out / "report.md", render_report(metrics) + note)
     atomic_write_json(out / "metrics.json", metrics)

@@ -33,7 +33,7 @@ from ensemble import MUST_MATCH, average, check_members, member_record, read_mem
 from erc_llm.audio import FEATURE_SOURCES, load_source  # noqa: E402
 from erc_llm.data import DATASETS, load_split  # noqa: E402
 from erc_llm.data.schema import DataError, LabelSet  # noqa: E402
-from erc_llm.metrics import compute_metrics, write_evaluation  # noqa: E402
+from erc_llm.metrics import compute_metrics, scored_pairs, write_evaluation  # noqa: E402
 from erc_llm.projector import NORMALIZE, AudioInputs, AudioSpec, fit_spec  # noqa: E402
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
@@ -101,8 +101,7 @@ def fuse(rows: list[dict], acoustic: dict[str, np.ndarray], labels: tuple[str, .
 
 
 def weighted_f1(rows: list[dict], labels: LabelSet) -> float:
-    scored = [r for r in rows if r["gold"] is not None]
-    return compute_metrics([r["gold"] for r in scored], [r["predicted"] for r in scored], labels)["weighted_f1"]
+    return compute_metrics(*scored_pairs(rows), labels)["weighted_f1"]
 
 
 def read_split(folders: list[Path], split: str) -> tuple[dict, list[dict], list[dict]]:
