@@ -11,9 +11,12 @@ combined as ``log p_llm + w * log p_audio``; the weight ``w`` is chosen on dev a
 averaged first (a probability ensemble, as ``eval/ensemble.py``). Only evaluations without labels in the
 history are accepted: with predicted labels in the transcript, changing one prediction would change what later
 turns read. The audio inputs are the ones the LLM's audio soft tokens use (``erc_llm.projector``): z-scores
-with a missing-value mask, by default with each speaker's own statistics over the split (no labels). Writes
-``dev/`` and ``test/`` evaluation folders (``eval/seeds.py`` reads them like an ensemble's) whose
-``metrics.json`` carries the dev curve of ``w``, the chosen ``w`` and the acoustic classifier's own scores.
+with a missing-value mask, by default with each speaker's own statistics over the split (no labels).
+``--audio-context K`` adds the voice of earlier turns (the speaker's previous K utterances, the other speaker's
+last one) and ``--text-encoder all-MiniLM-L6-v2`` the utterance's sentence embedding, which makes the second
+opinion a classical text + audio classifier. Writes ``dev/`` and ``test/`` evaluation folders (``eval/seeds.py``
+reads them like an ensemble's) whose ``metrics.json`` carries the dev curve of ``w``, the chosen ``w`` and the
+classifier's own scores.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from ensemble import MUST_MATCH, average, check_members, member_record, read_member  # noqa: E402
 
 from erc_llm.audio import FEATURE_SOURCES, load_source  # noqa: E402
+from erc_llm.backbone import cache_root  # noqa: E402
+from erc_llm.baseline.features import encoder_path, text_embeddings  # noqa: E402
 from erc_llm.data import DATASETS, load_split  # noqa: E402
 from erc_llm.data.schema import DataError, LabelSet  # noqa: E402
 from erc_llm.metrics import compute_metrics, scored_pairs, write_evaluation  # noqa: E402
@@ -49,8 +54,29 @@ class SplitAudio:
     without_audio: int
 
 
+def audio_context(dialogues, x: np.ndarray, turns: int) -> np.ndarray:
+    """Per utterance (rows of ``x`` in spoken order): the mean audio inputs of the same speaker's previous
+    ``turns`` utterances of the dialogue and the inputs of the last utterance by another speaker; zeros
+    (= the mean voice) before there is one. Only earlier turns: usable online."""
+    same, other, n = np.zeros_like(x), np.zeros_like(x), 0
+    for d in dialogues:
+        mine: dict[str, list[int]] = {}
+        last: dict[str, int] = {}  # speaker -> row of their latest utterance
+        for u in d.utterances:
+            if mine.get(u.speaker):
+                same[n] = x[mine[u.speaker][-turns:]].mean(axis=0)
+            others = [r for s, r in last.items() if s != u.speaker]
+            if others:
+                other[n] = x[max(others)]
+            mine.setdefault(u.speaker, []).append(n)
+            last[u.speaker] = n
+            n += 1
+    return np.hstack([same, other])
+
+
 def split_audio(args, split: str, labels: tuple[str, ...], spec: AudioSpec | None = None) -> tuple[AudioSpec, SplitAudio]:
-    """The audio inputs of one split, as the soft tokens get them; ``spec=None`` fits the spec on this split."""
+    """The classifier inputs of one split: the audio inputs the soft tokens get, then (as asked) their context
+    and the sentence embedding of the text; ``spec=None`` fits the audio spec on this split."""
     dialogues, _, _ = load_split(args.dataset, split, args.data_dir, labels if args.dataset == "jsonl" else None)
     utts = [u for d in dialogues for u in d.utterances]
     ids = [u.utterance_id for u in utts]
@@ -58,7 +84,11 @@ def split_audio(args, split: str, labels: tuple[str, ...], spec: AudioSpec | Non
     spec = spec or fit_spec(args.audio_source, 1, table, ids, args.audio_normalize)
     inputs = AudioInputs(spec, table, ids, [u.speaker for u in utts])
     x = np.stack([inputs.inputs[i].numpy() for i in ids])
-    return spec, SplitAudio(ids, [u.emotion for u in utts], x, inputs.missing)
+    parts = [x, audio_context(dialogues, x, args.audio_context)] if args.audio_context else [x]
+    if args.text_encoder:
+        text = text_embeddings(dialogues, encoder_path(args.text_encoder), cache_root())
+        parts.append(np.stack([text[i] for i in ids]))
+    return spec, SplitAudio(ids, [u.emotion for u in utts], np.hstack(parts), inputs.missing)
 
 
 def acoustic_probabilities(args, labels: tuple[str, ...]) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
@@ -123,6 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--audio-dir", type=Path, required=True, help="folder of the audio features of every split")
     ap.add_argument("--audio-normalize", default="speaker", choices=NORMALIZE,
                     help="standardise with each speaker's own statistics over the split (speaker) or train's (corpus)")
+    ap.add_argument("--audio-context", type=int, default=0, metavar="K",
+                    help="the classifier also hears the speaker's previous K utterances (mean) and the other "
+                         "speaker's last one, earlier turns only (0 = the utterance alone)")
+    ap.add_argument("--text-encoder", default="", metavar="NAME",
+                    help="the classifier also reads the utterance's sentence embedding from this "
+                         "sentence-transformers model (all-MiniLM-L6-v2 = the packaged one; default: audio only)")
     ap.add_argument("--dev", type=Path, nargs="+", required=True, help="dev evaluation folder(s) of the model")
     ap.add_argument("--test", type=Path, nargs="+", required=True, help="test evaluation folder(s), same models and order")
     ap.add_argument("--weights", type=float, nargs="+", default=list(WEIGHTS), help="grid of w (0 = the LLM alone)")
@@ -130,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if len(args.dev) != len(args.test):
         ap.error(f"--dev has {len(args.dev)} folders and --test {len(args.test)}; give one of each per model")
+    if args.audio_context < 0:
+        ap.error(f"--audio-context {args.audio_context}: expected 0 (none) or a number of earlier turns")
     if 0.0 not in args.weights:
         ap.error("--weights must include 0 (the LLM alone) so the change can be read off")
     command = "python eval/audio_fusion.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -149,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                  for w in args.weights]
         best = max(curve, key=lambda c: (c["dev_weighted_f1"], -c["weight"]))["weight"]
         fusion = {"audio_source": args.audio_source, "audio_dir": str(args.audio_dir), "normalize": args.audio_normalize,
+                  "audio_context": args.audio_context, "text_encoder": args.text_encoder or None,
                   "weight_chosen_on_dev": best, "dev_curve": curve, "acoustic_classifier": report}
         for split, (m, rows, members) in splits.items():
             fused = fuse(rows, acoustic[split], labels.labels, best)

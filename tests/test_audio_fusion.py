@@ -5,6 +5,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -114,3 +115,32 @@ def test_refuses_swapped_splits_other_models_and_evaluations_of_another_corpus(t
         (other / f"{split}.jsonl").write_text((data / f"{split}.jsonl").read_text())
     with pytest.raises(SystemExit, match=r"12 evaluated utterances \(e.g. \['d0_u0', 'd0_u1', 'd0_u2'\]\) are not"):
         run(tmp_path, other, audio, [dev], [test])
+
+
+def test_audio_context_hears_only_earlier_turns():
+    turns = [SimpleNamespace(speaker=s) for s in "ABAAB"]
+    x = np.array([[1.0], [2.0], [3.0], [4.0], [5.0]])
+    ctx = audio_fusion.audio_context([SimpleNamespace(utterances=turns[:4]), SimpleNamespace(utterances=turns[4:])], x, 1)
+    # columns: the speaker's previous utterance(s), another speaker's last; a new dialogue starts from silence
+    assert ctx.tolist() == [[0, 0], [0, 1], [1, 2], [3, 2], [0, 0]]
+    assert audio_fusion.audio_context([SimpleNamespace(utterances=turns[:4])], x[:4], 2)[3].tolist() == [2, 2]
+
+
+def test_voice_of_earlier_turns_and_text_embeddings_join_the_classifier(tmp_path, monkeypatch):
+    monkeypatch.setenv("ERC_LLM_CACHE", str(tmp_path / "cache"))
+    data, audio = write_corpus(tmp_path, informative=False)
+    said = {"neutral": "The meeting is at noon.", "joy": "I love this, it is wonderful!", "anger": "I am furious with you!"}
+    for split in ("train", "dev", "test"):
+        path = data / f"{split}.jsonl"
+        d = json.loads(path.read_text())
+        d["utterances"] = [{**u, "text": said[u["emotion"]]} for u in d["utterances"]]
+        path.write_text(json.dumps(d) + "\n")
+    dev, test = llm_eval(tmp_path / "dev", "dev"), llm_eval(tmp_path / "test", "test")
+    out = run(tmp_path, data, audio, [dev], [test], "--audio-context", "2", "--text-encoder", "all-MiniLM-L6-v2")
+    m = json.loads((out / "test" / "metrics.json").read_text())
+    fusion = m["audio_fusion"]
+    assert (fusion["audio_context"], fusion["text_encoder"]) == (2, "all-MiniLM-L6-v2")
+    assert fusion["acoustic_classifier"]["test"]["weighted_f1"] == pytest.approx(100.0)  # the text tells them apart
+    assert fusion["weight_chosen_on_dev"] > 0 and m["weighted_f1"] == pytest.approx(100.0)
+    with pytest.raises(SystemExit):
+        run(tmp_path, data, audio, [dev], [test], "--audio-context", "-1")
