@@ -60,16 +60,14 @@ def audio_context(dialogues, x: np.ndarray, turns: int) -> np.ndarray:
     (= the mean voice) before there is one. Only earlier turns: usable online."""
     same, other, n = np.zeros_like(x), np.zeros_like(x), 0
     for d in dialogues:
-        mine: dict[str, list[int]] = {}
-        last: dict[str, int] = {}  # speaker -> row of their latest utterance
+        rows: dict[str, list[int]] = {}  # speaker -> rows of their utterances so far
         for u in d.utterances:
-            if mine.get(u.speaker):
-                same[n] = x[mine[u.speaker][-turns:]].mean(axis=0)
-            others = [r for s, r in last.items() if s != u.speaker]
+            if rows.get(u.speaker):
+                same[n] = x[rows[u.speaker][-turns:]].mean(axis=0)
+            others = [r[-1] for s, r in rows.items() if s != u.speaker]
             if others:
                 other[n] = x[max(others)]
-            mine.setdefault(u.speaker, []).append(n)
-            last[u.speaker] = n
+            rows.setdefault(u.speaker, []).append(n)
             n += 1
     return np.hstack([same, other])
 
