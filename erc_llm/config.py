@@ -350,6 +350,12 @@ class TrainConfig(AudioOptions, SpeakerOptions):
     focal_gamma: float = _f(0.0, "focal loss gamma (0 = plain cross-entropy)", ge=0)
     label_smoothing: float = _f(0.0, "share of the target's probability spread evenly over all labels (0 = none)",
                                 ge=0, lt=1)
+    contrastive_weight: float = _f(0.0, "weight of a supervised contrastive term on the slots' last-layer states "
+                                   "(Khosla et al. 2020): each labelled slot is pulled towards slots of its label in "
+                                   "the step and in the last 1,024 training slots, and pushed from the others "
+                                   "(0 = off)", ge=0)
+    contrastive_temperature: float = _f(0.1, "with contrastive_weight: the temperature of its cosine similarities",
+                                        gt=0)
     teacher: str = _f("", "knowledge distillation: an evaluation folder of the train split (erc-llm evaluate --split "
                       "train, or eval/ensemble.py of several) whose per-label probabilities become soft targets; "
                       "empty = gold labels only")
@@ -415,6 +421,9 @@ class TrainConfig(AudioOptions, SpeakerOptions):
         if self.teacher_weight != 0.5 and not self.teacher:
             p.append(f"teacher_weight: {self.teacher_weight} weighs a teacher's soft targets, but no teacher is given; "
                      "set teacher: DIR (an evaluation of the train split) or leave teacher_weight out")
+        if self.contrastive_temperature != 0.1 and not self.contrastive_weight:
+            p.append(f"contrastive_temperature: {self.contrastive_temperature} shapes a contrastive term that is off; "
+                     "set contrastive_weight > 0 or leave contrastive_temperature out")
         if self.history_noise > 0 and not self.label_history:
             p.append(f"history_noise: {self.history_noise} corrupts written labels, but label_history is false (no "
                      "labels are written); set label_history: true or history_noise: 0")

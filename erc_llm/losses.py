@@ -61,3 +61,44 @@ def _weighted_mean(loss: torch.Tensor, targets: torch.Tensor, weights: torch.Ten
         return loss.mean()
     w = weights.to(loss.device)[targets]
     return (w * loss).sum() / w.sum()
+
+
+def supervised_contrastive(z: torch.Tensor, labels: torch.Tensor, bank_z: torch.Tensor, bank_labels: torch.Tensor,
+                           temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020) of slot representations ``z`` (n, H) with labels (n,):
+    each anchor is pulled towards the other slots of its label — in the batch and in ``bank_z`` (m, H), detached
+    representations of earlier steps (:class:`SlotBank`) — and pushed from the rest, by cosine similarity over
+    ``temperature``. Mean over anchors that have a positive; 0 (in the graph) when none has."""
+    z = torch.nn.functional.normalize(z.float(), dim=-1)
+    keys = torch.cat([z, torch.nn.functional.normalize(bank_z.float().to(z.device), dim=-1)])
+    key_labels = torch.cat([labels, bank_labels.to(labels.device)])
+    sim = z @ keys.T / temperature
+    self_mask = torch.zeros_like(sim, dtype=torch.bool)
+    self_mask[:, : len(z)] = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    logp = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    pos = (labels[:, None] == key_labels[None, :]) & ~self_mask
+    has = pos.any(dim=1)
+    if not has.any():
+        return z.sum() * 0.0
+    mean_pos = logp.masked_fill(~pos, 0.0).sum(dim=1)[has] / pos.sum(dim=1)[has]
+    return -mean_pos.mean()
+
+
+class SlotBank:
+    """The last ``size`` slot representations seen in training (detached) and their labels: the contrastive
+    term's negatives and extra positives, so rare labels find partners beyond the few dialogues of one step.
+    Not checkpointed: a resumed run refills it within a few steps."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.z: torch.Tensor | None = None
+        self.labels = torch.zeros(0, dtype=torch.long)
+
+    def view(self, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.z if self.z is not None else torch.zeros(0, dim)), self.labels
+
+    def push(self, z: torch.Tensor, labels: torch.Tensor) -> None:
+        z = z.detach().float().cpu()
+        self.z = z[-self.size:] if self.z is None else torch.cat([self.z, z])[-self.size:]
+        self.labels = torch.cat([self.labels, labels.detach().cpu()])[-self.size:]

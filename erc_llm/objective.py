@@ -3,6 +3,8 @@ bias (the losses themselves live in ``erc_llm.losses``). Pure tensor code; no mo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -77,21 +79,36 @@ def slot_logits(model, transcript: Transcript, label_token_ids: list[int], soft:
     return out.logits[0][:, label_token_ids]
 
 
+@dataclass
+class SlotOutputs:
+    """Per transcript of a packed forward: label logits (n_slots, K) and, when asked for, the last decoder
+    layer's output at the slots (n_slots, H), the representation the contrastive term shapes."""
+
+    logits: list[torch.Tensor]
+    states: list[torch.Tensor] | None = None
+
+
 def packed_slot_logits(model, transcripts: list[Transcript], label_token_ids: list[int],
                        soft: torch.Tensor | None = None, lookahead: int = 0) -> list[torch.Tensor]:
+    """Several transcripts in one forward (:func:`packed_slot_outputs`); one (n_slots, K) tensor per transcript."""
+    if len(transcripts) == 1 and not lookahead:
+        return [slot_logits(model, transcripts[0], label_token_ids, soft)]
+    return packed_slot_outputs(model, transcripts, label_token_ids, soft, lookahead).logits
+
+
+def packed_slot_outputs(model, transcripts: list[Transcript], label_token_ids: list[int],
+                        soft: torch.Tensor | None = None, lookahead: int = 0, states: bool = False) -> SlotOutputs:
     """Several transcripts in one forward: concatenated, with position ids restarting at each transcript.
 
     transformers turns restarting position ids into a block-diagonal causal mask (each transcript sees only
     its own earlier tokens; sliding windows within it), so every transcript gets the logits it would get
-    alone, while the weights are read once for all of them. Returns one (n_slots, K) tensor per transcript.
-    ``soft``: the audio soft tokens of all kept turns, in transcript order. ``lookahead`` > 0: each slot also
-    sees the next ``lookahead`` turns of its transcript (:func:`erc_llm.attention.lookahead_masks`).
+    alone, while the weights are read once for all of them. ``soft``: the audio soft tokens of all kept turns,
+    in transcript order. ``lookahead`` > 0: each slot also sees the next ``lookahead`` turns of its transcript
+    (:func:`erc_llm.attention.lookahead_masks`). ``states``: also return the slots' last-layer states.
     """
     from erc_llm.attention import layer_masks, lookahead_masks
     from erc_llm.projector import embed_ids
 
-    if len(transcripts) == 1 and not lookahead:
-        return [slot_logits(model, transcripts[0], label_token_ids, soft)]
     device = next(model.parameters()).device
     bare = getattr(model, "module", model)  # embeddings and config of the wrapped model; the forward stays wrapped
     ids, keep, sizes = [], [], []
@@ -100,8 +117,10 @@ def packed_slot_logits(model, transcripts: list[Transcript], label_token_ids: li
         ids.extend(tr.input_ids)
         sizes.append(len(tr.slots))
     pos = torch.cat([torch.arange(len(tr.input_ids)) for tr in transcripts]).to(device)
-    kw = {"position_ids": pos[None], "logits_to_keep": torch.tensor(keep, dtype=torch.long, device=device),
-          "use_cache": False}
+    keep = torch.tensor(keep, dtype=torch.long, device=device)
+    kw = {"position_ids": pos[None], "logits_to_keep": keep, "use_cache": False}
+    if states:
+        kw["output_hidden_states"] = True
     if lookahead:  # otherwise transformers builds the causal block-diagonal mask from the position ids
         allowed = lookahead_masks([len(tr.input_ids) for tr in transcripts], [tr.slots for tr in transcripts], lookahead)
         kw["attention_mask"] = layer_masks(bare.config, allowed.to(device), pos, bare.dtype)
@@ -110,7 +129,8 @@ def packed_slot_logits(model, transcripts: list[Transcript], label_token_ids: li
         out = model(input_ids=x, **kw)
     else:
         out = model(inputs_embeds=embed_ids(bare, x, soft), **kw)
-    return list(out.logits[0][:, label_token_ids].split(sizes))
+    logits = list(out.logits[0][:, label_token_ids].split(sizes))
+    return SlotOutputs(logits, list(out.hidden_states[-1][0, keep].split(sizes)) if states else None)
 
 
 def piece_shares(pieces: list[Piece], labels: list[int], weights: torch.Tensor | None) -> list[float]:

@@ -43,15 +43,16 @@ from erc_llm.data.schema import dialogues_digest
 from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text, content_digest
 from erc_llm.finetune import make_trainable, save_weights, training_precision
 from erc_llm.lora import compute_context, enable_activation_checkpointing
-from erc_llm.losses import class_weights, distillation_loss, label_loss
+from erc_llm.losses import SlotBank, class_weights, distillation_loss, label_loss, supervised_contrastive
 from erc_llm.objective import (batch_pieces, corrupt_history, first_token_ids, long_dialogue_report, pack,
-                               packed_slot_logits)
+                               packed_slot_outputs)
 from erc_llm.projector import AudioModel
 from erc_llm.prompting import PROMPTS_DIR, PromptBuilder, Templates
 from erc_llm.run import RunSpec, software_versions
 from erc_llm.teacher import Teacher
 
 log = logging.getLogger("erc_llm.train")
+BANK_SLOTS = 1024  # contrastive term: how many earlier training slots each step is compared with
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -270,6 +271,7 @@ class Recipe:
     average: WeightAverage | None = None  # ema_decay > 0: the averaged weights that dev selects and saves
     soft_targets: list | None = None  # teacher: per training dialogue, its (turns, labels) probabilities
     joint: int = 0  # the last `joint` training dialogues are the joint corpus (joint_fraction of them per epoch)
+    bank: SlotBank | None = None  # contrastive_weight > 0: slot representations of the last steps
 
 
 def sharding_problem(distributed_type, zero_stage: int | None) -> str | None:
@@ -401,7 +403,8 @@ def setup(cfg: TrainConfig) -> "Recipe":
         write_run_files(run, cfg, labels, templates, manifest)
     return Recipe(cfg, accelerator, run, model, unwrapped, optimizer, scheduler, params, builder, data, dev_d,
                   label_tokens, corpora, prior, total, state, projector, train_audio, audio, dev_audio,
-                  dev_speakers, lengths, average, soft_targets, joint)
+                  dev_speakers, lengths, average, soft_targets, joint,
+                  SlotBank(BANK_SLOTS) if cfg.contrastive_weight else None)
 
 
 def fit(r: "Recipe") -> None:
@@ -430,6 +433,8 @@ def fit(r: "Recipe") -> None:
         rows = [data[idx] for idx in batch]
         written = history_labels(r, batch, rows)
         owner, pieces, shares = zip(*step_pieces(r, rows, written))
+        step_targets = [torch.tensor(p.targets(rows[o]["labels"])) for o, p in zip(owner, pieces)]
+        labelled = sum(int((t >= 0).sum()) for t in step_targets)
         packs = pack([len(p.transcript.input_ids) for p in pieces], cfg.pack_tokens)
         for i, group in enumerate(packs):
             sync = contextlib.nullcontext() if i == len(packs) - 1 else accelerator.no_sync(model)
@@ -438,12 +443,15 @@ def fit(r: "Recipe") -> None:
                     soft = (train_audio.soft_tokens(projector, [rows[owner[j]]["utterance_ids"][t] for j in group
                                                                 for t in pieces[j].transcript.turn_index])
                             if projector is not None else None)
-                    logits = packed_slot_logits(model, [pieces[j].transcript for j in group], label_tokens, soft,
-                                                cfg.lookahead)
-                loss = logits[0].sum() * 0.0  # a graph tensor even if no turn of the group carries a label
-                for j, lg in zip(group, logits):
+                    out = packed_slot_outputs(model, [pieces[j].transcript for j in group], label_tokens, soft,
+                                              cfg.lookahead, states=r.bank is not None)
+                loss = out.logits[0].sum() * 0.0  # a graph tensor even if no turn of the group carries a label
+                if r.bank is not None:
+                    loss = loss + contrastive_term(r, out.states, [step_targets[j] for j in group],
+                                                   [rows[owner[j]].get("corpus", 0) for j in group], labelled)
+                for j, lg in zip(group, out.logits):
                     corpus = r.corpora[rows[owner[j]].get("corpus", 0)]
-                    targets = torch.tensor(pieces[j].targets(rows[owner[j]]["labels"]), device=accelerator.device)
+                    targets = step_targets[j].to(accelerator.device)
                     keep = targets >= 0
                     if keep.any():
                         loss = loss + piece_loss(r, lg[:, corpus.columns], targets, keep, batch[owner[j]], pieces[j],
@@ -505,6 +513,24 @@ def piece_loss(r: "Recipe", logits: torch.Tensor, targets: torch.Tensor, keep: t
     soft = torch.from_numpy(r.soft_targets[dialogue][piece.transcript.turn_index]).to(logits.device)
     return distillation_loss(logits[keep], targets[keep], soft[keep], cfg.teacher_weight, weights, cfg.focal_gamma,
                              cfg.label_smoothing)
+
+
+def contrastive_term(r: "Recipe", states: list[torch.Tensor], targets: list[torch.Tensor], corpora: list[int],
+                     labelled: int) -> torch.Tensor:
+    """``contrastive_weight`` times the supervised contrastive loss of a packed group's labelled slots against
+    each other and the bank of earlier steps' slots, weighted by the group's share of the step's labelled slots
+    (as the label loss is); the group's slots then join the bank. Labels of a joint corpus are kept apart
+    from the dataset's (a label index is only meaningful within its corpus)."""
+    cfg = r.cfg
+    keep = [t >= 0 for t in targets]
+    z = torch.cat([s[k.to(s.device)] for s, k in zip(states, keep)])
+    labels = torch.cat([t[k] + c * len(r.label_tokens) for t, k, c in zip(targets, keep, corpora)])
+    if not len(labels):
+        return z.sum() * 0.0
+    bank_z, bank_labels = r.bank.view(z.shape[-1])
+    loss = supervised_contrastive(z, labels.to(z.device), bank_z, bank_labels, cfg.contrastive_temperature)
+    r.bank.push(z, labels)
+    return cfg.contrastive_weight * loss * len(labels) / max(labelled, 1)
 
 
 def step_pieces(r: "Recipe", rows: list[dict], written: list[list[int]]):

@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from erc_llm.losses import class_weights, label_loss
-from erc_llm.objective import batch_pieces, corrupt_history, first_token_ids, long_dialogue_report, slot_logits
+from erc_llm.losses import SlotBank, class_weights, label_loss, supervised_contrastive
+from erc_llm.objective import (batch_pieces, corrupt_history, first_token_ids, long_dialogue_report,
+                               packed_slot_outputs, slot_logits)
 from erc_llm.prompting import PromptBuilder
 from tests.conftest import LABELS, toy_dialogue
 
@@ -67,6 +68,43 @@ def test_slot_logits_equal_full_forward(tiny_tokenizer, tiny_model):
     got = slot_logits(tiny_model, tr, firsts)
     full = tiny_model(input_ids=torch.tensor([tr.input_ids])).logits[0]
     assert torch.allclose(got, full[tr.slots][:, firsts], atol=1e-5)
+
+
+def test_packed_slot_outputs_give_the_slots_last_layer_states(tiny_tokenizer, tiny_model):
+    b = PromptBuilder(tiny_tokenizer, LABELS)
+    trs = [b.build(d, [u.emotion for u in d.utterances]) for d in (toy_dialogue(3, "a"), toy_dialogue(4, "b"))]
+    firsts = first_token_ids(b)
+    out = packed_slot_outputs(tiny_model, trs, firsts, states=True)
+    for tr, lg, st in zip(trs, out.logits, out.states):
+        alone = tiny_model(input_ids=torch.tensor([tr.input_ids]), output_hidden_states=True)
+        assert torch.allclose(lg, alone.logits[0][tr.slots][:, firsts], atol=1e-4)
+        assert torch.allclose(st, alone.hidden_states[-1][0][tr.slots], atol=1e-4)
+    assert packed_slot_outputs(tiny_model, trs, firsts).states is None
+
+
+def test_supervised_contrastive_matches_its_definition_and_uses_the_bank():
+    z = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    empty = torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)
+    got = supervised_contrastive(z, labels, *empty, temperature=0.5)
+    sim = z @ z.T / 0.5  # rows are unit vectors already
+    # anchors 0 and 1 have one positive each (each other); anchor 2 has none and is left out
+    want = -0.5 * sum(sim[i, j] - torch.logsumexp(sim[i][torch.arange(3) != i], 0) for i, j in ((0, 1), (1, 0)))
+    assert got == pytest.approx(float(want), rel=1e-5)
+    # a slot alone with its label in the step finds its partner in the bank of earlier slots
+    lonely = supervised_contrastive(z[2:], labels[2:], torch.tensor([[0.1, 1.0], [1.0, 0.0]]), torch.tensor([1, 0]), 0.5)
+    assert lonely > 0 and supervised_contrastive(z[2:], labels[2:], *empty, 0.5) == 0
+    # pulling towards same-label slots: the loss is lower when the labels follow the geometry
+    assert supervised_contrastive(z, torch.tensor([0, 1, 0]), *empty, 0.5) > got
+
+
+def test_slot_bank_keeps_the_latest_slots():
+    bank = SlotBank(3)
+    assert bank.view(2)[0].shape == (0, 2)
+    bank.push(torch.ones(2, 2, requires_grad=True), torch.tensor([0, 1]))
+    bank.push(torch.zeros(2, 2), torch.tensor([2, 3]))
+    z, labels = bank.view(2)
+    assert labels.tolist() == [1, 2, 3] and z.tolist() == [[1, 1], [0, 0], [0, 0]] and not z.requires_grad
 
 
 def test_first_token_clash_is_reported(tiny_tokenizer):

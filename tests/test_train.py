@@ -306,6 +306,31 @@ def test_curriculum_short_first_trains_on_the_shortest_dialogues_first(tmp_path,
         build(TrainConfig, None, {**cfg, "curriculum": "longest"})
 
 
+def test_contrastive_term_enters_the_loss_and_fills_the_bank(tmp_path, tiny_model_dir):
+    """With contrastive_weight the first step's loss grows by the weighted term (same data, same start) and the
+    bank holds every labelled slot seen; a temperature without the term is a config error."""
+    import erc_llm.train as train_mod
+    from erc_llm.config import ConfigError, TrainConfig, build
+
+    data = write_jsonl_dataset(tmp_path / "data", 4)
+    cfg = {"dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir), "labels": list(LABELS.labels),
+           "batch_dialogues": 2, "max_steps": 1, "eval_every": 100, "save_every": 100, "test_eval": False,
+           "dtype": "float32", "lr": 0.01}
+    losses = {}
+    for weight in (0.0, 1.0):
+        r = train_mod.setup(build(TrainConfig, None, {**cfg, "contrastive_weight": weight, "out": str(tmp_path / f"r{weight}")}))
+        train_mod.fit(r)
+        losses[weight] = json.loads((tmp_path / f"r{weight}" / "log.jsonl").read_text().splitlines()[0])["loss"]
+        if weight:
+            slots = sum(len(r.data[i]["labels"]) for i in train_mod.epoch_order(len(r.data), 0, 0, 1, 2)[:2])
+            assert len(r.bank.labels) == slots
+        else:
+            assert r.bank is None
+    assert losses[1.0] > losses[0.0] + 0.1
+    with pytest.raises(ConfigError, match="contrastive_temperature: 0.5 shapes a contrastive term that is off"):
+        build(TrainConfig, None, {**cfg, "contrastive_temperature": 0.5, "out": str(tmp_path / "r")})
+
+
 def test_eval_mode_restores_each_modules_previous_mode_also_on_error():
     """Dev decoding and on-policy rollouts run in eval mode; afterwards each module is back in the mode it
     was in (a module that was in eval mode stays there), even when decoding raises."""
