@@ -2,7 +2,7 @@
 
 ``erc_llm/train.py`` saves a checkpoint every ``save_every`` optimizer steps and at the last step and, with
 ``--resume true``, continues from it: the trained weights (LoRA adapter, or every trained tensor after
-``--finetune full``), the audio projector and the weight average when there are any, optimizer, scheduler,
+``--finetune full``), the audio projector, the weight average and the contrastive slot bank when there are any, optimizer, scheduler,
 every random generator, and ``state.json`` (step, epoch, position in the epoch, best dev so far, counters).
 Each checkpoint replaces the previous one in a single rename, so an interrupted save leaves the last
 complete checkpoint in place. Log rows written after the checkpoint are dropped on resume; the resumed
@@ -21,6 +21,7 @@ import torch
 from erc_llm.averaging import WeightAverage, restore_average
 from erc_llm.finetune import load_trainable_state, trainable_state
 from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text
+from erc_llm.losses import SlotBank
 
 LOG_FILE = "log.jsonl"
 CHECKPOINT_DIR = "checkpoint"
@@ -32,13 +33,15 @@ def has_checkpoint(run: str | Path) -> bool:
 
 
 def save_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, state: dict, projector=None,
-                    average: WeightAverage | None = None) -> None:
+                    average: WeightAverage | None = None, bank: SlotBank | None = None) -> None:
     with atomic_dir(run / CHECKPOINT_DIR) as tmp:
         torch.save(trainable_state(model, finetune), tmp / "adapter.pt")
         if projector is not None:
             torch.save(projector.state_dict(), tmp / "projector.pt")
         if average is not None:
             torch.save(average.state_dict(), tmp / "average.pt")
+        if bank is not None:
+            torch.save(bank.state_dict(), tmp / "bank.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
@@ -47,13 +50,19 @@ def save_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, state
 
 
 def load_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, projector=None,
-                    average: WeightAverage | None = None) -> dict:
+                    average: WeightAverage | None = None, bank: SlotBank | None = None) -> dict:
     """Restore everything :func:`save_checkpoint` wrote into the given objects; returns the training state."""
     ck = run / CHECKPOINT_DIR
     load_trainable_state(model, torch.load(ck / "adapter.pt", weights_only=False), finetune, str(ck / "adapter.pt"))
     if projector is not None:
         projector.load_state_dict(torch.load(ck / "projector.pt", weights_only=True))
     restore_average(average, ck / "average.pt")
+    if (bank is not None) != (ck / "bank.pt").is_file():
+        raise ValueError(f"{ck}: the run was trained {'without' if bank is not None else 'with'} a contrastive term "
+                         f"(contrastive_weight {'0' if bank is not None else '> 0'}); resume it with the "
+                         "contrastive_weight of its config.yaml")
+    if bank is not None:
+        bank.load_state_dict(torch.load(ck / "bank.pt", weights_only=True))
     optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=False))
     rng = torch.load(ck / "rng.pt", weights_only=False)

@@ -88,7 +88,7 @@ def supervised_contrastive(z: torch.Tensor, labels: torch.Tensor, bank_z: torch.
 class SlotBank:
     """The last ``size`` slot representations seen in training (detached) and their labels: the contrastive
     term's negatives and extra positives, so rare labels find partners beyond the few dialogues of one step.
-    Not checkpointed: a resumed run refills it within a few steps."""
+    Checkpoints carry it (:meth:`state_dict`), so a resumed run compares with the same slots."""
 
     def __init__(self, size: int):
         self.size = size
@@ -102,3 +102,9 @@ class SlotBank:
         z = z.detach().float().cpu()
         self.z = z[-self.size:] if self.z is None else torch.cat([self.z, z])[-self.size:]
         self.labels = torch.cat([self.labels, labels.detach().cpu()])[-self.size:]
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "z": self.z, "labels": self.labels}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size, self.z, self.labels = state["size"], state["z"], state["labels"]

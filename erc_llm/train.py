@@ -389,10 +389,11 @@ def setup(cfg: TrainConfig) -> "Recipe":
     unwrapped = accelerator.unwrap_model(model)
     audio = AudioModel(spec, accelerator.unwrap_model(projector)) if projector is not None else None
 
+    bank = SlotBank(BANK_SLOTS) if cfg.contrastive_weight else None
     state = {"step": 0, "epoch": 0, "position": 0, "best": None, "tokens": 0, "labels_seen": 0, "train_seconds": 0.0}
     if cfg.resume:
         state = load_checkpoint(run, unwrapped, cfg.finetune, optimizer, scheduler, audio.projector if audio else None,
-                                average)
+                                average, bank)
         if main:
             log.info("resumed from %s/checkpoint at step %d", run, state["step"])
             truncate_log(run, state["step"])
@@ -403,8 +404,7 @@ def setup(cfg: TrainConfig) -> "Recipe":
         write_run_files(run, cfg, labels, templates, manifest)
     return Recipe(cfg, accelerator, run, model, unwrapped, optimizer, scheduler, params, builder, data, dev_d,
                   label_tokens, corpora, prior, total, state, projector, train_audio, audio, dev_audio,
-                  dev_speakers, lengths, average, soft_targets, joint,
-                  SlotBank(BANK_SLOTS) if cfg.contrastive_weight else None)
+                  dev_speakers, lengths, average, soft_targets, joint, bank)
 
 
 def fit(r: "Recipe") -> None:
@@ -497,7 +497,7 @@ def fit(r: "Recipe") -> None:
         if state["step"] % cfg.save_every == 0 or state["step"] == total:
             if main:
                 save_checkpoint(run, unwrapped, cfg.finetune, optimizer, scheduler, state,
-                                r.audio.projector if r.audio else None, r.average)
+                                r.audio.projector if r.audio else None, r.average, r.bank)
             accelerator.wait_for_everyone()
     bar.close()
 

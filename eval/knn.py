@@ -30,13 +30,14 @@ import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
+from audio_fusion import weighted_f1  # noqa: E402
 from ensemble import MUST_MATCH, member_record, read_member  # noqa: E402
 
 from erc_llm.backbone import cache_root  # noqa: E402
 from erc_llm.data import DATASETS, load_split  # noqa: E402
 from erc_llm.data.schema import DataError, LabelSet  # noqa: E402
 from erc_llm.io import atomic_dir  # noqa: E402
-from erc_llm.metrics import compute_metrics, scored_pairs, write_evaluation  # noqa: E402
+from erc_llm.metrics import write_evaluation  # noqa: E402
 
 NEIGHBOURS = (8, 32, 128)
 TEMPERATURES = (0.01, 0.03, 0.1)
@@ -134,10 +135,6 @@ def mix(rows: list[dict], knn: np.ndarray, labels: tuple[str, ...], lam: float) 
     p = (1 - lam) * llm + lam * knn
     return [{**r, "predicted": labels[int(np.argmax(pi))], "probabilities": {n: round(float(v), 6) for n, v in zip(labels, pi)}}
             for r, pi in zip(rows, p)]
-
-
-def weighted_f1(rows: list[dict], labels: LabelSet) -> float:
-    return compute_metrics(*scored_pairs(rows), labels)["weighted_f1"]
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -307,8 +307,9 @@ def test_curriculum_short_first_trains_on_the_shortest_dialogues_first(tmp_path,
 
 
 def test_contrastive_term_enters_the_loss_and_fills_the_bank(tmp_path, tiny_model_dir):
-    """With contrastive_weight the first step's loss grows by the weighted term (same data, same start) and the
-    bank holds every labelled slot seen; a temperature without the term is a config error."""
+    """With contrastive_weight the first step's loss grows by the weighted term (same data, same start), the
+    bank holds every labelled slot seen and a resumed run gets it back from the checkpoint; a temperature without
+    the term, or resuming without it, is an error."""
     import erc_llm.train as train_mod
     from erc_llm.config import ConfigError, TrainConfig, build
 
@@ -324,6 +325,11 @@ def test_contrastive_term_enters_the_loss_and_fills_the_bank(tmp_path, tiny_mode
         if weight:
             slots = sum(len(r.data[i]["labels"]) for i in train_mod.epoch_order(len(r.data), 0, 0, 1, 2)[:2])
             assert len(r.bank.labels) == slots
+            resumed = train_mod.setup(build(TrainConfig, None, {**cfg, "contrastive_weight": weight, "resume": True,
+                                                                "out": str(tmp_path / f"r{weight}")}))
+            assert torch.equal(resumed.bank.z, r.bank.z) and torch.equal(resumed.bank.labels, r.bank.labels)
+            with pytest.raises(ValueError, match="trained with a contrastive term"):
+                train_mod.setup(build(TrainConfig, None, {**cfg, "resume": True, "out": str(tmp_path / f"r{weight}")}))
         else:
             assert r.bank is None
     assert losses[1.0] > losses[0.0] + 0.1
