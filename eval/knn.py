@@ -8,7 +8,8 @@ k, the temperature and λ chosen on dev and then read once on test.
         --out eval/results/meld_lora_gemma-3-270m_textonly_curriculum_knn_seed0
 
 ``--dev`` and ``--test`` are folders written by ``erc-llm evaluate --run RUN`` (their probabilities are the
-constrained decoder's); the slot states come from one forward per dialogue of the same run, and where every
+constrained decoder's); the slot states come from one forward per dialogue of the same run (from its streaming
+decoder for dialogues longer than the token budget, which it reads in shortened windows), and where every
 label is one token the script checks that these states give the evaluation's probabilities, so a folder of
 another model is refused. Only text-only runs (no labels, speaker notes or audio in the transcript, online
 context) are accepted: their slot states do not depend on what was predicted for earlier turns. The states of
@@ -68,8 +69,29 @@ def states_key(p, run: Path, dialogues) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def streamed_states(p, dialogue) -> list:
+    """Slot states of a dialogue longer than the token budget, read from the streaming decoder that evaluated it
+    (a hook on the decoder body; its first call per turn ends at the slot), so each turn keeps exactly the
+    earlier turns that decoder kept."""
+    from erc_llm.decoding import LabelTrie, StreamState
+
+    captured = []
+    hook = p.model.get_decoder().register_forward_hook(lambda m, i, o: captured.append(o.last_hidden_state[0, -1].float()))
+    try:
+        state, out = StreamState(p.model, p.builder, LabelTrie(p.builder.label_ids), p.builder.header_ids(dialogue)), []
+        for utt in dialogue.utterances:
+            first = len(captured)
+            state.score(utt)
+            out.append(captured[first])
+            state.commit(p.labels.labels[0])  # not written: the transcript carries text only
+    finally:
+        hook.remove()
+    return out
+
+
 def slot_states(p, dialogues) -> tuple[np.ndarray, np.ndarray]:
-    """Final hidden state (after the last norm) and label-token logits at every turn's slot, in spoken order."""
+    """Final hidden state (after the last norm) and label-token logits at every turn's slot, in spoken order:
+    one forward per dialogue that fits the token budget, the streaming decoder's own states for longer ones."""
     import torch
     from tqdm import tqdm
 
@@ -80,14 +102,11 @@ def slot_states(p, dialogues) -> tuple[np.ndarray, np.ndarray]:
     with torch.inference_mode():
         for d in tqdm(dialogues, unit="dialogue", desc="slot states"):
             enc = p.builder.encode(d)
-            by_turn = {}
-            for piece in p.builder.pieces(enc["header"], enc["turns"], [0] * len(enc["turns"])):
-                tr = piece.transcript
-                h = decoder_hidden(p.model, torch.tensor([tr.input_ids])).last_hidden_state[0]
-                for t, slot, ok in zip(tr.turn_index, tr.slots, piece.scored()):
-                    if ok:
-                        by_turn[t] = h[slot].float()
-            h = torch.stack([by_turn[t] for t in range(len(d.utterances))])
+            tr = p.builder.assemble(enc["header"], enc["turns"], [0] * len(enc["turns"]))
+            if tr.first_turn == 0:
+                h = decoder_hidden(p.model, torch.tensor([tr.input_ids])).last_hidden_state[0, tr.slots].float()
+            else:
+                h = torch.stack(streamed_states(p, d))
             states.append(h.numpy())
             logits.append(label_head(p.model, h, firsts).float().numpy())
     return np.concatenate(states), np.concatenate(logits)

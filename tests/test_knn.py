@@ -9,6 +9,7 @@ import pytest
 
 from erc_llm.config import EvalConfig, build
 from erc_llm.evaluate import evaluate
+from erc_llm.run import RunSpec, load
 from tests.conftest import REPO, write_jsonl_dataset, write_lora_run
 
 spec = importlib.util.spec_from_file_location("knn_script", REPO / "eval" / "knn.py")
@@ -32,9 +33,11 @@ def test_neighbours_vote_by_similarity_and_temperature():
     assert sharp.sum(axis=1) == pytest.approx([1.0])
 
 
-def evaluated_run(tmp_path, tiny_model, tiny_model_dir, seed=0, label_history=False):
+def evaluated_run(tmp_path, tiny_model, tiny_model_dir, seed=0, label_history=False, max_tokens=0):
     data = write_jsonl_dataset(tmp_path / "data", n_dialogues=4)
     run = write_lora_run(tmp_path / f"run{seed}_{label_history}", tiny_model, tiny_model_dir, seed, label_history)
+    if max_tokens:
+        RunSpec.read(run).__class__(**{**RunSpec.read(run).__dict__, "max_tokens": max_tokens}).write(run)
     for split in ("dev", "test"):
         evaluate(build(EvalConfig, None, {"dataset": "jsonl", "split": split, "data_dir": str(data), "run": str(run),
                                           "out": str(run / "eval" / split)}))
@@ -64,6 +67,21 @@ def test_mixes_on_dev_then_writes_both_evaluations(tmp_path, tiny_model, tiny_mo
     assert len(rows) == 3 + 4 + 5 + 6
     assert all(sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-4) for r in rows)
     assert len(list((tmp_path / "cache" / "features").glob("slots-*"))) == 3  # train, dev, test states cached
+
+
+def test_dialogues_longer_than_the_budget_get_the_states_their_streaming_decoder_used(tmp_path, tiny_model,
+                                                                                       tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("ERC_LLM_CACHE", str(tmp_path / "cache"))
+    data, run = evaluated_run(tmp_path, tiny_model, tiny_model_dir, max_tokens=80)
+    p = load(run)
+    from erc_llm.data import load_split
+
+    dialogues = load_split("jsonl", "test", data)[0]
+    enc = p.builder.encode(dialogues[-1])
+    assert p.builder.assemble(enc["header"], enc["turns"], [0] * len(enc["turns"])).first_turn > 0  # really cut
+    knn_script.main(knn_args(data, run, tmp_path / "out"))  # refused if a state differs from the evaluated one
+    memory = json.loads((tmp_path / "out" / "test" / "metrics.json").read_text())["knn_memory"]
+    assert memory["max_probability_gap"]["test"] < 1e-4 and memory["max_probability_gap"]["dev"] < 1e-4
 
 
 def test_refuses_runs_with_labels_in_history_and_evaluations_of_another_run(tmp_path, tiny_model, tiny_model_dir, monkeypatch,
