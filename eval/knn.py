@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         mixed = mix(rows, knn, labels.labels, best["lambda"])
         info = {**{k: m[k] for k in MUST_MATCH}, "history": "none", "dialogues": m["dialogues"],
                 "utterances": len(mixed), "scored_utterances": sum(r["gold"] is not None for r in mixed),
-                "model": f"{m['model']} + kNN memory of its train slots", "members": [member_record(folder, m)],
+                "model": m["model"], "members": [member_record(folder, m)],
                 "seconds": m["seconds"], "utterances_per_second": len(mixed) / max(m["seconds"], 1e-9), "knn_memory": memory, "command": command}
         out = write_evaluation(args.out / split, mixed, labels, info,
                                f"{args.dataset}/{split} LLM + kNN (k = {best['k']}, T = {best['temperature']}, λ = {best['lambda']})")
