@@ -31,7 +31,8 @@ from sklearn.linear_model import LogisticRegression
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from ensemble import MUST_MATCH, average, check_members, member_record, read_member  # noqa: E402
+from ensemble import (MUST_MATCH, average, check_members, member_record, probability_matrix, read_member,  # noqa: E402
+                      with_probabilities)
 
 from erc_llm.audio import FEATURE_SOURCES, load_source  # noqa: E402
 from erc_llm.backbone import cache_root  # noqa: E402
@@ -120,12 +121,11 @@ def fuse(rows: list[dict], acoustic: dict[str, np.ndarray], labels: tuple[str, .
     if missing:
         raise DataError(f"{len(missing)} evaluated utterances (e.g. {missing[:3]}) are not in the data split; "
                         "evaluate and fuse the same --data-dir")
-    llm = np.log(np.clip([[r["probabilities"][n] for n in labels] for r in rows], 1e-12, None))
+    llm = np.log(np.clip(probability_matrix(rows, labels), 1e-12, None))
     z = llm + w * np.log(np.clip([acoustic[r["utterance_id"]] for r in rows], 1e-12, None))
     p = np.exp(z - z.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
-    return [{**r, "predicted": labels[int(np.argmax(pi))], "probabilities": {n: round(float(v), 6) for n, v in zip(labels, pi)}}
-            for r, pi in zip(rows, p)]
+    return with_probabilities(rows, p, labels)
 
 
 def weighted_f1(rows: list[dict], labels: LabelSet) -> float:

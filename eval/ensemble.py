@@ -66,14 +66,21 @@ def check_members(members: list[tuple[Path, dict, list[dict]]]) -> None:
         raise SystemExit("cannot ensemble these evaluations:\n  " + "\n  ".join(problems))
 
 
+def probability_matrix(rows: list[dict], labels) -> np.ndarray:
+    """The rows' label probabilities as an (utterances, labels) array, columns in ``labels`` order."""
+    return np.array([[r["probabilities"][n] for n in labels] for r in rows])
+
+
+def with_probabilities(rows: list[dict], probs: np.ndarray, labels) -> list[dict]:
+    """The rows with new label probabilities (rounded to 6 places) and their argmax as the prediction (ties: the
+    label set's order); shared by ensembles, audio fusion and the kNN memory."""
+    return [{**r, "predicted": labels[int(np.argmax(p))], "probabilities": {n: round(float(v), 6) for n, v in zip(labels, p)}}
+            for r, p in zip(rows, probs)]
+
+
 def average(members: list[list[dict]], labels: list[str]) -> list[dict]:
     """Mean probabilities per utterance; the prediction is their argmax (ties: the label set's order)."""
-    probs = np.mean([[[r["probabilities"][n] for n in labels] for r in rows] for rows in members], axis=0)
-    out = []
-    for i, row in enumerate(members[0]):
-        p = {n: round(float(v), 6) for n, v in zip(labels, probs[i])}
-        out.append({**row, "predicted": labels[int(np.argmax(probs[i]))], "probabilities": p})
-    return out
+    return with_probabilities(members[0], np.mean([probability_matrix(rows, labels) for rows in members], axis=0), labels)
 
 
 def ensemble(folders: list[Path], out: Path, command: str = "") -> dict:

@@ -32,7 +32,7 @@ import numpy as np
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 from audio_fusion import weighted_f1  # noqa: E402
-from ensemble import MUST_MATCH, member_record, read_member  # noqa: E402
+from ensemble import MUST_MATCH, member_record, probability_matrix, read_member, with_probabilities  # noqa: E402
 
 from erc_llm.backbone import cache_root  # noqa: E402
 from erc_llm.data import DATASETS, load_split  # noqa: E402
@@ -60,12 +60,17 @@ def check_text_only(p, run: Path) -> None:
         raise SystemExit(f"{run}: kNN memory needs a text-only online run; " + "; ".join(problems))
 
 
-def states_key(p, run: Path, dialogues) -> str:
+def adapter_digest(run: Path) -> str:
+    """Content hash of a run's trained weights (the ``adapter/`` folder), part of every split's cache key."""
     adapter = hashlib.sha256()
     for f in sorted((run / "adapter").glob("*")):
         adapter.update(f.name.encode() + f.read_bytes())
+    return adapter.hexdigest()
+
+
+def states_key(p, adapter: str, dialogues) -> str:
     texts = [(u.utterance_id, u.speaker, u.text) for d in dialogues for u in d.utterances]
-    payload = json.dumps([adapter.hexdigest(), p.builder.templates.version, p.builder.max_tokens, texts])
+    payload = json.dumps([adapter, p.builder.templates.version, p.builder.max_tokens, texts])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -112,8 +117,8 @@ def slot_states(p, dialogues) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(states), np.concatenate(logits)
 
 
-def cached_states(p, run: Path, dialogues) -> tuple[np.ndarray, np.ndarray]:
-    path = cache_root() / "features" / f"slots-{states_key(p, run, dialogues)}"
+def cached_states(p, adapter: str, dialogues) -> tuple[np.ndarray, np.ndarray]:
+    path = cache_root() / "features" / f"slots-{states_key(p, adapter, dialogues)}"
     if not (path / "states.npy").is_file():
         states, logits = slot_states(p, dialogues)
         with atomic_dir(path) as tmp:
@@ -129,7 +134,7 @@ def check_same_model(rows: list[dict], logits: np.ndarray, p, folder: Path) -> f
         return float("nan")
     own = np.exp(logits - logits.max(axis=1, keepdims=True))
     own /= own.sum(axis=1, keepdims=True)
-    theirs = np.array([[r["probabilities"][n] for n in p.labels.labels] for r in rows])
+    theirs = probability_matrix(rows, p.labels.labels)
     gap = float(np.abs(own - theirs).max())
     if gap > 0.05:
         raise SystemExit(f"{folder}: its probabilities differ from --run's by up to {gap:.3f}; evaluate and fuse "
@@ -149,11 +154,9 @@ def knn_probabilities(index, train_labels: np.ndarray, queries: np.ndarray, k: i
     return out / out.sum(axis=1, keepdims=True)
 
 
-def mix(rows: list[dict], knn: np.ndarray, labels: tuple[str, ...], lam: float) -> list[dict]:
-    llm = np.array([[r["probabilities"][n] for n in labels] for r in rows])
-    p = (1 - lam) * llm + lam * knn
-    return [{**r, "predicted": labels[int(np.argmax(pi))], "probabilities": {n: round(float(v), 6) for n, v in zip(labels, pi)}}
-            for r, pi in zip(rows, p)]
+def mix(rows: list[dict], llm: np.ndarray, knn: np.ndarray, labels: tuple[str, ...], lam: float) -> list[dict]:
+    """The rows with ``(1 - lam) * llm + lam * knn`` (``llm``: the rows' own probabilities, :func:`probability_matrix`)."""
+    return with_probabilities(rows, (1 - lam) * llm + lam * knn, labels)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         labels = LabelSet(name=args.dataset, labels=tuple(evals["dev"][1]["labels"]))
         p = load(args.run, dtype="float32", labels=labels)
         check_text_only(p, args.run)
-        states = {s: cached_states(p, args.run, d) for s, d in data.items()}
+        adapter = adapter_digest(args.run)
+        states = {s: cached_states(p, adapter, d) for s, d in data.items()}
         gaps = {}
         for split, (folder, _, rows) in evals.items():
             ids = [u.utterance_id for d in data[split] for u in d.utterances]
@@ -210,19 +214,20 @@ def main(argv: list[str] | None = None) -> None:
     index = faiss.IndexFlatIP(states["train"][0].shape[1])
     index.add(unit(states["train"][0][keep]))
     queries = {s: unit(states[s][0]) for s in ("dev", "test")}
+    llm = {s: probability_matrix(rows, labels.labels) for s, (_, _, rows) in evals.items()}
     grid = []
     for k, t in itertools.product(args.neighbours, args.temperatures):
         knn = knn_probabilities(index, train_labels, queries["dev"], k, t, len(labels.labels))
         for lam in args.lambdas:
             grid.append({"k": k, "temperature": t, "lambda": lam,
-                         "dev_weighted_f1": weighted_f1(mix(evals["dev"][2], knn, labels.labels, lam), labels)})
+                         "dev_weighted_f1": weighted_f1(mix(evals["dev"][2], llm["dev"], knn, labels.labels, lam), labels)})
     best = max(grid, key=lambda g: (g["dev_weighted_f1"], -g["lambda"], g["k"], -g["temperature"]))
     memory = {"run": str(args.run), "train_slots": int(keep.sum()), "max_probability_gap": gaps,
               "chosen_on_dev": {k: best[k] for k in ("k", "temperature", "lambda")}, "dev_grid": grid}
     for split, (folder, m, rows) in evals.items():
         knn = knn_probabilities(index, train_labels, queries[split], best["k"], best["temperature"], len(labels.labels))
-        memory[f"knn_alone_{split}_weighted_f1"] = weighted_f1(mix(rows, knn, labels.labels, 1.0), labels)
-        mixed = mix(rows, knn, labels.labels, best["lambda"])
+        memory[f"knn_alone_{split}_weighted_f1"] = weighted_f1(mix(rows, llm[split], knn, labels.labels, 1.0), labels)
+        mixed = mix(rows, llm[split], knn, labels.labels, best["lambda"])
         info = {**{k: m[k] for k in MUST_MATCH}, "history": "none", "dialogues": m["dialogues"],
                 "utterances": len(mixed), "scored_utterances": sum(r["gold"] is not None for r in mixed),
                 "model": m["model"], "members": [member_record(folder, m)],

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from ensemble import read_member  # noqa: E402
+from ensemble import probability_matrix, read_member  # noqa: E402
 
 from erc_llm.data import DATASETS, label_counts, load_split  # noqa: E402
 from erc_llm.data.schema import LabelSet  # noqa: E402
@@ -53,7 +53,7 @@ def read_split(folders: list[Path], split: str) -> tuple[dict, list[list[dict]]]
 def shifted(rows: list[dict], labels: tuple[str, ...], log_prior: np.ndarray, tau: float) -> tuple[list[str], list[str]]:
     """Gold and adjusted predictions of the scored utterances (ties: the label set's order)."""
     scored = [r for r in rows if r["gold"] is not None]
-    probs = np.array([[r["probabilities"][n] for n in labels] for r in scored])
+    probs = probability_matrix(scored, labels)
     pred = np.argmax(np.log(np.clip(probs, 1e-12, None)) - tau * log_prior, axis=1)
     return [r["gold"] for r in scored], [labels[i] for i in pred]
 
