@@ -47,7 +47,8 @@ def bar(p: float, width: int = 10) -> str:
 def render_turn(r: TurnResult) -> str:
     (lab, p), *rest = r.top(3)
     others = "  ".join(f"{k} {100 * v:.0f}%" for k, v in rest)
-    return f"  {r.speaker} → {lab} {100 * p:.0f}% {bar(p)}  {others}"
+    used = f"  ({r.used})" if r.used != "text" else ""
+    return f"  {r.speaker} → {lab} {100 * p:.0f}% {bar(p)}  {others}{used}"
 
 
 class Repl:

@@ -159,7 +159,7 @@ def _chat(args) -> None:
 
     participants = [p.strip() for p in args.participants.split(",") if p.strip()]
     run(Repl(ERCSession.from_run(args.run or None, participants, model=args.model, threads=args.threads,
-                                 dtype=args.dtype, zero_shot=args.zero_shot)))
+                                 dtype=args.dtype, zero_shot=args.zero_shot, stages=args.stages == "on")))
 
 
 def _serve(args) -> None:
@@ -167,7 +167,8 @@ def _serve(args) -> None:
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.warning("binding to %s: the service has no authentication; expose it only behind your own proxy", args.host)
-    serve(args.run or None, args.host, args.port, args.model, args.threads, args.dtype, args.zero_shot)
+    serve(args.run or None, args.host, args.port, args.model, args.threads, args.dtype, args.zero_shot,
+          args.stages == "on")
 
 
 def _count(text: str) -> int:
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--threads", type=_count, default=0, help="torch CPU threads (0 = all cores)")
         q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                        help="weights dtype (bfloat16: about 2x faster on CPUs with AMX/avx512_bf16; see eval/results/bench)")
+        q.add_argument("--stages", default="on", choices=["on", "off"],
+                       help="the run's memory, fusion and calibration (off: the adapter alone)")
     ch.add_argument("--participants", default="", help="comma-separated speakers known up front")
     ch.set_defaults(func=_chat)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")

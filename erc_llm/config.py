@@ -87,6 +87,44 @@ class AudioOptions:
 
 
 @dataclass
+class StageOptions:
+    """Stages fitted after the adapter is selected, settings chosen on dev (``erc_llm/stages.py``); they need a
+    text-only online run (label_history false, no speaker notes, no audio soft tokens, no look-ahead)."""
+
+    memory: bool = _f(False, "nearest-neighbour memory: the final hidden states at the training turns' slots with "
+                      "their gold labels, mixed with the adapter's distribution (k, temperature and weight chosen on dev)")
+    memory_codec: str = _f("fp16", "how the memory stores slot states: fp16 (2 bytes per value) or pq (product "
+                           "quantisation, ~20x smaller, for a shipped model)", ("fp16", "pq"))
+    fusion: bool = _f(False, "late fusion with a classical classifier (logistic regression) over the utterance's "
+                      "sentence embedding, its audio features and the voice of earlier turns; weight chosen on dev")
+    fusion_audio_source: str = _f("none", "audio features the classifier hears: none (text only), meld_prosody, "
+                                  "csv or npy (as audio_source)", ("none", "meld_prosody", "csv", "npy"))
+    fusion_audio_dir: str = _f("", "folder of those features for every split")
+    fusion_audio_context: int = _f(3, "the classifier also hears the speaker's previous K turns (mean) and the other "
+                                   "speaker's last one, earlier turns only (0 = the utterance alone)", ge=0)
+    fusion_text_encoder: str = _f("all-MiniLM-L6-v2", "sentence-transformers model for the classifier's text input "
+                                  "(all-MiniLM-L6-v2 = the packaged one; a local dir or hub id; empty = audio only)")
+    calibrate: bool = _f(True, "with memory or fusion on: a probability temperature chosen on dev (NLL) is applied "
+                         "to the final distribution")
+
+    def stage_problems(self) -> list[str]:
+        p = []
+        if not (self.memory or self.fusion):
+            changed = [n for n, v, d in (("memory_codec", self.memory_codec, "fp16"),
+                                         ("fusion_audio_source", self.fusion_audio_source, "none"),
+                                         ("fusion_audio_dir", self.fusion_audio_dir, "")) if v != d]
+            return [f"{n}: set, but memory and fusion are off; turn one on or leave {n} out" for n in changed]
+        if self.fusion and self.fusion_audio_source == "none" and not self.fusion_text_encoder:
+            p.append("fusion: the classifier needs an input; set fusion_audio_source or fusion_text_encoder")
+        if self.fusion_audio_source != "none" and not Path(self.fusion_audio_dir).is_dir():
+            p.append(f"fusion_audio_dir: {self.fusion_audio_dir!r} is not a folder (needed for fusion_audio_source: "
+                     f"{self.fusion_audio_source})")
+        if self.fusion_audio_source != "none" and not self.fusion:
+            p.append("fusion_audio_source: set, but fusion is off; set fusion: true")
+        return p
+
+
+@dataclass
 class EvalConfig(SpeakerOptions):
     """Batch evaluation of a dialogue set with the constrained decoder."""
 
@@ -117,7 +155,13 @@ class EvalConfig(SpeakerOptions):
     dtype: str = _f("float32", "model dtype", ("float32", "bfloat16"))
     threads: int = _f(0, "torch CPU threads (0 = all cores)", ge=0)
     prompts: str = _f("", "folder with prompt templates (default: the packaged prompts/)")
-    audio_dir: str = _f("", "audio feature folder of this split for a run trained with audio (default: the run's)")
+    audio_dir: str = _f("", "audio feature folder of this split for a run trained with audio or with a fusion stage "
+                        "(default: the run's)")
+    stages: bool = _f(True, "apply the run's stages (memory, fusion, calibration) where it has them; false = the "
+                      "adapter alone")
+    stage_stats: str = _f("online", "the fusion classifier's per-speaker audio statistics: online (the speaker's turns "
+                          "so far, as in a live session) or split (OFFLINE: the whole split, later turns included)",
+                          ("online", "split"))
 
     def problems(self) -> list[str]:
         p = _common_problems(self)
@@ -276,7 +320,7 @@ QUANT_MODES = ("none", "4bit")
 
 
 @dataclass
-class TrainConfig(AudioOptions, SpeakerOptions):
+class TrainConfig(StageOptions, AudioOptions, SpeakerOptions):
     """LoRA fine-tuning on whole-dialogue transcripts (``erc_llm/train.py``)."""
 
     # data
@@ -453,7 +497,11 @@ class TrainConfig(AudioOptions, SpeakerOptions):
             from erc_llm.lora import init_problems
 
             p.extend(init_problems(self))
-        return p + self.speaker_problems() + self.audio_problems()
+        if (self.memory or self.fusion) and (self.label_history or self.lookahead or self.context != "online" or
+                                             self.speaker_bios or self.speaker_history or self.audio_source != "none"):
+            p.append("memory/fusion: the stages need a text-only online run (label_history: false, context: online, "
+                     "lookahead: 0, no speaker notes, audio_source: none); change those or turn the stages off")
+        return p + self.speaker_problems() + self.audio_problems() + self.stage_problems()
 
     def joint_problems(self) -> list[str]:
         if not self.joint_dataset:

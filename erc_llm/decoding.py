@@ -59,6 +59,7 @@ class TurnPrediction:
     utterance_id: str
     label: str
     probs: list[float]
+    state: object = None  # the final hidden state at the turn's slot (float32 numpy), where the decoder has it
 
 
 def _last_logprobs(model, ids: list[int], cache, soft: torch.Tensor | None = None):
@@ -79,12 +80,14 @@ def _last_label_logits(model, ids: list[int], cache, columns: list[int], soft: t
     """Feed ``ids`` after ``cache``; return (logits of the label tokens at the last position, updated cache).
 
     For single-token label sets: the softmax over these equals the softmax over the labels' full-vocabulary
-    log-probabilities, at a fraction of the cost (no 262k-row LM head)."""
+    log-probabilities, at a fraction of the cost (no 262k-row LM head). Also returns the slot's final hidden
+    state (what a nearest-neighbour memory compares)."""
     from erc_llm.objective import decoder_hidden, label_head
 
     x = torch.tensor([ids], dtype=torch.long, device=model.device)
     out = decoder_hidden(model, x, soft, **{CACHE_ARG: cache}, use_cache=True)
-    return label_head(model, out.last_hidden_state[0, -1], columns).float(), out[CACHE_ARG]
+    hidden = out.last_hidden_state[0, -1]
+    return label_head(model, hidden, columns).float(), out[CACHE_ARG], hidden.float().cpu().numpy()
 
 
 def score_slot(model, trie: LabelTrie, slot_logprobs: torch.Tensor, cache) -> torch.Tensor:
@@ -118,6 +121,7 @@ class StreamState:
         self._turn: list[int] | None = None
         self.max_answer = max(len(ids) for ids in builder.label_ids) + len(builder.suffix_ids)
         self.columns = [ids[0] for ids in trie.label_ids]
+        self.slot_state = None  # final hidden state at the last scored slot (single-token label sets)
 
     def score(self, utt: Utterance, note: str = "", soft: torch.Tensor | None = None) -> torch.Tensor:
         """Label probabilities of a new turn; ``soft`` = its audio soft tokens when the prompt has audio."""
@@ -134,7 +138,8 @@ class StreamState:
         feed_soft = torch.cat(parts) if parts else None
         self.backlog, self.backlog_soft = [], []
         if self.trie.single_token:
-            scores, self.cache = _last_label_logits(self.model, feed, self.cache, self.columns, feed_soft)
+            scores, self.cache, self.slot_state = _last_label_logits(self.model, feed, self.cache, self.columns,
+                                                                     feed_soft)
         else:
             slot_lp, self.cache = _last_logprobs(self.model, feed, self.cache, feed_soft)
             scores = score_slot(self.model, self.trie, slot_lp, self.cache)
@@ -260,7 +265,7 @@ class StreamingTagger:
             label = self.labels.labels[int(probs.argmax())]
             written.append(written_label(self.history, utt, label))
             state.commit(written[-1])
-            preds.append(TurnPrediction(utt.utterance_id, label, probs.tolist()))
+            preds.append(TurnPrediction(utt.utterance_id, label, probs.tolist(), state.slot_state))
             if on_turn is not None:
                 on_turn(i, preds[-1])
         if self.speakers:
@@ -325,11 +330,12 @@ class PackedTagger:
         for members in self._packed_groups(encoded):
             soft = ([[self.audio.soft_tokens([u.utterance_id]) for u in dialogues[i].utterances] for i in members]
                     if self.audio else None)
+            states: list[list] = [[] for _ in members]
             probs = self._decode_group([encoded[i] for i in members], lambda k, t, label: written_label(
-                self.history, dialogues[members[k]].utterances[t], label), soft)
-            for i, ps in zip(members, probs):
-                out[i] = [TurnPrediction(u.utterance_id, self.labels.labels[int(p.argmax())], p.tolist())
-                          for u, p in zip(dialogues[i].utterances, ps)]
+                self.history, dialogues[members[k]].utterances[t], label), soft, states)
+            for i, ps, hs in zip(members, probs, states):
+                out[i] = [TurnPrediction(u.utterance_id, self.labels.labels[int(p.argmax())], p.tolist(), h)
+                          for u, p, h in zip(dialogues[i].utterances, ps, hs)]
         return [self.single.tag(d) if o is None else o for o, d in zip(out, dialogues)]
 
     def rollout_many(self, dialogues: list[tuple[list[int], list[list[int]]]], soft=None) -> list[list[int]]:
@@ -354,10 +360,11 @@ class PackedTagger:
 
     @torch.inference_mode()
     def _decode_group(self, encoded: list[tuple[list[int], list[list[int]]]], write,
-                      soft: list[list[torch.Tensor]] | None = None) -> list[list[torch.Tensor]]:
+                      soft: list[list[torch.Tensor]] | None = None, states: list[list] | None = None) -> list[list[torch.Tensor]]:
         """Label probabilities of every turn of tokenized dialogues ``(header, turns)`` decoded together; after
         dialogue *k*'s turn *t* the label ``write(k, t, predicted)`` is written into its transcript. ``soft[k][t]``:
-        the audio soft tokens of dialogue *k*'s turn *t* (when the prompt has audio)."""
+        the audio soft tokens of dialogue *k*'s turn *t* (when the prompt has audio); ``states[k]`` receives each
+        turn's slot state when given."""
         from transformers import DynamicCache
 
         from erc_llm.objective import label_head
@@ -384,6 +391,9 @@ class PackedTagger:
                                               attention_mask=self._masks(kd, kp, qd, qp), use_cache=True).last_hidden_state[0]
             ends = torch.tensor([len(f) for f in feeds], device=dev).cumsum(0) - 1
             probs = torch.softmax(label_head(self.model, hidden[ends], self.columns).float(), dim=-1)
+            if states is not None:
+                for i, h in zip(act, hidden[ends].float().cpu().numpy()):
+                    states[i].append(h)
             for i, f, p in zip(act, feeds, probs):
                 pending[i] = b.answer_ids(write(i, t, self.labels.labels[int(p.argmax())]))
                 pos[i] += len(f)

@@ -28,8 +28,9 @@ from erc_llm.metrics import write_evaluation
 log = logging.getLogger(__name__)
 
 
-def _fingerprint(cfg: EvalConfig, p, dialogues) -> str:
-    """What partial results depend on: settings, backbone, adapter bytes, prompts and the data's content."""
+def _fingerprint(cfg: EvalConfig, p, dialogues, stages=None) -> str:
+    """What partial results depend on: settings, backbone, adapter bytes, prompts, stage files and the data's
+    content."""
     from erc_llm.data.schema import dialogues_digest
     from erc_llm.io import content_digest, sha256_file
 
@@ -37,7 +38,7 @@ def _fingerprint(cfg: EvalConfig, p, dialogues) -> str:
     adapter = p.run_dir / "adapter" / "adapter_model.safetensors" if p.run_dir else None
     return content_digest(keep, p.manifest.get("sha256"), p.manifest.get("path"), p.builder.templates.version,
                           sha256_file(adapter) if adapter and adapter.is_file() else None,
-                          dialogues_digest(dialogues))[:16]
+                          dialogues_digest(dialogues), stages.digest() if stages is not None else None)[:16]
 
 
 def _load_partial(path: Path, fingerprint: str) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
@@ -65,19 +66,23 @@ def _load_partial(path: Path, fingerprint: str) -> tuple[dict[str, list[dict]], 
     return done, started
 
 
-def _row(d, u, p, labels) -> dict:
-    return {"dialogue_id": d.id, "utterance_id": u.utterance_id, "speaker": u.speaker, "text": u.text,
-            "gold": u.emotion, "predicted": p.label,
-            "probabilities": dict(zip(labels.labels, [round(x, 6) for x in p.probs]))}
+def _row(d, u, p, labels, stages=None) -> dict:
+    row = {"dialogue_id": d.id, "utterance_id": u.utterance_id, "speaker": u.speaker, "text": u.text,
+           "gold": u.emotion, "predicted": p.label,
+           "probabilities": dict(zip(labels.labels, [round(x, 6) for x in p.probs]))}
+    if stages is not None and stages.memory is not None:  # the memory reads the decoder's own slot state
+        row["memory_probabilities"] = dict(zip(labels.labels, [round(float(x), 6) for x in stages.memory_probs(p.state)[0]]))
+    return row
 
 
-def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1) -> list[dict]:
+def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1, stages=None) -> list[dict]:
     """Tag every dialogue, resuming from ``partial``; returns one row per utterance.
 
     ``batch`` dialogues at a time go through ``tagger.tag_many`` (a PackedTagger); dialogues it cannot pack
     (longer than the token budget) and every dialogue of a one-at-a-time run are tagged turn by turn, with
     each turn written to ``partial`` as it is labelled: progress shows per turn and a killed run resumes
-    inside a long dialogue. Dialogues restored from ``partial`` still feed a speaker memory, in order.
+    inside a long dialogue. Dialogues restored from ``partial`` still feed a speaker memory, in order. With
+    ``stages`` that hold a memory, each row also carries the memory's distribution for the turn's slot state.
     """
     from erc_llm.decoding import TurnPrediction
 
@@ -89,13 +94,16 @@ def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1) 
     speakers = getattr(tagger, "speakers", None)
     single = getattr(tagger, "single", tagger)
     labels = tagger.labels
+    kept_rows: dict[str, list[dict]] = {}  # rows of resumed turns (their slot states are not kept)
     with open(partial, "a", encoding="utf-8") as f:
         if new:
             f.write(json.dumps({"fingerprint": fingerprint}) + "\n")
         bar = tqdm(total=sum(len(d) for d in dialogues), unit="utt", desc="evaluate", dynamic_ncols=True)
 
         def finish(d, preds):
-            done[d.id] = [_row(d, u, p, labels) for u, p in zip(d.utterances, preds)]
+            kept = kept_rows.get(d.id, [])
+            done[d.id] = [kept[i] if i < len(kept) else _row(d, u, p, labels, stages)
+                          for i, (u, p) in enumerate(zip(d.utterances, preds))]
             f.write(json.dumps({"dialogue_id": d.id, "predictions": done[d.id]}, ensure_ascii=False) + "\n")
             f.flush()
 
@@ -104,9 +112,10 @@ def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1) 
             resume = [TurnPrediction(r["utterance_id"], r["predicted"], [r["probabilities"][k] for k in labels.labels])
                       for r in kept]
             bar.update(len(resume))
+            kept_rows[d.id] = kept
 
             def on_turn(i, p):
-                f.write(json.dumps({"dialogue_id": d.id, "turn": _row(d, d.utterances[i], p, labels)},
+                f.write(json.dumps({"dialogue_id": d.id, "turn": _row(d, d.utterances[i], p, labels, stages)},
                                    ensure_ascii=False) + "\n")
                 f.flush()
                 bar.update(1)
@@ -199,11 +208,13 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     partial = out / shard.name("predictions.partial.jsonl")
     t0 = time.time()
-    rows = predict(tagger, mine, partial, _fingerprint(cfg, p, mine), batch)
+    stages = p.stages if cfg.stages else None
+    rows = predict(tagger, mine, partial, _fingerprint(cfg, p, mine, stages), batch, stages)
     rows = shard.gather(rows, out, dialogues)
     if rows is None:  # not the first process: its shard is written, the first one reports
         partial.unlink(missing_ok=True)
         return {}
+    applied = apply_stages(stages, cfg, p, dialogues, rows) if stages is not None else None
     seconds = time.time() - t0
     scored = sum(r["gold"] is not None for r in rows)
     info = {
@@ -215,14 +226,52 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
         "prompt_version": p.builder.templates.version,
         "speakers": {**p.speakers.settings.__dict__, "coverage": coverage and asdict(coverage)} if p.speakers else None,
         "audio": {"source": audio.spec.source, "missing": audio.missing} if audio else None,
+        "stages": applied,
         "seconds": seconds, "utterances_per_second": len(rows) / max(seconds, 1e-9), "processes": shard.world,
         "threads": torch.get_num_threads(), "software": software_versions(), "config": to_dict(cfg), "command": command,
     }
-    metrics = write_evaluation(out, rows, labels, info, f"{cfg.dataset}/{cfg.split} {p.name} (history={history}, {p.context})")
+    title = (f"{cfg.dataset}/{cfg.split} {p.name} (history={history}, {p.context}"
+             f"{', ' + ' + '.join(applied['applied']) if applied else ''}"
+             f"{', OFFLINE audio statistics of the whole split' if applied and applied['stage_stats'] == 'split' else ''})")
+    metrics = write_evaluation(out, rows, labels, info, title)
     if not scored:
         log.warning("%s/%s has no gold labels: wrote predictions only (no metrics)", cfg.dataset, cfg.split)
     partial.unlink(missing_ok=True)
     return metrics
+
+
+def apply_stages(stages, cfg: EvalConfig, p, dialogues, rows: list[dict]) -> dict:
+    """Replace every row's probabilities and prediction by the stages' final (calibrated) distribution, keeping
+    the adapter's (``adapter_probabilities``) and each stage's; returns what was applied, with per-stage metrics."""
+    import numpy as np
+
+    from erc_llm import stages as S
+
+    names = list(p.labels.labels)
+    llm = np.array([[r["probabilities"][k] for k in names] for r in rows])
+    memory = np.array([[r["memory_probabilities"][k] for k in names] for r in rows]) if stages.memory else None
+    table, note = None, None
+    fusion = stages.settings.get("fusion")
+    if fusion and fusion["audio_source"] != "none":
+        directory = cfg.audio_dir or fusion["audio_dir"]
+        if Path(directory).is_dir():
+            table = S.audio_table(fusion["audio_source"], directory, cfg.split)
+        else:
+            note = (f"fusion skipped: no {fusion['audio_source']} audio features in {directory!r} (pass --audio-dir "
+                    "with this split's features); memory and calibration applied")
+            log.warning(note)
+    steps = S.apply(stages, dialogues, llm, memory, table, cfg.stage_stats)
+    final = steps["calibrated"]
+    for r, q, a in zip(rows, final, llm):
+        r["adapter_probabilities"] = r.pop("probabilities")
+        r["probabilities"] = dict(zip(names, [round(float(x), 6) for x in q]))
+        r["predicted"] = names[int(np.argmax(q))]
+    applied = [n for n, on in (("memory", memory is not None), ("fusion", table is not None or (fusion and fusion["audio_source"] == "none")),
+                               ("calibration", stages.settings.get("temperature", 1.0) != 1.0)) if on]
+    gold = np.array([names.index(r["gold"]) if r["gold"] is not None else -1 for r in rows])
+    return {"applied": applied, "settings": stages.settings, "described": S.describe(stages.settings),
+            "stage_stats": cfg.stage_stats if table is not None else None, "note": note,
+            "steps": S.stage_report(gold, steps) if (gold >= 0).any() else None}
 
 
 class Shard:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from erc_llm.io import atomic_dir, atomic_write_json, sha256_file
 from erc_llm.run import RunSpec, resolve
+from erc_llm.stages import STAGES_DIR, describe
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 REFERENCE = "reference.json"
@@ -60,6 +61,10 @@ def export(run: str | Path, out: str | Path, dtype: str = "float32", card: str =
         shutil.copytree(src / "prompts", tmp / "prompts")
         if (src / "speaker_store").is_dir():
             shutil.copytree(src / "speaker_store", tmp / "speaker_store", symlinks=False)
+        if spec.stages:  # memory index, classifier arrays; their settings are in run.json
+            shutil.copytree(src / STAGES_DIR, tmp / STAGES_DIR)
+            if (src / "stages.json").is_file():
+                shutil.copy(src / "stages.json", tmp / "stages.json")
         (tmp / "README.md").write_text(card or model_card(spec, name=Path(out).name, metrics=run_metrics(src)),
                                        encoding="utf-8")
     return Path(out)
@@ -92,7 +97,12 @@ def model_card(spec: RunSpec, name: str, metrics: dict, extra: str = "") -> str:
              f"earlier turns' labels {'written into the transcript' if spec.label_history else 'not written (text-only history)'}, "
              f"token budget {spec.max_tokens}, utterances cut at {spec.max_utterance_tokens} tokens.",
              f"- Features: text{', speaker notes' if spec.speakers else ''}{', audio soft tokens' if spec.audio else ''}.",
-             f"- Trained on `{spec.dataset}` with backbone weights in {spec.train_dtype or 'float32'}.", ""]
+             f"- Trained on `{spec.dataset}` with backbone weights in {spec.train_dtype or 'float32'}.",
+             f"- Stages after the adapter: {describe(spec.stages)}." + (
+                 " For each turn: p = (1 − λ)·p_adapter + λ·p_memory (the k nearest training slots' labels), then "
+                 "p ∝ p · p_classifier^w, then softmax(log p / T); the memory index and the classifier's arrays are in "
+                 "`stages/` (erc-llm applies them; plain PEFT loading gives the adapter alone)." if spec.stages else ""),
+             ""]
     test = metrics.get("test_predicted")
     if test:
         gold = metrics.get("test_gold")

@@ -57,6 +57,44 @@ def plot_confusion(gold: list[str], pred: list[str], labels: LabelSet, path: Pat
     os.replace(tmp, path)
 
 
+def calibration_metrics(rows: list[dict], labels: LabelSet, bins: int = 15) -> dict | None:
+    """Expected calibration error (top label, ``bins`` equal-width bins, in %), NLL of the gold label and the
+    reliability bins, over the rows that have a gold label and probabilities (None when there are none)."""
+    from erc_llm.stages import calibration
+
+    scored = [r for r in rows if r["gold"] is not None and r.get("probabilities")]
+    if not scored:
+        return None
+    probs = np.array([[r["probabilities"][k] for k in labels.labels] for r in scored])
+    return calibration(np.array([labels.index(r["gold"]) for r in scored]), probs, bins)
+
+
+def plot_reliability(cal: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    mids = [(b["low"] + b["high"]) / 2 for b in cal["bins"]]
+    ax.bar(mids, [b["accuracy"] for b in cal["bins"]], width=1 / 15, edgecolor="black", color="#4477AA", alpha=0.8,
+           label="accuracy")
+    ax.plot([b["confidence"] for b in cal["bins"]], [b["accuracy"] for b in cal["bins"]], "o", color="#EE6677", ms=3,
+            label="mean confidence")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top label)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nECE {cal['ece']:.2f}%, NLL {cal['nll']:.3f}", fontsize=8)
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def render_report(m: dict) -> str:
     lines = [
         f"# Evaluation: {m['dataset']}/{m['split']} — {m['model']}",
@@ -74,6 +112,16 @@ def render_report(m: dict) -> str:
     ]
     for name, c in m["per_class"].items():
         lines.append(f"| {name} | {c['precision']:.2f} | {c['recall']:.2f} | {c['f1']:.2f} | {c['support']} |")
+    if m.get("ece") is not None:
+        lines += ["", f"Calibration: expected calibration error {m['ece']:.2f}% (15 bins), NLL {m['nll']:.4f} "
+                      "([reliability diagram](reliability.png))"]
+    stages = m.get("stages")
+    if stages and stages.get("steps"):
+        offline = (" — OFFLINE: the classifier's per-speaker audio statistics come from the whole split, later turns "
+                   "included" if stages.get("stage_stats") == "split" else "")
+        lines += ["", f"Stages: {stages['described']}{offline}" + (f" ({stages['note']})" if stages.get("note") else ""), "",
+                  "| stage | weighted F1 | ECE % | NLL |", "|---|---|---|---|"]
+        lines += [f"| {n} | {s['weighted_f1']:.2f} | {s['ece']:.2f} | {s['nll']:.4f} |" for n, s in stages["steps"].items()]
     lines += ["", "![confusion](confusion.png)", "", f"Command: `{m['command']}`", ""]
     return "\n".join(lines)
 
@@ -90,9 +138,13 @@ def write_evaluation(out: Path, rows: list[dict], labels: LabelSet, info: dict, 
     when any row has a gold label also ``confusion.png`` (titled ``title``) and ``report.md`` (``note``
     appended). Returns the metrics."""
     gold, pred = scored_pairs(rows)
-    metrics = {**(compute_metrics(gold, pred, labels) if gold else {}), **info}
+    cal = calibration_metrics(rows, labels) if gold else None
+    metrics = {**(compute_metrics(gold, pred, labels) if gold else {}),
+               **({"ece": cal["ece"], "nll": cal["nll"], "reliability": cal["bins"]} if cal else {}), **info}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_jsonl(out / "predictions.jsonl", rows)
+    if cal:
+        plot_reliability(cal, out / "reliability.png", title)
     if gold:
         plot_confusion(gold, pred, labels, out / "confusion.png", title)
         atomic_write_text(out / "report.md", render_report(metrics) + note)

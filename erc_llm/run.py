@@ -27,6 +27,7 @@ from erc_llm.data.schema import MELD_LABELS, LabelSet
 from erc_llm.finetune import MODES as FINETUNE_MODES
 from erc_llm.io import atomic_write_json
 from erc_llm.prompting import CONTEXTS, PROMPTS_DIR, PromptBuilder, Templates
+from erc_llm.stages import Stages
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -83,6 +84,7 @@ class RunSpec:
     train_dtype: str | None = None
     finetune: str = "lora"  # lora: peft adapter; full: adapter/finetuned.safetensors (erc_llm.finetune)
     software: dict = field(default_factory=dict)  # library versions at training time (software_versions())
+    stages: dict | None = None  # memory / fusion / calibration settings chosen on dev (erc_llm.stages; files in stages/)
 
     @classmethod
     def read(cls, run: str | Path) -> "RunSpec":
@@ -128,6 +130,7 @@ class Predictor:
     run_dir: Path | None = None
     speakers: object = None  # SpeakerContext
     audio: object = None  # AudioModel (projector + feature spec) of a run trained with audio
+    stages: object = None  # erc_llm.stages.Stages of a run fitted with memory / fusion / calibration
 
     @property
     def context(self) -> str:
@@ -248,10 +251,11 @@ def load(run: str | Path | None, *, model: str = "", dtype: str = "float32", lab
     templates = Templates.load(prompt_dir, spec.context if spec else "online")
     speakers, note_tokens = _speakers(spec, run_dir, speaker_options, prompt_dir, labels)
     audio = _audio_model(run_dir, net)
+    stages = Stages.load(run_dir, spec.stages, len(labels.labels)) if spec is not None else None
     builder = PromptBuilder(tok, labels, templates, max_tokens or (spec.max_tokens if spec else 2048),
                             max_utterance_tokens or (spec.max_utterance_tokens if spec else 96), note_tokens,
                             audio.spec.k_tokens if audio else 0, spec.label_history if spec else True)
-    return Predictor(net, tok, builder, labels, manifest, name, spec, run_dir, speakers, audio)
+    return Predictor(net, tok, builder, labels, manifest, name, spec, run_dir, speakers, audio, stages)
 
 
 def _speakers(spec, run_dir, options, prompt_dir: Path, labels: LabelSet):

@@ -51,6 +51,8 @@ class NewDialogue(BaseModel):
 class NewTurn(BaseModel):
     speaker: str = Field(min_length=1, description="who speaks")
     text: str = Field(min_length=1, description="what they say")
+    audio: list[float] | None = Field(None, max_length=4096, description="the turn's audio feature vector, for a "
+                                      "model that hears audio (GET / shows which features); omitted = text only")
 
 
 class Dialogues:
@@ -155,7 +157,13 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": engine.name, "open_dialogues": len(store.items)}
+        from erc_llm.stages import describe
+
+        c = engine.stages.classifier if engine.stages is not None else None
+        spec = c.spec if c is not None and c.spec is not None else (engine.audio.spec if engine.audio else None)
+        return {"status": "ok", "model": engine.name, "open_dialogues": len(store.items),
+                "stages": describe(engine.stages.settings if engine.stages is not None else None),
+                "audio_features": list(spec.names) if spec is not None else None}
 
     @app.get("/labels")
     def labels():
@@ -179,10 +187,11 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
             if len(session.turns) >= limits.max_turns:
                 raise HTTPException(409, f"dialogue {key} has reached {limits.max_turns} turns; start a new one")
             try:
-                r = session.add_turn(body.speaker, body.text)
+                r = session.add_turn(body.speaker, body.text, body.audio)
             except ValueError as e:
                 raise HTTPException(422, str(e)) from None
-        return {"index": r.index, "speaker": r.speaker, "text": r.text, "label": r.label, "probabilities": r.probs}
+        return {"index": r.index, "speaker": r.speaker, "text": r.text, "label": r.label, "probabilities": r.probs,
+                "used": r.used}
 
     @app.get("/dialogues/{key}")
     def transcript(key: str):
@@ -209,8 +218,8 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
 
 
 def serve(run: str | None, host: str, port: int, model: str = "", threads: int = 0, dtype: str = "float32",
-          zero_shot: bool = False) -> None:
+          zero_shot: bool = False, stages: bool = True) -> None:
     import uvicorn
 
-    engine = Engine.load(run or None, model=model, threads=threads, dtype=dtype, zero_shot=zero_shot)
+    engine = Engine.load(run or None, model=model, threads=threads, dtype=dtype, zero_shot=zero_shot, stages=stages)
     uvicorn.run(create_app(engine), host=host, port=port, log_level="info")

@@ -33,6 +33,7 @@ class TurnResult:
     text: str
     label: str
     probs: dict[str, float]
+    used: str = "text"  # what the distribution is made of: the adapter's text reading and each stage applied
 
     def top(self, k: int = 3) -> list[tuple[str, float]]:
         return sorted(self.probs.items(), key=lambda kv: -kv[1])[:k]
@@ -49,13 +50,15 @@ class Engine:
     audio: object = None  # AudioModel (projector + feature spec) of a run trained with audio
     name: str = ""
     trie: object = None  # LabelTrie of the builder's labels
+    stages: object = None  # erc_llm.stages.Stages (memory, fusion, calibration) of the run, if fitted
     lock: threading.Lock = field(default_factory=threading.Lock)  # one forward at a time on the shared model
 
     @classmethod
     def load(cls, run: str | Path | None = None, model: str = "", labels: LabelSet | None = None,
-             dtype: str = "float32", threads: int = 0, zero_shot: bool = False) -> "Engine":
+             dtype: str = "float32", threads: int = 0, zero_shot: bool = False, stages: bool = True) -> "Engine":
         """``run``: a run folder or shipped name (default: the shipped model); ``zero_shot=True``: the bare
-        ``model`` backbone with ``labels`` (default MELD's)."""
+        ``model`` backbone with ``labels`` (default MELD's); ``stages=False``: the adapter alone, without the
+        run's memory, fusion and calibration."""
         import os
 
         from erc_llm.decoding import LabelTrie
@@ -69,7 +72,8 @@ class Engine:
             seen = f"the next {p.lookahead} turns at every slot" if p.lookahead else "the whole dialogue's text first"
             raise ValueError(f"model {p.name} was trained with {p.context} context ({seen}); a live session only knows "
                              "the turns so far: use a model trained with context: online and lookahead: 0")
-        return cls(p.model, p.builder, p.labels, p.speakers, p.audio, p.name, LabelTrie(p.builder.label_ids))
+        return cls(p.model, p.builder, p.labels, p.speakers, p.audio, p.name, LabelTrie(p.builder.label_ids),
+                   p.stages if stages else None)
 
     def soft_tokens(self, audio, heard: list | None = None) -> torch.Tensor | None:
         """Soft tokens of one turn: ``audio`` = a wav path (features extracted as in training), a feature
@@ -77,7 +81,7 @@ class Engine:
         earlier turns; this turn's row is appended, and a model trained with speaker normalisation
         standardises with all of them once there are enough (before that, with the corpus statistics)."""
         if self.audio is None:
-            if audio is not None:
+            if audio is not None and not self.hears_audio:
                 raise ValueError("this model was trained without audio; add turns without audio")
             return None
         from erc_llm.projector import model_input, speaker_normalizer
@@ -89,6 +93,35 @@ class Engine:
         norm = speaker_normalizer(spec, heard) if heard else None
         with torch.inference_mode():
             return projector([model_input(spec, raw, norm).to(next(projector.parameters()).device)])[0]
+
+    @property
+    def hears_audio(self) -> bool:
+        """Whether a turn's audio is used: by the LLM's soft tokens or by the fusion classifier."""
+        c = self.stages.classifier if self.stages is not None else None
+        return self.audio is not None or (c is not None and c.spec is not None)
+
+    def finish(self, probs: torch.Tensor, slot_state, listener, speaker: str, text: str, audio) -> tuple[np.ndarray, str]:
+        """The final distribution of a turn from the adapter's ``probs`` and the run's stages (as batch
+        evaluation computes it), and what it used."""
+        from erc_llm.stages import combine
+
+        st = self.stages
+        llm = probs.numpy()[None]
+        if st is None:
+            return llm[0], "text" + (" + audio" if audio is not None and self.audio is not None else "")
+        memory = st.memory_probs(slot_state[None]) if st.memory is not None and slot_state is not None else None
+        clf, used = None, ["text"]
+        if st.classifier is not None:
+            c = st.classifier
+            raw = self._features(c.spec, audio) if (audio is not None and c.spec is not None) else None
+            emb = st.embed([text])[0] if c.text_encoder else None
+            clf = c.probabilities(listener.turn(speaker, raw, emb))
+            used.append("audio" if raw is not None else "no audio (text only)" if c.spec is not None else "")
+        names = [n for n in ("memory" if memory is not None else "", "fusion" if clf is not None else "") if n]
+        if st.settings.get("temperature", 1.0) != 1.0:
+            names.append("calibration")
+        final = combine(llm, memory, clf, st.settings)["calibrated"][0]
+        return final, " + ".join(x for x in used if x) + (f"; {', '.join(names)}" if names else "")
 
     @staticmethod
     def _features(spec, audio) -> np.ndarray:
@@ -116,6 +149,7 @@ class ERCSession:
         self.dialogue_id = dialogue_id
         self._initial = list(participants or [])
         self.heard: dict[str, list] = {}  # speaker -> audio feature rows of their turns so far, across dialogues
+        self.listener = engine.stages.listener() if engine.stages is not None else None  # the fusion's inputs
         self.reset(observe=False)
 
     @classmethod
@@ -126,13 +160,18 @@ class ERCSession:
 
     # ------------------------------------------------------------------------------- dialogue
 
-    def reset(self, observe: bool = True) -> None:
-        """Start a new dialogue (the finished one's predicted labels go into the speaker memory)."""
+    def reset(self, observe: bool = True, participants: list[str] | None = None) -> None:
+        """Start a new dialogue (the finished one's predicted labels go into the speaker memory); ``participants``:
+        the new dialogue's speakers known up front (default: those the session was created with)."""
         if observe and getattr(self, "turns", None) and self.engine.speakers is not None:
             self.engine.speakers.observe(self._dialogue(), [t.label for t in self.turns])
+        if participants is not None:
+            self._initial = list(participants)
         self.participants = list(self._initial)
         self.turns: list[TurnResult] = []
         self.state = None
+        if self.listener is not None:
+            self.listener.start_dialogue()  # running per-speaker audio statistics carry over
 
     def _dialogue(self) -> Dialogue:
         return Dialogue(self.dialogue_id, [Utterance(t.speaker, t.text, None, f"{self.dialogue_id}_{t.index}")
@@ -163,10 +202,11 @@ class ERCSession:
             if self.state is None:
                 self.state = StreamState(e.model, e.builder, e.trie, self._header())
             probs = self.state.score(utt, note, soft)
-            label = e.labels.labels[int(probs.argmax())]
-            self.state.commit(label)
+            self.state.commit(e.labels.labels[int(probs.argmax())])  # what batch evaluation writes
+            final, used = e.finish(probs, self.state.slot_state, self.listener, speaker, text, audio)
+        label = e.labels.labels[int(np.argmax(final))]
         result = TurnResult(len(self.turns), speaker, text, label,
-                            {lab: round(float(p), 6) for lab, p in zip(e.labels.labels, probs.tolist())})
+                            {lab: round(float(p), 6) for lab, p in zip(e.labels.labels, final.tolist())}, used)
         self.turns.append(result)
         return result
 

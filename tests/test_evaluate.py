@@ -65,7 +65,7 @@ def test_evaluate_resumes_after_interruption(tmp_path, tiny_model_dir, monkeypat
     calls = []
     real_tag = ev.predict
 
-    def crash_after_one(tagger, dialogues, partial, fingerprint, batch):
+    def crash_after_one(tagger, dialogues, partial, fingerprint, batch, stages=None):
         original = tagger.tag
 
         def tag(d, **kw):
@@ -75,7 +75,7 @@ def test_evaluate_resumes_after_interruption(tmp_path, tiny_model_dir, monkeypat
             return original(d, **kw)
 
         tagger.tag = tag
-        return real_tag(tagger, dialogues, partial, fingerprint, batch)
+        return real_tag(tagger, dialogues, partial, fingerprint, batch, stages)
 
     monkeypatch.setattr(ev, "predict", crash_after_one)
     with pytest.raises(KeyboardInterrupt):
