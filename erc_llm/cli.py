@@ -8,7 +8,7 @@ import shlex
 import subprocess
 import sys
 
-from erc_llm.config import BaselineConfig, EvalConfig, add_arguments, from_args
+from erc_llm.config import BaselineConfig, EvalConfig, StagesConfig, add_arguments, from_args
 from erc_llm.errors import run_command
 from erc_llm.run import SHIPPED
 
@@ -47,6 +47,20 @@ def _evaluate(args) -> int | None:
     print(f"{m['dataset']}/{m['split']} — {m['model']} ({m['history']} history, {m['context']}): weighted F1 {m['weighted_f1']:.2f}, "
           f"WA {m['accuracy']:.2f}, UA {m['unweighted_accuracy']:.2f}, macro F1 {m['macro_f1']:.2f}; "
           f"{m['utterances']} utterances in {m['seconds']:.0f}s ({m['utterances_per_second']:.2f} utt/s) -> {cfg.out}")
+
+
+def _stages(args) -> None:
+    import torch
+
+    from erc_llm.stages import describe, fit_run
+
+    cfg = from_args(StagesConfig, args)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    report = fit_run(cfg.run, cfg.dataset, cfg.data_dir, cfg.labels, cfg.on_bad_row, cfg, cfg.test)
+    for split, steps in report["steps"].items():
+        print(f"{split}: " + ", ".join(f"{n} {m['weighted_f1']:.2f} (ECE {m['ece']:.1f}%)" for n, m in steps.items()))
+    print(f"{cfg.run}: {describe(report['settings'])} (chosen on dev; stages.json has the grids)")
 
 
 def _export(args) -> None:
@@ -197,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate a dialogue set with the constrained decoder")
     add_arguments(ev, EvalConfig)
     ev.set_defaults(func=_evaluate)
+
+    sg = sub.add_parser("stages", help="fit a run's memory / fusion / calibration on its train split, chosen on dev "
+                        "(what train.py does after selecting the adapter)")
+    add_arguments(sg, StagesConfig)
+    sg.set_defaults(func=_stages)
 
     base = sub.add_parser("baseline", help="the classical fused text+audio baseline").add_subparsers(
         dest="baseline_command", required=True)

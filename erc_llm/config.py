@@ -125,6 +125,30 @@ class StageOptions:
 
 
 @dataclass
+class StagesConfig(StageOptions):
+    """Fit the stages of an existing run (``erc-llm stages``): what ``train.py`` does after selecting the adapter."""
+
+    run: str = _f("", "the run folder to fit the stages for (written by erc_llm/train.py or erc-llm export); its "
+                  "stages/, stages.json and run.json are replaced")
+    dataset: str = _f("meld", "dataset format", DATASETS)
+    data_dir: str = _f("", "folder with the train, dev (and test) splits the run was trained on")
+    labels: list = _f([], "label set for the jsonl format (default: inferred from train)")
+    on_bad_row: str = _f("error", "a row the loader cannot use: error = stop and list every one; skip = leave it out "
+                         "and count it", BAD_ROW_MODES)
+    test: bool = _f(True, "also report every stage on test (settings are chosen on dev only)")
+    threads: int = _f(0, "torch CPU threads (0 = all cores)", ge=0)
+
+    def problems(self) -> list[str]:
+        p = _common_problems(self)
+        if not self.run or not (Path(self.run) / "run.json").is_file():
+            p.append(f"run: {self.run!r} holds no run.json; expected a run folder (to fit the shipped model's stages, "
+                     "export it first: erc-llm export --run meld-gemma3-270m --out DIR)")
+        if not (self.memory or self.fusion):
+            p.append("memory/fusion: both off; turn on at least one stage")
+        return p + self.stage_problems()
+
+
+@dataclass
 class EvalConfig(SpeakerOptions):
     """Batch evaluation of a dialogue set with the constrained decoder."""
 

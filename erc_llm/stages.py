@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,7 +92,8 @@ class Memory:
             index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
         else:  # product quantisation: d/8 bytes per slot (a MELD memory fits the shipped-model budget)
             m = next(m for m in (d // 8, d // 10, d // 16, 16, 8, 4, 2, 1) if m and d % m == 0)
-            index = faiss.IndexPQ(d, m, 8, faiss.METRIC_INNER_PRODUCT)
+            bits = max(1, min(8, int(np.log2(max(len(x), 2)))))  # k-means needs as many slots as centroids
+            index = faiss.IndexPQ(d, m, bits, faiss.METRIC_INNER_PRODUCT)
         index.train(x)
         index.add(x)
         return cls(index, np.asarray(labels, dtype=np.int64), n_labels, codec)
@@ -440,11 +442,6 @@ def stage_report(gold: np.ndarray, steps: dict[str, np.ndarray]) -> dict:
             for name, p in steps.items()}
 
 
-def write_stage_files(run: Path, stages: Stages, report: dict) -> None:
-    stages.save(run)
-    atomic_write_json(run / "stages.json", report)
-
-
 def log_report(report: dict) -> None:
     for split in ("dev", "test"):
         if split in report.get("steps", {}):
@@ -484,7 +481,29 @@ def describe(settings: dict | None) -> str:
 
 def slot_inputs(p, dialogues: list[Dialogue], desc: str) -> SplitInputs:
     """The adapter's distribution and slot state at every turn of ``dialogues``, from the decoder evaluation
-    uses (packed where dialogues fit the token budget, streamed with truncation otherwise)."""
+    uses (packed where dialogues fit the token budget, streamed with truncation otherwise); cached by the content
+    of the adapter, prompts and dialogues, so fitting other stages for the same adapter reads them back."""
+    from erc_llm.backbone import cache_root
+    from erc_llm.data.schema import dialogues_digest
+    from erc_llm.io import content_digest
+
+    adapter = sorted((p.run_dir / "adapter").glob("*")) if p.run_dir else []
+    key = content_digest("slots-v1", p.manifest.get("sha256"), [sha256_file(f) for f in adapter],
+                         p.builder.templates.version, p.builder.max_tokens, p.builder.max_utterance_tokens,
+                         p.labels.labels, dialogues_digest(dialogues))[:16]
+    path = cache_root() / "features" / f"slots-{key}.npz"
+    if path.is_file():
+        z = np.load(path, allow_pickle=False)
+        return SplitInputs(z["gold"], z["llm"], z["states"] if z["states"].size else None)
+    out = _slot_inputs(p, dialogues, desc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, gold=out.gold, llm=out.llm, states=out.states if out.states is not None else np.zeros(0))
+    os.replace(tmp, path)
+    return out
+
+
+def _slot_inputs(p, dialogues: list[Dialogue], desc: str) -> SplitInputs:
     from tqdm import tqdm
 
     tagger = p.tagger("predicted", batch=8)
@@ -538,6 +557,38 @@ def fit(p, data: dict[str, list[Dialogue]], opts) -> tuple[Stages, dict]:
                        for s in ("dev", "test") if s in inputs and (inputs[s].gold >= 0).any()}
     report["settings"] = settings
     return stages, report
+
+
+def fit_run(run: Path, dataset: str, data_dir: str, labels: list, on_bad_row: str, opts, test: bool = True,
+            limit_train: int = 0) -> dict:
+    """Fit the stages ``opts`` asks for on a run folder's adapter: ``run/stages/`` (memory index, classifier
+    arrays), ``run/stages.json`` (per split and stage: weighted F1, ECE, NLL; the dev grids) and the settings in
+    ``run.json``. Returns the report."""
+    import dataclasses
+    import time
+
+    from erc_llm.data import load_split
+    from erc_llm.run import RunSpec, load  # run.py loads a run's stages: imported here, not at the top
+
+    train_d, label_set, _ = load_split(dataset, "train", data_dir, tuple(labels) or None, on_bad_row)
+    data = {"train": train_d[:limit_train] if limit_train else train_d}
+    for s in ("dev", "test") if test else ("dev",):
+        data[s] = load_split(dataset, s, data_dir, label_set.labels, on_bad_row)[0]
+    run = Path(run)
+    spec = RunSpec.read(run)
+    if spec.stages:  # fit from the adapter alone, not on top of the stages fitted before
+        spec = dataclasses.replace(spec, stages=None)
+        spec.write(run)
+    p = load(run, dtype="float32", labels=label_set)
+    t0 = time.time()
+    fitted, report = fit(p, data, opts)
+    report["seconds"] = time.time() - t0
+    fitted.save(run)
+    atomic_write_json(run / "stages.json", report)
+    dataclasses.replace(spec, stages=report["settings"]).write(run)
+    log_report(report)
+    log.info("stages: %s", describe(report["settings"]))
+    return report
 
 
 def _fit_fusion(stages: Stages, data, inputs, opts) -> tuple[dict, dict]:

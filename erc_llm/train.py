@@ -596,30 +596,16 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def fit_stages(cfg: TrainConfig, run: Path) -> dict:
-    """The stages the config asks for (memory, fusion, calibration), fitted for the selected adapter on train,
-    settings chosen on dev, into ``run/stages/``, ``run/stages.json`` (per split and stage: weighted F1, ECE, NLL)
-    and the run spec."""
+    """The stages the config asks for (memory, fusion, calibration) for the selected adapter
+    (:func:`erc_llm.stages.fit_run`)."""
     import dataclasses
 
     from erc_llm import stages
     from erc_llm.config import StageOptions
-    from erc_llm.run import load
 
     opts = StageOptions(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(StageOptions)})
-    splits = ("train", "dev", "test") if cfg.test_eval else ("train", "dev")
-    train_d, labels, _ = load_split(cfg.dataset, "train", cfg.data_dir, tuple(cfg.labels) or None, cfg.on_bad_row)
-    data = {"train": train_d[: cfg.limit_train] if cfg.limit_train else train_d}
-    data.update({s: load_split(cfg.dataset, s, cfg.data_dir, labels.labels, cfg.on_bad_row)[0] for s in splits[1:]})
-    p = load(run, dtype="float32", labels=labels)
-    t0 = time.time()
-    fitted, report = stages.fit(p, data, opts)
-    report["seconds"] = time.time() - t0
-    fitted.save(run)
-    atomic_write_json(run / "stages.json", report)
-    dataclasses.replace(RunSpec.read(run), stages=report["settings"]).write(run)
-    stages.log_report(report)
-    log.info("stages: %s", stages.describe(report["settings"]))
-    return report
+    return stages.fit_run(run, cfg.dataset, cfg.data_dir, cfg.labels, cfg.on_bad_row, opts, cfg.test_eval,
+                          cfg.limit_train)
 
 
 def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state, speakers=None, audio=None,

@@ -187,3 +187,45 @@ def test_export_carries_the_stages_and_reproduces_evaluation(tmp_path, tiny_mode
     pa = [json.loads(x)["probabilities"] for x in (tmp_path / "a" / "predictions.jsonl").read_text().splitlines()]
     pb = [json.loads(x)["probabilities"] for x in (tmp_path / "b" / "predictions.jsonl").read_text().splitlines()]
     assert pa == pb and a["stages"]["settings"] == b["stages"]["settings"]
+
+
+def test_training_fits_the_stages_and_a_finished_run_refits_them_on_resume(tmp_path, tiny_model_dir, monkeypatch):
+    from erc_llm.train import main
+
+    monkeypatch.setenv("ERC_LLM_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl_dataset(tmp_path / "data", n_dialogues=5)
+    audio = write_audio(tmp_path / "audio", data)
+    run = tmp_path / "run"
+    args = ["--dataset", "jsonl", "--data-dir", str(data), "--model", str(tiny_model_dir), "--out", str(run),
+            "--max-steps", "2", "--eval-every", "2", "--save-every", "1", "--batch-dialogues", "2",
+            "--label-history", "false", "--memory", "true", "--fusion", "true", "--fusion-audio-source", "csv",
+            "--fusion-audio-dir", str(audio), "--fusion-text-encoder", ""]
+    assert main(args) == 0
+    spec = RunSpec.read(run)
+    assert spec.stages["memory"]["slots"] > 0 and spec.stages["fusion"]["audio_source"] == "csv"
+    report = json.loads((run / "stages.json").read_text())
+    assert set(report["steps"]) == {"dev", "test"} and set(report["steps"]["test"]) == set(S.STEPS)
+    test = json.loads((run / "eval" / "test_predicted" / "metrics.json").read_text())
+    assert test["stages"]["applied"][:2] == ["memory", "fusion"]
+    # the recorded per-stage test figure is what evaluation of the saved run gives
+    assert test["weighted_f1"] == pytest.approx(report["steps"]["test"]["calibrated"]["weighted_f1"])
+    assert main(args[:-8] + ["--memory", "true", "--memory-codec", "pq", "--resume", "true"]) == 0
+    spec = RunSpec.read(run)
+    assert spec.stages["memory"]["codec"] == "pq" and "fusion" not in spec.stages
+    assert not (run / "stages" / "fusion.npz").exists()
+
+
+def test_stages_command_fits_an_exported_run_and_refuses_a_run_that_writes_labels(tmp_path, tiny_model, tiny_model_dir,
+                                                                                 monkeypatch, capsys):
+    from erc_llm.cli import main
+
+    monkeypatch.setenv("ERC_LLM_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl_dataset(tmp_path / "data", n_dialogues=5)
+    run = write_lora_run(tmp_path / "run", tiny_model, tiny_model_dir)
+    assert main(["stages", "--run", str(run), "--dataset", "jsonl", "--data-dir", str(data), "--memory", "true"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "dev: adapter" in out and "memory of" in out
+    assert RunSpec.read(run).stages["memory"]["codec"] == "fp16"
+    labelled = write_lora_run(tmp_path / "labelled", tiny_model, tiny_model_dir, label_history=True)
+    assert main(["stages", "--run", str(labelled), "--dataset", "jsonl", "--data-dir", str(data), "--memory", "true"]) == 2
+    assert "text-only online run" in capsys.readouterr().err
