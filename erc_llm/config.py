@@ -88,8 +88,8 @@ class AudioOptions:
 
 @dataclass
 class StageOptions:
-    """Stages fitted after the adapter is selected, settings chosen on dev (``erc_llm/stages.py``); they need a
-    text-only online run (label_history false, no speaker notes, no audio soft tokens, no look-ahead)."""
+    """Stages fitted after the adapter is selected, settings chosen on dev (``erc_llm/stages.py``); they need an
+    online run without speaker notes or audio soft tokens (the fusion classifier hears the audio instead)."""
 
     memory: bool = _f(False, "nearest-neighbour memory: the final hidden states at the training turns' slots with "
                       "their gold labels, mixed with the adapter's distribution (k, temperature and weight chosen on dev)")
@@ -521,10 +521,11 @@ class TrainConfig(StageOptions, AudioOptions, SpeakerOptions):
             from erc_llm.lora import init_problems
 
             p.extend(init_problems(self))
-        if (self.memory or self.fusion) and (self.label_history or self.lookahead or self.context != "online" or
-                                             self.speaker_bios or self.speaker_history or self.audio_source != "none"):
-            p.append("memory/fusion: the stages need a text-only online run (label_history: false, context: online, "
-                     "lookahead: 0, no speaker notes, audio_source: none); change those or turn the stages off")
+        if (self.memory or self.fusion) and (self.lookahead or self.context != "online" or self.speaker_bios or
+                                             self.speaker_history or self.audio_source != "none"):
+            p.append("memory/fusion: the stages need an online run without speaker notes or audio soft tokens "
+                     "(context: online, lookahead: 0, speaker_bios: false, speaker_history: 0, audio_source: none); "
+                     "change those or turn the stages off")
         return p + self.speaker_problems() + self.audio_problems() + self.stage_problems()
 
     def joint_problems(self) -> list[str]:

@@ -163,6 +163,15 @@ def model_source(cfg: EvalConfig) -> str | None:
     return cfg.run or SHIPPED
 
 
+def model_labels(cfg: EvalConfig) -> tuple[str, ...] | None:
+    """The label set a trained model fixes (a jsonl folder then needs no train split to infer one); None for
+    the bare backbone, whose labels come from ``--labels`` or the data's train split."""
+    from erc_llm.run import RunSpec, resolve
+
+    source = model_source(cfg)
+    return RunSpec.read(resolve(source)).labels if source else None
+
+
 def load_predictor(cfg: EvalConfig, labels: LabelSet):
     from erc_llm.run import load
 
@@ -183,7 +192,7 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
 
     shard = Shard.from_env()
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // shard.world))
-    dialogues, labels, report = load_split(cfg.dataset, cfg.split, cfg.data_dir, tuple(cfg.labels) or None,
+    dialogues, labels, report = load_split(cfg.dataset, cfg.split, cfg.data_dir, tuple(cfg.labels) or model_labels(cfg),
                                            cfg.on_bad_row)
     log.info("%s; label set %s = %s", report.summary(), labels.name, list(labels.labels))
     if cfg.limit:

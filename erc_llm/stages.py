@@ -17,9 +17,10 @@ the turns heard so far (running statistics, this turn included; fewer than
 ``projector.SPEAKER_MIN_UTTERANCES`` turns: the training corpus's). ``stage_stats="split"`` is the offline
 mode of research scripts: every speaker's statistics over the whole split, later turns included.
 
-Stages need a text-only online run (no labels, speaker notes or audio soft tokens in the transcript, no
-look-ahead): then a turn's slot state does not depend on what was predicted for earlier turns, and changing a
-turn's final label changes nothing else.
+Stages need an online run without speaker notes or audio soft tokens (the fusion classifier hears the audio
+instead). A run that writes earlier turns' labels into its transcript writes the adapter's own label there, in
+training's slot-state pass, in batch evaluation and in a live session alike; the stages change what is reported,
+never what the transcript carries, so each turn's slot state is the same wherever the run is used.
 """
 
 from __future__ import annotations
@@ -50,11 +51,9 @@ class StageError(ValueError):
     """A stage that cannot be fitted or applied; the message says what to change."""
 
 
-def stage_problems(context: str, lookahead: int, label_history: bool, speakers: bool, audio: bool) -> list[str]:
+def stage_problems(context: str, lookahead: int, speakers: bool, audio: bool) -> list[str]:
     """Why a run cannot carry stages (empty: it can)."""
     p = []
-    if label_history:
-        p.append("it writes labels into the transcript (label_history: true)")
     if speakers:
         p.append("it writes speaker-memory notes")
     if audio:
@@ -521,9 +520,10 @@ def fit(p, data: dict[str, list[Dialogue]], opts) -> tuple[Stages, dict]:
     """Fit the stages ``opts`` (a :class:`~erc_llm.config.StageOptions`) asks for on ``data`` (train, dev and
     test dialogues) for the adapter of predictor ``p``; every setting is chosen on dev, test is only reported.
     Returns the stages and a report: per split and stage the weighted F1, ECE and NLL, the dev grids."""
-    problems = stage_problems(p.context, p.lookahead, p.builder.write_labels, p.speakers is not None, p.audio is not None)
+    problems = stage_problems(p.context, p.lookahead, p.speakers is not None, p.audio is not None)
     if problems:
-        raise StageError(f"model {p.name}: stages need a text-only online run; " + "; ".join(problems))
+        raise StageError(f"model {p.name}: stages need an online run without speaker notes or audio soft tokens; "
+                         + "; ".join(problems))
     if opts.memory and any(len(ids) != 1 for ids in p.builder.label_ids):
         raise StageError(f"labels {list(p.labels.labels)}: the memory reads the slot state of single-token label "
                          "sets; this tokenizer splits some labels into several tokens")
@@ -576,6 +576,11 @@ def fit_run(run: Path, dataset: str, data_dir: str, labels: list, on_bad_row: st
         data[s] = load_split(dataset, s, data_dir, label_set.labels, on_bad_row)[0]
     run = Path(run)
     spec = RunSpec.read(run)
+    audio = bool(spec.audio) and spec.audio.get("source", "none") != "none"
+    problems = stage_problems(spec.context, spec.lookahead, bool(spec.speakers), audio)
+    if problems:  # before loading the model
+        raise StageError(f"run {run}: stages need an online run without speaker notes or audio soft tokens; "
+                         + "; ".join(problems))
     if spec.stages:  # fit from the adapter alone, not on top of the stages fitted before
         spec = dataclasses.replace(spec, stages=None)
         spec.write(run)

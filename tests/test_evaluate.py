@@ -8,6 +8,7 @@ from erc_llm.config import EvalConfig, build
 from erc_llm.data.schema import LabelSet
 from erc_llm.evaluate import evaluate
 from erc_llm.metrics import compute_metrics
+from erc_llm.run import RunSpec
 from tests.conftest import write_jsonl_dataset
 
 TOY = LabelSet("toy", ("a", "b", "c"))
@@ -141,3 +142,14 @@ def test_packed_batch_evaluation_writes_the_same_predictions(tmp_path, tiny_mode
     assert [r["predicted"] for r in ra] == [r["predicted"] for r in rb] and a["weighted_f1"] == b["weighted_f1"]
     for x, y in zip(ra, rb):
         assert x["probabilities"] == pytest.approx(y["probabilities"], abs=1e-4)
+
+
+def test_a_folder_with_only_a_test_split_takes_the_label_set_from_the_model(tmp_path, tiny_model, tiny_model_dir):
+    from tests.conftest import toy_dialogue, write_dialogues, write_lora_run
+
+    run = write_lora_run(tmp_path / "run", tiny_model, tiny_model_dir)
+    (tmp_path / "mine").mkdir()
+    write_dialogues(tmp_path / "mine" / "test.jsonl", [toy_dialogue(3, "a")])
+    m = evaluate(build(EvalConfig, None, {"dataset": "jsonl", "split": "test", "data_dir": str(tmp_path / "mine"),
+                                          "run": str(run), "out": str(tmp_path / "out")}))
+    assert m["utterances"] == 3 and tuple(m["labels"]) == RunSpec.read(run).labels

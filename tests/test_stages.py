@@ -81,12 +81,12 @@ def test_listener_uses_only_turns_heard_so_far():
     assert listener.turn("B", np.array([1.0], np.float32), None)[2:4] == pytest.approx([0, 0])  # context restarts
 
 
-def test_config_refuses_stages_on_runs_whose_states_depend_on_predictions(tmp_path):
+def test_config_refuses_stages_on_offline_runs_and_unused_stage_options(tmp_path):
     data = write_jsonl_dataset(tmp_path / "data")
     with pytest.raises(ValueError) as e:
-        build(TrainConfig, None, {"data_dir": str(data), "dataset": "jsonl", "memory": True, "label_history": True,
-                                  "out": str(tmp_path / "run")})
-    assert "text-only online run" in str(e.value)
+        build(TrainConfig, None, {"data_dir": str(data), "dataset": "jsonl", "memory": True, "lookahead": 2,
+                                  "label_history": False, "out": str(tmp_path / "run")})
+    assert "online run without speaker notes" in str(e.value)
     with pytest.raises(ValueError) as e:
         build(TrainConfig, None, {"data_dir": str(data), "dataset": "jsonl", "memory_codec": "pq", "out": str(tmp_path / "r")})
     assert "memory_codec" in str(e.value)
@@ -107,10 +107,10 @@ def write_audio(directory, data_dir, seed=0):
     return directory
 
 
-def fitted_run(tmp_path, tiny_model, tiny_model_dir):
+def fitted_run(tmp_path, tiny_model, tiny_model_dir, label_history=False):
     data = write_jsonl_dataset(tmp_path / "data", n_dialogues=5)
     audio = write_audio(tmp_path / "audio", data)
-    run = write_lora_run(tmp_path / "run", tiny_model, tiny_model_dir)
+    run = write_lora_run(tmp_path / "run", tiny_model, tiny_model_dir, label_history=label_history)
     splits = {s: load_split("jsonl", s, data)[0] for s in ("train", "dev", "test")}
     opts = StageOptions(memory=True, fusion=True, fusion_audio_source="csv", fusion_audio_dir=str(audio),
                         fusion_audio_context=2, fusion_text_encoder="")
@@ -121,8 +121,11 @@ def fitted_run(tmp_path, tiny_model, tiny_model_dir):
     return data, audio, run, report
 
 
-def test_batch_evaluation_and_a_live_session_give_the_same_probabilities(tmp_path, tiny_model, tiny_model_dir):
-    data, audio, run, report = fitted_run(tmp_path, tiny_model, tiny_model_dir)
+@pytest.mark.parametrize("label_history", [False, True])
+def test_batch_evaluation_and_a_live_session_give_the_same_probabilities(tmp_path, tiny_model, tiny_model_dir,
+                                                                          label_history):
+    """Also for a run that writes earlier turns' labels: both write the adapter's own label, whatever the stages say."""
+    data, audio, run, report = fitted_run(tmp_path, tiny_model, tiny_model_dir, label_history)
     assert set(report["steps"]["dev"]) == set(S.STEPS) and report["settings"]["chosen_on"] == "dev"
     assert (run / "stages" / "memory.faiss").is_file() and (run / "stages" / "fusion.npz").is_file()
     cfg = build(EvalConfig, None, {"dataset": "jsonl", "split": "test", "data_dir": str(data), "run": str(run),
@@ -215,8 +218,8 @@ def test_training_fits_the_stages_and_a_finished_run_refits_them_on_resume(tmp_p
     assert not (run / "stages" / "fusion.npz").exists()
 
 
-def test_stages_command_fits_an_exported_run_and_refuses_a_run_that_writes_labels(tmp_path, tiny_model, tiny_model_dir,
-                                                                                 monkeypatch, capsys):
+def test_stages_command_fits_a_run_and_refuses_one_with_speaker_notes(tmp_path, tiny_model, tiny_model_dir,
+                                                                      monkeypatch, capsys):
     from erc_llm.cli import main
 
     monkeypatch.setenv("ERC_LLM_CACHE", str(tmp_path / "cache"))
@@ -226,6 +229,8 @@ def test_stages_command_fits_an_exported_run_and_refuses_a_run_that_writes_label
     out = capsys.readouterr().out
     assert "dev: adapter" in out and "memory of" in out
     assert RunSpec.read(run).stages["memory"]["codec"] == "fp16"
-    labelled = write_lora_run(tmp_path / "labelled", tiny_model, tiny_model_dir, label_history=True)
-    assert main(["stages", "--run", str(labelled), "--dataset", "jsonl", "--data-dir", str(data), "--memory", "true"]) == 2
-    assert "text-only online run" in capsys.readouterr().err
+    noted = write_lora_run(tmp_path / "noted", tiny_model, tiny_model_dir)
+    spec = RunSpec.read(noted)
+    dataclasses.replace(spec, speakers={"bios": False, "history": 2, "top_k": 2, "note_tokens": 64}).write(noted)
+    assert main(["stages", "--run", str(noted), "--dataset", "jsonl", "--data-dir", str(data), "--memory", "true"]) == 2
+    assert "speaker-memory notes" in capsys.readouterr().err
