@@ -111,6 +111,9 @@ def _speakers_build(args) -> None:
     from erc_llm.data import load_split
     from erc_llm.speakers import SpeakerTemplates, build_store
 
+    from erc_llm.io import claim_output
+
+    claim_output(args.out, "speaker store", inputs=[args.data_dir, args.prompts])  # before the long build
     dialogues, labels, report = load_split(args.dataset, args.split, args.data_dir, tuple(args.labels.split(",")) if args.labels else None)
     print(report.summary())
     bio_model = None

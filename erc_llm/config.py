@@ -193,7 +193,9 @@ class EvalConfig(SpeakerOptions):
             p.append(f"audio_dir: {self.audio_dir!r} is not a directory")
         if self.run and self.zero_shot:
             p.append("run/zero_shot: choose one (a trained model, or the bare backbone)")
-        p.extend(_out_problems(self.out))
+        if self.run and Path(self.run).is_dir() and Path(self.out).resolve() == Path(self.run).resolve():
+            p.append(f"out: {self.out!r} is the run folder itself; write the evaluation elsewhere (e.g. {self.run}/eval/NAME)")
+        p.extend(_out_problems(self.out, "evaluation", (self.data_dir, self.audio_dir, self.speaker_store)))
         if 0 < self.max_utterance_tokens < 8:
             p.append(f"max_utterance_tokens: {self.max_utterance_tokens} is out of range; expected 0 (the run's) or >= 8")
         if 0 < self.max_tokens < 4 * self.max_utterance_tokens or 0 < self.max_tokens < 64:
@@ -202,14 +204,23 @@ class EvalConfig(SpeakerOptions):
         return p + self.speaker_problems(self.run)
 
 
-def _out_problems(out: str) -> list[str]:
-    """An output folder must be a folder (or not exist yet): checked before any model is loaded."""
+def _out_problems(out: str, kind: str = "", inputs: tuple = (), replace: bool = True) -> list[str]:
+    """An output folder must be a folder (or not exist yet) and, for a ``kind`` of output, pass
+    :func:`erc_llm.io.claim_output` (nothing the command did not write is replaced): checked before any model
+    is loaded."""
+    from erc_llm.io import OutputError, claim_output
+
     path = Path(out)
     if path.exists() and not path.is_dir():
         return [f"out: {out!r} is a file; expected a folder (new or existing) for the outputs"]
     parent = next((q for q in [path, *path.parents] if q.exists()), None)
     if parent is not None and not parent.is_dir():
         return [f"out: {parent} is a file, so {out!r} cannot be created"]
+    try:
+        if kind:
+            claim_output(out, kind, inputs, replace)
+    except OutputError as e:
+        return [f"out: {e}"]
     return []
 
 
@@ -477,10 +488,14 @@ class TrainConfig(StageOptions, AudioOptions, SpeakerOptions):
         if self.resume and self.overwrite:
             p.append("resume/overwrite: choose one (continue the run, or replace it)")
         out = Path(self.out)
+        inputs = (self.data_dir, self.joint_data_dir, self.speaker_store, self.audio_dir, self.fusion_audio_dir,
+                  self.teacher, self.prompts, self.init_adapter if Path(self.init_adapter).is_dir() else "")
         if not (self.resume or self.overwrite) and out.is_dir() and any(out.iterdir()):
             p.append(f"out: {self.out} already holds files ({', '.join(sorted(x.name for x in out.iterdir())[:5])}); "
                      "pass --resume true to continue that run, --overwrite true to replace it, or choose another --out")
-        p.extend(_out_problems(self.out))
+            p.extend(_out_problems(self.out))
+        else:
+            p.extend(_out_problems(self.out, "run", inputs))
         if self.prompts and not Path(self.prompts).is_dir():
             p.append(f"prompts: {self.prompts!r} is not a directory")
         if self.teacher and not (Path(self.teacher) / "predictions.jsonl").is_file():

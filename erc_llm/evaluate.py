@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from erc_llm.config import EvalConfig, to_dict
 from erc_llm.data import LabelSet, load_split
-from erc_llm.io import atomic_write_jsonl
+from erc_llm.data.schema import DataError
+from erc_llm.io import atomic_write_jsonl, mark_output
 from erc_llm.metrics import write_evaluation
 
 log = logging.getLogger(__name__)
@@ -192,8 +193,16 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
 
     shard = Shard.from_env()
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // shard.world))
-    dialogues, labels, report = load_split(cfg.dataset, cfg.split, cfg.data_dir, tuple(cfg.labels) or model_labels(cfg),
-                                           cfg.on_bad_row)
+    fixed = () if cfg.labels else model_labels(cfg)
+    try:
+        dialogues, labels, report = load_split(cfg.dataset, cfg.split, cfg.data_dir, tuple(cfg.labels) or fixed,
+                                               cfg.on_bad_row)
+    except DataError as e:
+        if not fixed:
+            raise
+        raise DataError(f"{e}\nThe valid labels are those of model {model_source(cfg)} {list(fixed)}: the data's labels "
+                        "differ from those of the model; pass --run with a model trained on this label set, or "
+                        "--zero-shot with --labels to use the bare backbone") from None
     log.info("%s; label set %s = %s", report.summary(), labels.name, list(labels.labels))
     if cfg.limit:
         dialogues = dialogues[: cfg.limit]
@@ -215,6 +224,7 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     batch = cfg.batch if hasattr(tagger, "tag_many") else 1
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "evaluation")
     partial = out / shard.name("predictions.partial.jsonl")
     t0 = time.time()
     stages = p.stages if cfg.stages else None

@@ -17,7 +17,7 @@ import shlex
 import shutil
 from pathlib import Path
 
-from erc_llm.io import atomic_dir, atomic_write_json, sha256_file
+from erc_llm.io import atomic_dir, atomic_write_json, claim_output, mark_output, sha256_file
 from erc_llm.run import RunSpec, resolve
 from erc_llm.stages import STAGES_DIR, describe
 
@@ -53,7 +53,9 @@ def export(run: str | Path, out: str | Path, dtype: str = "float32", card: str =
     if missing:
         raise FileNotFoundError(f"run {src} has no adapter/{missing[0]}; expected a run folder written by "
                                 "erc_llm/train.py")
+    claim_output(out, "export", inputs=[src])
     with atomic_dir(out) as tmp:
+        mark_output(tmp, "export")
         _write_adapter(src / "adapter", tmp / "adapter", dtype)
         for f in ADAPTER_FILES:
             shutil.copy(tmp / "adapter" / f, tmp / f)

@@ -63,7 +63,10 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = final.resolve() if final.is_symlink() else None
-    if final.exists() and not final.is_symlink():  # a plain directory from elsewhere: move it aside first
+    if final.exists() and not final.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{final} is a file; expected a folder to write (nothing was changed): choose another path")
+    if final.exists() and not final.is_symlink():  # a plain folder (written before outputs were versioned): replace it
         legacy = final.with_name(f".{final.name}.legacy")
         shutil.rmtree(legacy, ignore_errors=True)
         os.replace(final, legacy)
@@ -74,6 +77,72 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     os.replace(link, final)
     if old is not None and old != tmp.resolve():
         shutil.rmtree(old, ignore_errors=True)
+
+
+OUTPUT_MANIFEST = ".erc-llm-output.json"
+# what identifies each kind of output folder written before it carried the manifest
+LEGACY_MARKS = {"run": ("run.json", "config.yaml"), "export": ("run.json", "adapter_config.json"),
+                "evaluation": ("metrics.json",), "speaker store": ("manifest.json", "profiles.json")}
+
+
+class OutputError(ValueError):
+    """An output folder that would destroy something the command did not write."""
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def claim_output(out: str | Path, kind: str, inputs: Iterable[str | Path] = (), replace: bool = True) -> Path:
+    """The one rule for every command that writes a folder: nothing it did not write is ever deleted or renamed.
+
+    ``out`` may not be, or lie inside, one of the command's ``inputs``, nor contain one (replacing it would delete
+    the input). An existing ``out`` must be a folder that is empty or an earlier output of the same ``kind``
+    (recognised by its manifest, :func:`mark_output`); ``replace=False`` refuses that too (the caller's
+    ``--overwrite`` decides). Every problem raises :class:`OutputError` naming the path and what to do."""
+    out = Path(os.path.abspath(out))
+    for given in inputs:
+        if not given:
+            continue
+        src = Path(os.path.abspath(given))
+        if _inside(out, src):
+            raise OutputError(f"--out {out} is {'the same folder as' if out == src else 'inside'} the input {src}; "
+                              "writing there would destroy it: choose an --out outside the inputs")
+        if out.is_dir() and _inside(src, out):
+            raise OutputError(f"--out {out} contains the input {src}; replacing the folder would delete it: choose "
+                              "another --out")
+    if not os.path.lexists(out):
+        return out
+    if not out.is_dir():
+        raise OutputError(f"--out {out} is an existing file; expected a folder to write: choose another --out "
+                          "(nothing was changed)")
+    if not any(out.iterdir()):
+        return out
+    if written_by(out) != kind:
+        raise OutputError(f"--out {out} already holds files that erc-llm did not write as a {kind} (e.g. "
+                          f"{sorted(x.name for x in out.iterdir())[:3]}); nothing was changed: choose another --out, "
+                          "or empty or remove that folder yourself")
+    if not replace:
+        raise OutputError(f"--out {out} holds an earlier {kind}; pass --overwrite true to replace it, or choose "
+                          "another --out")
+    return out
+
+
+def written_by(folder: Path) -> str | None:
+    """The kind of erc-llm output ``folder`` is (its manifest, else the files that kind has always written)."""
+    try:
+        return json.loads((folder / OUTPUT_MANIFEST).read_text(encoding="utf-8"))["kind"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for kind, marks in LEGACY_MARKS.items():
+        if all((folder / m).is_file() for m in marks):
+            return kind
+    return None
+
+
+def mark_output(folder: str | Path, kind: str) -> None:
+    """Record that ``folder`` is erc-llm output of ``kind`` (what :func:`claim_output` recognises)."""
+    atomic_write_json(Path(folder) / OUTPUT_MANIFEST, {"kind": kind, "tool": "erc-llm"})
 
 
 def _remove_orphans(final: Path) -> None:

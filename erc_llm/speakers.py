@@ -30,7 +30,7 @@ import numpy as np
 
 from erc_llm.data import Dialogue, LabelSet
 from erc_llm.data.schema import DataError
-from erc_llm.io import atomic_dir, atomic_write_json, sha256_file
+from erc_llm.io import atomic_dir, atomic_write_json, mark_output, sha256_file
 from erc_llm.prompting import PROMPTS_DIR
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,7 @@ class SpeakerStore:
         import faiss
 
         with atomic_dir(out) as tmp:
+            mark_output(tmp, "speaker store")
             atomic_write_json(tmp / "profiles.json", [asdict(p) for p in self.profiles])
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             manifest = {**self.manifest, "version": STORE_VERSION, "count": len(self.profiles),

@@ -40,7 +40,7 @@ from erc_llm.checkpoint import append_log, load_checkpoint, save_checkpoint, tru
 from erc_llm.config import TrainConfig, build, to_dict
 from erc_llm.data import LabelSet, label_counts, load_split
 from erc_llm.data.schema import dialogues_digest
-from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text, content_digest
+from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text, content_digest, mark_output
 from erc_llm.finetune import make_trainable, save_weights, training_precision
 from erc_llm.lora import compute_context, enable_activation_checkpointing
 from erc_llm.losses import SlotBank, class_weights, distillation_loss, label_loss, supervised_contrastive
@@ -142,6 +142,7 @@ def write_run_files(run: Path, cfg: TrainConfig, labels: LabelSet, templates: Te
     from erc_llm.speakers import TEMPLATE_NAMES, copy_store, settings_of
 
     run.mkdir(parents=True, exist_ok=True)
+    mark_output(run, "run")
     # a prompt folder may hold only header.txt and turn.txt: the speaker-note and audio templates it does not
     # define come from the packaged set, so the run folder still serves speaker notes or audio at inference
     support = [PROMPTS_DIR / f"{name}.txt" for name in (*TEMPLATE_NAMES, "audio")]

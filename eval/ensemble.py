@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if len(args.members) < 2:
         ap.error(f"an ensemble needs at least 2 evaluation folders; got {len(args.members)}")
+    from erc_llm.io import claim_output
+
+    claim_output(args.out, "evaluation", inputs=args.members)
     m = ensemble(args.members, args.out, "python eval/ensemble.py " + " ".join(sys.argv[1:] if argv is None else argv))
     members = " · ".join(f"{x['weighted_f1']:.2f}" for x in m["members"])
     print(f"{m['dataset']}/{m['split']} ensemble of {len(args.members)} ({members}): weighted F1 {m['weighted_f1']:.2f}, "

@@ -116,7 +116,7 @@ def test_evaluate_with_run_dir_merges_adapter(tmp_path, tiny_model_dir, tiny_mod
     assert p1 != p2 and tuned["run"] == str(run) and base["run"] is None
     assert base["model"].endswith("(zero-shot)") and tuned["model"] == str(run)
     (run / "run.json").write_text(json.dumps({"model": str(tiny_model_dir), "labels": ["joy", "fear"]}))
-    with pytest.raises(ValueError, match=r"differ from those of model .*--run with a model trained on this label set, "
+    with pytest.raises(ValueError, match=r"(?s)differ from those of model .*--run with a model trained on this label set, "
                                          r"or --zero-shot"):
         evaluate(_cfg(tmp_path, tiny_model_dir, out=str(tmp_path / "o4"), run=str(run)))
     (run / "run.json").unlink()

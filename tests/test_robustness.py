@@ -66,16 +66,21 @@ def test_resume_after_the_data_changed_starts_over(tmp_path, tiny_model_dir, mon
 
 # 2 ----------------------------------------------------------------------------------------------------------
 def test_training_refuses_an_existing_run_dir_without_resume_or_overwrite(tmp_path):
-    run = tmp_path / "run"
+    run, data = tmp_path / "run", tmp_path / "data"
     run.mkdir()
+    data.mkdir()
     (run / "log.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError, match=r"already holds files \(log.jsonl\).*--resume true.*--overwrite true"):
-        build(TrainConfig, None, {"data_dir": str(tmp_path), "out": str(run)})
-    assert build(TrainConfig, None, {"data_dir": str(tmp_path), "out": str(run), "overwrite": True}).overwrite
+        build(TrainConfig, None, {"data_dir": str(data), "out": str(run)})
+    with pytest.raises(ConfigError, match="did not write as a run"):  # --overwrite replaces only a run it wrote
+        build(TrainConfig, None, {"data_dir": str(data), "out": str(run), "overwrite": True})
+    (run / "run.json").write_text("{}")
+    (run / "config.yaml").write_text("{}")
+    assert build(TrainConfig, None, {"data_dir": str(data), "out": str(run), "overwrite": True}).overwrite
     with pytest.raises(ConfigError, match="choose one"):
-        build(TrainConfig, None, {"data_dir": str(tmp_path), "out": str(run), "overwrite": True, "resume": True})
+        build(TrainConfig, None, {"data_dir": str(data), "out": str(run), "overwrite": True, "resume": True})
     with pytest.raises(ConfigError, match=r"resume: no checkpoint in .*run/checkpoint to resume from"):
-        build(TrainConfig, None, {"data_dir": str(tmp_path), "out": str(run), "resume": True})
+        build(TrainConfig, None, {"data_dir": str(data), "out": str(run), "resume": True})
 
 
 # 3 ----------------------------------------------------------------------------------------------------------
