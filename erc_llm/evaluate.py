@@ -200,9 +200,9 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     except DataError as e:
         if not fixed:
             raise
-        raise DataError(f"{e}\nThe valid labels are those of model {model_source(cfg)} {list(fixed)}: the data's labels "
-                        "differ from those of the model; pass --run with a model trained on this label set, or "
-                        "--zero-shot with --labels to use the bare backbone") from None
+        raise DataError(f"{e}\nThe data's labels differ from those of model {model_source(cfg)} {list(fixed)}; pass "
+                        "--run with a model trained on this label set, or --zero-shot with --labels to use the bare "
+                        "backbone") from None
     log.info("%s; label set %s = %s", report.summary(), labels.name, list(labels.labels))
     if cfg.limit:
         dialogues = dialogues[: cfg.limit]
