@@ -100,7 +100,7 @@ def load_jsonl(data_dir: str | Path, split: str, labels: LabelSet | None,
     report = LoadReport(source=f"jsonl/{split} ({path})")
     dialogues, problems = [], []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is accepted, as in csv
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 at byte {e.start}; save the file as UTF-8") from None
     for n, line in enumerate(lines, 1):

@@ -53,6 +53,12 @@ def load_meld(data_dir: str | Path, split: str, on_bad_row: str = "error") -> tu
     """
     path = split_path(data_dir, split)
     reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+    names = [c.strip() for c in (reader.fieldnames or [])]
+    twice = {c: [i + 1 for i, n in enumerate(names) if n == c] for c in REQUIRED_COLUMNS if names.count(c) > 1}
+    if twice:  # csv would silently keep the last one: every label or text replaced
+        raise DataError(f"{path}: header names " + "; ".join(f"column {c!r} {len(p)} times (columns {p})"
+                                                             for c, p in twice.items())
+                        + "; expected each once: remove or rename the duplicates")
     missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
         raise DataError(

@@ -139,3 +139,26 @@ def test_jsonl_given_labels_and_errors(tmp_path):
     (root / "dev.jsonl").write_text(json.dumps({"dialogue_id": "a", "utterances": [{"speaker": "A"}]}) + "\n")
     with pytest.raises(DataError, match=r"line 1, utterances\[0\]: expected an object with 'speaker' and 'text'"):
         load_split("jsonl", "dev", root)
+
+
+def test_a_duplicated_meld_column_is_an_error_naming_both_positions(tmp_path, meld_dir):
+    from erc_llm.data.meld import load_meld
+    from erc_llm.data.schema import DataError
+
+    lines = (meld_dir / "dev_sent_emo.csv").read_text(encoding="utf-8").splitlines()
+    header = lines[0].split(",")
+    i = header.index("Emotion")
+    (tmp_path / "dev_sent_emo.csv").write_text("\n".join([lines[0] + ",Emotion"] + [ln + ",neutral" for ln in lines[1:30]]),
+                                               encoding="utf-8")
+    with pytest.raises(DataError, match=rf"column 'Emotion' 2 times \(columns \[{i + 1}, {len(header) + 1}\]\)"):
+        load_meld(tmp_path, "dev")
+
+
+def test_a_jsonl_file_with_a_byte_order_mark_is_read(tmp_path):
+    from erc_llm.data.jsonl import load_jsonl
+    from tests.conftest import toy_dialogue, write_dialogues
+
+    write_dialogues(tmp_path / "test.jsonl", [toy_dialogue(3)])
+    (tmp_path / "test.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "test.jsonl").read_bytes())
+    dialogues, _ = load_jsonl(tmp_path, "test", None)
+    assert len(dialogues[0].utterances) == 3
