@@ -106,6 +106,10 @@ class StageOptions:
                                   "(all-MiniLM-L6-v2 = the packaged one; a local dir or hub id; empty = audio only)")
     calibrate: bool = _f(True, "with memory or fusion on: a probability temperature chosen on dev (NLL) is applied "
                          "to the final distribution")
+    stage_stats: str = _f("online", "the fusion classifier's per-speaker audio statistics, in fitting and by default "
+                          "in evaluation: online (the speaker's turns so far, as in a live session) or split (OFFLINE: "
+                          "each speaker's statistics over the whole split, later turns included; for comparison with "
+                          "offline methods)", ("online", "split"))
 
     def stage_problems(self) -> list[str]:
         p = []
@@ -183,9 +187,9 @@ class EvalConfig(SpeakerOptions):
                         "(default: the run's)")
     stages: bool = _f(True, "apply the run's stages (memory, fusion, calibration) where it has them; false = the "
                       "adapter alone")
-    stage_stats: str = _f("online", "the fusion classifier's per-speaker audio statistics: online (the speaker's turns "
-                          "so far, as in a live session) or split (OFFLINE: the whole split, later turns included)",
-                          ("online", "split"))
+    stage_stats: str = _f("", "the fusion classifier's per-speaker audio statistics: online (the speaker's turns "
+                          "so far, as in a live session), split (OFFLINE: the whole split, later turns included), or "
+                          "empty = what the run's stages were fitted with", ("", "online", "split"))
 
     def problems(self) -> list[str]:
         p = _common_problems(self)

@@ -279,7 +279,8 @@ def apply_stages(stages, cfg: EvalConfig, p, dialogues, rows: list[dict]) -> dic
             note = (f"fusion skipped: no {fusion['audio_source']} audio features in {directory!r} (pass --audio-dir "
                     "with this split's features); memory and calibration applied")
             log.warning(note)
-    steps = S.apply(stages, dialogues, llm, memory, table, cfg.stage_stats)
+    stats = cfg.stage_stats or (fusion or {}).get("stage_stats", "online")
+    steps = S.apply(stages, dialogues, llm, memory, table, stats)
     final = steps["calibrated"]
     for r, q, a in zip(rows, final, llm):
         r["adapter_probabilities"] = r.pop("probabilities")
@@ -289,7 +290,7 @@ def apply_stages(stages, cfg: EvalConfig, p, dialogues, rows: list[dict]) -> dic
                                ("calibration", stages.settings.get("temperature", 1.0) != 1.0)) if on]
     gold = np.array([names.index(r["gold"]) if r["gold"] is not None else -1 for r in rows])
     return {"applied": applied, "settings": stages.settings, "described": S.describe(stages.settings),
-            "stage_stats": cfg.stage_stats if table is not None else None, "note": note,
+            "stage_stats": stats if table is not None else None, "note": note,
             "steps": S.stage_report(gold, steps) if (gold >= 0).any() else None}
 
 

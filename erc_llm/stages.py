@@ -397,12 +397,12 @@ def apply(stages: Stages, dialogues: list[Dialogue], llm: np.ndarray, memory: np
 
 
 def fit_classifier(train: list[Dialogue], gold: np.ndarray, table, spec, audio_context: int, encoder_name: str,
-                   embed) -> Classifier:
+                   embed, stage_stats: str = "online") -> Classifier:
     from sklearn.linear_model import LogisticRegression
 
     shell = Classifier(np.zeros(0), np.zeros(0), spec, audio_context, encoder_name)
     texts = split_texts(embed, train) if encoder_name else None
-    x = split_features(shell, train, table, texts)
+    x = split_features(shell, train, table, texts, stage_stats)
     keep = gold >= 0
     n_labels = int(gold.max()) + 1
     missing = sorted(set(range(n_labels)) - set(gold[keep].tolist()))
@@ -546,8 +546,9 @@ def fit(p, data: dict[str, list[Dialogue]], opts) -> tuple[Stages, dict]:
         base = combine(inputs["dev"].llm, mem["dev"], None, settings)["memory"]
         weight, report["fusion_curve"] = choose_fusion_weight(inputs["dev"].gold, base, clf["dev"])
         settings["fusion"] = {"weight": weight, "audio_source": opts.fusion_audio_source,
-                              "audio_dir": opts.fusion_audio_dir, "audio_context": opts.fusion_audio_context,
-                              "text_encoder": opts.fusion_text_encoder}
+                              "audio_dir": str(Path(opts.fusion_audio_dir).resolve()) if opts.fusion_audio_dir else "",
+                              "audio_context": opts.fusion_audio_context, "text_encoder": opts.fusion_text_encoder,
+                              "stage_stats": opts.stage_stats}
     settings["temperature"] = 1.0
     if opts.calibrate:
         dev = inputs["dev"]
@@ -613,11 +614,12 @@ def _fit_fusion(stages: Stages, data, inputs, opts) -> tuple[dict, dict]:
         return embed(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
 
     stages.classifier = fit_classifier(data["train"], inputs["train"].gold, tables["train"], spec,
-                                       opts.fusion_audio_context, opts.fusion_text_encoder, encode)
+                                       opts.fusion_audio_context, opts.fusion_text_encoder, encode, opts.stage_stats)
     clf, own = {}, {}
     for s, d in data.items():
         texts = split_texts(encode, d) if opts.fusion_text_encoder else None
-        clf[s] = stages.classifier.probabilities(split_features(stages.classifier, d, tables[s], texts))
+        clf[s] = stages.classifier.probabilities(split_features(stages.classifier, d, tables[s], texts,
+                                                                opts.stage_stats))
         g = inputs[s].gold
         if (g >= 0).any() and s != "train":
             own[s] = {"weighted_f1": weighted_f1(g[g >= 0], clf[s][g >= 0]),
