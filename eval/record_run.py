@@ -29,7 +29,8 @@ from erc_llm.config import eval_flags  # noqa: E402
 from erc_llm.io import current_umask  # noqa: E402
 
 RUN_FILES = ("run.json", "config.yaml", "best.json", "train_summary.json", "log.jsonl")
-EVAL_FILES = ("metrics.json", "report.md", "confusion.png")
+EVAL_FILES = ("metrics.json", "report.md", "confusion.png", "reliability.png")
+OPTIONAL_RUN_FILES = ("stages.json",)  # a run with memory / fusion / calibration: each stage on dev and test
 
 
 def record_files(run: Path) -> dict[Path, Path]:
@@ -45,7 +46,7 @@ def record_files(run: Path) -> dict[Path, Path]:
         raise SystemExit(missing_test)
     evaluations = sorted(d for d in (run / "eval").glob("*")  # a finished evaluation has its metrics.json
                          if not d.name.startswith(".") and (d / "metrics.json").is_file())
-    files = {Path(name): run / name for name in RUN_FILES}
+    files = {Path(name): run / name for name in RUN_FILES + OPTIONAL_RUN_FILES if (run / name).is_file()}
     files.update({p.relative_to(run / "eval"): p for d in evaluations for p in (d / name for name in EVAL_FILES)
                   if p.is_file()})
     return files

@@ -29,7 +29,7 @@ KEYS = ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1")
 # where a run was written and how it was run; they do not change the model (resume: tested bit-identical) or its
 # test_predicted evaluation (test_gold only adds a gold-history evaluation beside it)
 RUNTIME = ("seed", "out", "data_dir", "resume", "overwrite", "threads", "on_bad_row", "activation_checkpointing",
-           "test_gold")
+           "test_gold", "fusion_audio_dir")
 
 
 def recipe(cfg: dict) -> dict:
@@ -37,10 +37,18 @@ def recipe(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in RUNTIME}
 
 
-def row(folder: Path, seed: int, dev_weighted_f1: float, test: dict, options: dict) -> dict:
-    """One seed's entry of the summary: its dev selection score, test metrics and recipe."""
-    return {"folder": str(folder), "seed": seed, "dev_weighted_f1": dev_weighted_f1, **{k: test[k] for k in KEYS},
-            "per_class_f1": {c: v["f1"] for c, v in test["per_class"].items()}, "recipe": options}
+def row(folder: Path, seed: int, dev_weighted_f1: float, test: dict, options: dict, stages: dict | None = None) -> dict:
+    """One seed's entry of the summary: its dev selection score, test metrics and recipe; for a run with stages
+    (``stages.json``) the dev score of its final distribution and every stage's dev and test scores."""
+    out = {"folder": str(folder), "seed": seed, "dev_weighted_f1": dev_weighted_f1, **{k: test[k] for k in KEYS},
+           "per_class_f1": {c: v["f1"] for c, v in test["per_class"].items()}, "recipe": options}
+    if "ece" in test:
+        out["ece"], out["nll"] = test["ece"], test["nll"]
+    if stages:
+        out["dev_weighted_f1"] = stages["steps"]["dev"]["calibrated"]["weighted_f1"]
+        out["stages"] = {f"{split} {step} {k}": v for split, steps in stages["steps"].items()
+                         for step, m in steps.items() for k, v in m.items()}
+    return out
 
 
 def read_run(folder: Path) -> dict:
@@ -50,7 +58,8 @@ def read_run(folder: Path) -> dict:
     test = json.loads((folder / "test_predicted" / "metrics.json").read_text())
     best = json.loads((folder / "best.json").read_text())
     cfg = yaml.safe_load((folder / "config.yaml").read_text())
-    return row(folder, cfg["seed"], best["dev_predicted"]["weighted_f1"], test, recipe(cfg))
+    stages = json.loads((folder / "stages.json").read_text()) if (folder / "stages.json").is_file() else None
+    return row(folder, cfg["seed"], best["dev_predicted"]["weighted_f1"], test, recipe(cfg), stages)
 
 
 def read_ensemble(folder: Path) -> dict:
@@ -93,6 +102,11 @@ def summarize(runs: list[dict]) -> dict:
     out = {"seeds": seeds, "runs": [r["folder"] for r in runs], "recipe": runs[0]["recipe"],
            "dev_weighted_f1": stat([r["dev_weighted_f1"] for r in runs]), **{k: stat([r[k] for r in runs]) for k in KEYS}}
     out["per_class_f1"] = {c: stat([r["per_class_f1"][c] for r in runs]) for c in runs[0]["per_class_f1"]}
+    for key in ("ece", "nll"):
+        if all(key in r for r in runs):
+            out[key] = stat([r[key] for r in runs])
+    if all("stages" in r for r in runs):  # "dev memory weighted_f1" -> mean ± std over the seeds
+        out["stages"] = {k: stat([r["stages"][k] for r in runs]) for k in runs[0]["stages"]}
     return out
 
 
