@@ -414,7 +414,7 @@ def fit_classifier(train: list[Dialogue], gold: np.ndarray, table, spec, audio_c
 
 
 def choose_memory(memory: Memory, dev: SplitInputs, grid=(NEIGHBOURS, MEMORY_TEMPERATURES, LAMBDAS)) -> tuple[dict, list]:
-    """(k, temperature, λ) with the best dev weighted F1 (ties: smaller λ, larger k, larger temperature)."""
+    """(k, temperature, λ) with the best dev weighted F1 (ties: smaller λ, larger k, smaller temperature)."""
     scored = dev.gold >= 0
     rows = []
     for k, t in itertools.product(grid[0], grid[1]):
@@ -422,7 +422,7 @@ def choose_memory(memory: Memory, dev: SplitInputs, grid=(NEIGHBOURS, MEMORY_TEM
         for lam in grid[2]:
             f1 = weighted_f1(dev.gold[scored], ((1 - lam) * dev.llm + lam * knn)[scored])
             rows.append({"k": k, "temperature": t, "lambda": lam, "dev_weighted_f1": f1})
-    best = max(rows, key=lambda g: (g["dev_weighted_f1"], -g["lambda"], g["k"], g["temperature"]))
+    best = max(rows, key=lambda g: (g["dev_weighted_f1"], -g["lambda"], g["k"], -g["temperature"]))
     return {"k": best["k"], "temperature": best["temperature"], "lambda": best["lambda"]}, rows
 
 
