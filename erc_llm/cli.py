@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    if args.verbose:  # library logs too (erc_llm/__init__.py quiets two of them by default)
+        logging.getLogger("bitsandbytes").setLevel(logging.DEBUG)
     return run_command(lambda: args.func(args), "erc-llm", args.debug)
 
 

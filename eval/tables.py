@@ -51,7 +51,7 @@ def package(rows: list[dict]) -> str:
         s = r["summary_json"]
         seeds = " · ".join(f"{v:.2f}" for v in s["weighted_f1"]["values"])
         dev = " · ".join(f"{v:.2f}" for v in s["dev_weighted_f1"]["values"])
-        out += [f"### {r['corpus']}: {r['system']}", "", r["description"].strip(), "",
+        out += [f'<a id="{r["anchor"]}"></a>', "", f"### {r['corpus']}: {r['system']}", "", r["description"].strip(), "",
                 f"- Command (seed N = {', '.join(map(str, s['seeds']))}): `{r['command'].strip()}`, then "
                 f"`python eval/record_run.py RUN {r['results'].replace('{N}', 'N')}` and `{s['command']}`",
                 f"- Test weighted F1 **{pm(s['weighted_f1'])}** (seeds {seeds}); dev (selection) "
