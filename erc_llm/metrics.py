@@ -12,6 +12,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_m
 
 from erc_llm.data.schema import DataError, LabelSet
 from erc_llm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from erc_llm.palette import colours
 
 
 def compute_metrics(gold: list[str], pred: list[str], labels: LabelSet) -> dict:
@@ -42,6 +43,9 @@ def plot_confusion(gold: list[str], pred: list[str], labels: LabelSet, path: Pat
     im = ax.imshow(np.nan_to_num(cm), vmin=0, vmax=1, cmap="Blues")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)
+    palette = colours(names)  # each label's colour of the web page, behind its name
+    for tick in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
+        tick.set_bbox({"facecolor": palette[tick.get_text()], "alpha": 0.35, "edgecolor": "none", "pad": 1.5})
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
     ax.set_title(title, fontsize=9)

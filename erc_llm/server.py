@@ -7,6 +7,8 @@
     GET    /dialogues/{id}            the transcript with labels
     GET    /dialogues/{id}/speakers/{name}                                  -> emotions so far, biography
     DELETE /dialogues/{id}
+    POST   /dialogues/import          {"filename": "talk.txt", "content": "Ann: ..."}  -> a labelled dialogue
+    GET    /dialogues/{id}/export?format=jsonl|csv                            -> the labelled dialogue as a file
     GET    /labels, /health, /docs (OpenAPI)
 
 Binds to loopback by default. Limits (text length, turns per dialogue, open dialogues with idle expiry,
@@ -24,11 +26,14 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from erc_llm.data.schema import DataError
+from erc_llm.palette import colours
 from erc_llm.session import Engine, ERCSession
+from erc_llm.uploads import parse, to_csv, to_jsonl
 
 STATIC = Path(__file__).parent / "static"
 
@@ -53,6 +58,12 @@ class NewTurn(BaseModel):
     text: str = Field(min_length=1, description="what they say")
     audio: list[float] | None = Field(None, max_length=4096, description="the turn's audio feature vector, for a "
                                       "model that hears audio (GET / shows which features); omitted = text only")
+
+
+class Upload(BaseModel):
+    filename: str = Field("upload.txt", max_length=255, description="the file's name (its extension picks the format)")
+    content: str = Field(description="the file's text: generic JSONL (first dialogue), a MELD-style CSV (Speaker, "
+                         "Utterance), or one 'Speaker: text' turn per line")
 
 
 class Dialogues:
@@ -157,17 +168,53 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
 
     @app.get("/health")
     def health():
+        """Which model answers: name, corpus, stages, calibration, audio features, label set and colours."""
         from erc_llm.stages import describe
 
-        c = engine.stages.classifier if engine.stages is not None else None
+        st = engine.stages
+        c = st.classifier if st is not None else None
         spec = c.spec if c is not None and c.spec is not None else (engine.audio.spec if engine.audio else None)
-        return {"status": "ok", "model": engine.name, "open_dialogues": len(store.items),
-                "stages": describe(engine.stages.settings if engine.stages is not None else None),
-                "audio_features": list(spec.names) if spec is not None else None}
+        return {"status": "ok", "model": engine.name, "dataset": engine.dataset, "context": "online",
+                "open_dialogues": len(store.items), "stages": describe(st.settings if st is not None else None),
+                "calibrated": st is not None and st.settings.get("temperature", 1.0) != 1.0,
+                "audio_features": list(spec.names) if spec is not None else None,
+                "limits": {"max_body_bytes": limits.max_body_bytes, "max_turns": limits.max_turns,
+                           "max_text_chars": limits.max_text_chars}, **labels()}
 
     @app.get("/labels")
     def labels():
-        return {"labels": list(engine.labels.labels)}
+        return {"labels": list(engine.labels.labels), "colours": colours(engine.labels.labels)}
+
+    @app.post("/dialogues/import", status_code=201)
+    def import_file(body: Upload):
+        """Label a whole conversation from a file: a new dialogue, its participants known up front."""
+        try:
+            turns = parse(body.filename, body.content, limits.max_turns)
+        except DataError as e:
+            raise HTTPException(422, str(e)) from None
+        bad = [f"{body.filename}, turn {i + 1}: {what} over the limit of {n} characters"
+               for i, (s, t) in enumerate(turns)
+               for what, x, n in (("speaker", s, limits.max_speaker_chars), ("text", t, limits.max_text_chars))
+               if len(x) > n]
+        if bad:
+            raise HTTPException(422, "\n".join(bad[:10]))
+        key = store.create(list(dict.fromkeys(s for s, _ in turns)))
+        session, lock, _ = store.get(key)
+        with lock:
+            for speaker, text in turns:
+                session.add_turn(speaker, text)
+        return transcript(key)
+
+    @app.get("/dialogues/{key}/export")
+    def export_file(key: str, format: str = "jsonl"):
+        if format not in ("jsonl", "csv"):
+            raise HTTPException(422, f"format {format!r} not supported; available = ['jsonl', 'csv']")
+        session, lock, _ = store.get(key)
+        with lock:
+            text = (to_jsonl(key, session.turns) if format == "jsonl"
+                    else to_csv(key, session.turns, engine.labels.labels))
+        return PlainTextResponse(text, media_type="application/x-ndjson" if format == "jsonl" else "text/csv",
+                                 headers={"Content-Disposition": f'attachment; filename="dialogue-{key}.{format}"'})
 
     @app.post("/dialogues", status_code=201)
     def create(body: NewDialogue | None = None):
@@ -198,7 +245,7 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         session, lock, _ = store.get(key)
         with lock:
             turns = [{"index": t.index, "speaker": t.speaker, "text": t.text, "label": t.label,
-                      "probabilities": t.probs} for t in session.turns]
+                      "probabilities": t.probs, "used": t.used} for t in session.turns]
             return {"id": key, "participants": list(session.participants), "turns": turns}
 
     @app.get("/dialogues/{key}/speakers/{name}")

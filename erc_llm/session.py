@@ -51,6 +51,7 @@ class Engine:
     name: str = ""
     trie: object = None  # LabelTrie of the builder's labels
     stages: object = None  # erc_llm.stages.Stages (memory, fusion, calibration) of the run, if fitted
+    dataset: str = ""  # the corpus the run was trained on ("" for a bare backbone)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one forward at a time on the shared model
 
     @classmethod
@@ -73,7 +74,7 @@ class Engine:
             raise ValueError(f"model {p.name} was trained with {p.context} context ({seen}); a live session only knows "
                              "the turns so far: use a model trained with context: online and lookahead: 0")
         return cls(p.model, p.builder, p.labels, p.speakers, p.audio, p.name, LabelTrie(p.builder.label_ids),
-                   p.stages if stages else None)
+                   p.stages if stages else None, p.spec.dataset if p.spec else "")
 
     def soft_tokens(self, audio, heard: list | None = None) -> torch.Tensor | None:
         """Soft tokens of one turn: ``audio`` = a wav path (features extracted as in training), a feature

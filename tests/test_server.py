@@ -1,5 +1,6 @@
 """HTTP service: happy path, bad requests, limits, concurrency, and the web page in headless Chromium."""
 
+import json
 import shutil
 import socket
 import threading
@@ -28,7 +29,8 @@ def client(engine):
 
 def test_happy_path(client):
     assert client.get("/health").json()["status"] == "ok"
-    assert client.get("/labels").json() == {"labels": list(LABELS.labels)}
+    assert client.get("/labels").json()["labels"] == list(LABELS.labels)
+    assert set(client.get("/labels").json()["colours"]) == set(LABELS.labels)
     key = client.post("/dialogues", json={"participants": ["Ross", "Rachel"]}).json()["id"]
     r = client.post(f"/dialogues/{key}/turns", json={"speaker": "Ross", "text": "I can't believe you did that!"})
     assert r.status_code == 200
@@ -138,8 +140,10 @@ def test_web_page_in_headless_chromium(engine, tmp_path):
             browser = p.chromium.launch(executable_path=CHROMIUM, args=[
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run"])
-            page = browser.new_page()
+            page = browser.new_page(accept_downloads=True)
             page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("#legend li")
+            assert "Model:" in page.inner_text("#model") and page.locator("#legend li").count() == len(LABELS.labels)
             for n, (speaker, text) in enumerate((("Ross", "I can't believe you did that!"), ("Rachel", "Oh, that's great.")), 1):
                 page.fill("#speaker", speaker)
                 page.fill("#text", text)
@@ -163,3 +167,99 @@ def test_web_page_in_headless_chromium(engine, tmp_path):
         server.should_exit = True
         thread.join(timeout=10)
     assert Path(tmp_path / "page.png").stat().st_size > 1000
+
+
+def test_import_labels_a_transcript_and_export_gives_every_probability(engine):
+    app = TestClient(create_app(engine), raise_server_exceptions=False)
+    text = "Ross: I can't believe you did that!\nRachel: Oh, that's great.\n\nMonica: Why?\n"
+    r = app.post("/dialogues/import", json={"filename": "talk.txt", "content": text})
+    assert r.status_code == 201, r.text
+    d = r.json()
+    assert [t["speaker"] for t in d["turns"]] == ["Ross", "Rachel", "Monica"] and d["participants"] == ["Ross", "Rachel", "Monica"]
+    rows = app.get(f"/dialogues/{d['id']}/export?format=jsonl").text.splitlines()
+    assert json.loads(rows[0])["utterances"][1]["probabilities"] == d["turns"][1]["probabilities"]
+    csv_text = app.get(f"/dialogues/{d['id']}/export?format=csv").text.splitlines()
+    assert csv_text[0].split(",")[-len(LABELS.labels):] == [f"p_{lab}" for lab in LABELS.labels] and len(csv_text) == 4
+    assert app.get(f"/dialogues/{d['id']}/export?format=xml").status_code == 422
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("talk.txt", "Ross: hi\nthis line has no speaker\n", "talk.txt, line 2"),
+    ("d.csv", "Speaker,Text\nRoss,hi\n", "missing column(s) ['Utterance']"),
+    ("d.csv", "Speaker,Utterance\nRoss,hi\n,hello\n", "d.csv, line 3, field Speaker: empty"),
+    ("d.jsonl", '{"dialogue_id": "a", "utterances": [{"speaker": "Ross", "text": ""}]}', "utterances[0]"),
+    ("empty.txt", "  \n", "the file is empty"),
+])
+def test_bad_uploads_name_the_line_and_field_and_the_session_survives(engine, name, content, expected):
+    app = TestClient(create_app(engine), raise_server_exceptions=False)
+    r = app.post("/dialogues/import", json={"filename": name, "content": content})
+    assert r.status_code == 422 and expected in r.json()["error"]
+    assert app.post("/dialogues/import", json={"filename": "ok.txt", "content": "Ross: hi"}).status_code == 201
+
+
+def test_an_upload_over_the_body_limit_is_a_413_json_error(engine):
+    app = TestClient(create_app(engine), raise_server_exceptions=False)
+    r = app.post("/dialogues/import", json={"filename": "big.txt", "content": "Ross: hi\n" * 600_000})
+    assert r.status_code == 413 and "over" in r.json()["error"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (`apt-get install chromium`; .ci/run installs it)")
+def test_page_uploads_a_transcript_draws_a_timeline_and_downloads_what_evaluate_predicts(engine, tiny_model_dir,
+                                                                                          tmp_path):
+    """Upload a 20-turn transcript in headless Chromium: one timeline lane per speaker and a mark per turn; the
+    downloaded JSONL holds the probabilities batch evaluation gives the same dialogue."""
+    import uvicorn
+    from playwright.sync_api import sync_playwright
+
+    from erc_llm.config import EvalConfig, build
+    from erc_llm.evaluate import evaluate
+    from tests.conftest import toy_dialogue, write_dialogues
+
+    dialogue = toy_dialogue(20, "talk")
+    (tmp_path / "talk.txt").write_text("\n".join(f"{u.speaker}: {u.text}" for u in dialogue.utterances) + "\n")
+    (tmp_path / "data").mkdir()
+    write_dialogues(tmp_path / "data" / "test.jsonl", [dialogue])
+    evaluate(build(EvalConfig, None, {"dataset": "jsonl", "split": "test", "data_dir": str(tmp_path / "data"),
+                                      "zero_shot": True, "model": str(tiny_model_dir), "labels": list(LABELS.labels),
+                                      "out": str(tmp_path / "eval")}))
+    expected = [json.loads(x)["probabilities"] for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"])
+            page = browser.new_page(accept_downloads=True, viewport={"width": 360, "height": 800})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("#legend li")
+            page.set_input_files("#file", str(tmp_path / "talk.txt"))
+            page.wait_for_selector(".turn:nth-child(20)", timeout=60_000)
+            assert page.locator("#timeline .lane").count() == len(dialogue.speakers)
+            assert page.locator("#timeline .mark").count() == 20
+            page.focus('#timeline .mark[data-index="0"]')
+            page.keyboard.press("ArrowRight")  # keyboard navigation along the timeline shows the distribution
+            assert page.evaluate("document.activeElement.dataset.index") == "1"
+            assert "%" in page.inner_text("#tip")
+            with page.expect_download() as d:
+                page.click("#dl-jsonl")
+            got = json.loads(Path(d.value.path()).read_text().splitlines()[0])["utterances"]
+            for g, e in zip(got, expected):
+                assert g["probabilities"] == pytest.approx(e, abs=1e-4)
+            assert len(got) == 20
+            (tmp_path / "bad.csv").write_text("Speaker,Text\nRoss,hi\n")
+            page.set_input_files("#file", str(tmp_path / "bad.csv"))
+            page.wait_for_function("document.getElementById('error').textContent.includes('Utterance')")
+            assert page.locator("#timeline .mark").count() == 20  # the labelled dialogue survives a bad upload
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert (tmp_path / "page.png").stat().st_size > 1000
