@@ -248,5 +248,23 @@ def load_for_training(name: str, dtype: str = "float32", quant: str = "none", ca
             quant = "none"
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = _from_pretrained(path, name, kwargs)
     return model, tok, {**manifest, "name": name, "path": path, "quant": quant}
+
+
+def _from_pretrained(path: str, name: str, kwargs: dict):
+    """The weights of a prepared backbone; a cached file whose header or tensors cannot be read (damaged after the
+    conversion) is a clear error with the way to rebuild it, not a library traceback. What is checked on each load:
+    that the safetensors header and tensors parse; the sha256 of every cached file is checked by
+    ``erc-llm prepare-model`` (hashing a GB on every load would cost seconds)."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (SafetensorError, OSError) as e:
+        if not Path(path).is_dir():
+            raise
+        raise ModelNotFound(f"cache {path}: the weights of {name} cannot be read ({type(e).__name__}: {e}); the cached "
+                            f"files are damaged: delete {path} and run `erc-llm prepare-model {name}` to rebuild "
+                            "them") from None

@@ -237,6 +237,12 @@ def _common_problems(cfg) -> list[str]:
         p.append(f"data_dir: {cfg.data_dir!r} does not exist")
     if cfg.labels and cfg.dataset != "jsonl":
         p.append(f"labels: only the jsonl format takes a label set; {cfg.dataset} has a fixed one")
+    canonical = [str(lab).strip().lower() for lab in cfg.labels]
+    if cfg.labels and len(set(canonical)) < 2:
+        p.append(f"labels: {list(cfg.labels)} names {len(set(canonical))} distinct label(s); emotion recognition needs "
+                 "at least two (labels are matched case-insensitively)")
+    elif len(set(canonical)) < len(canonical):
+        p.append(f"labels: {list(cfg.labels)} repeats a label (labels are matched case-insensitively)")
     return p
 
 

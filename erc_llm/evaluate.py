@@ -204,6 +204,10 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
                         "--run with a model trained on this label set, or --zero-shot with --labels to use the bare "
                         "backbone") from None
     log.info("%s; label set %s = %s", report.summary(), labels.name, list(labels.labels))
+    if not dialogues:
+        skipped = f" ({sum(report.skipped.values())} rows skipped on load: {dict(report.skipped)})" if report.skipped else ""
+        raise DataError(f"{cfg.dataset}/{cfg.split} in {cfg.data_dir}: nothing to evaluate{skipped}; check the file "
+                        "and the label set")
     if cfg.limit:
         dialogues = dialogues[: cfg.limit]
     p = load_predictor(cfg, labels)

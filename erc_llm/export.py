@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from erc_llm.io import atomic_dir, atomic_write_json, claim_output, mark_output, sha256_file
-from erc_llm.run import RunSpec, resolve
+from erc_llm.run import RunSpec, resolve, write_checksums
 from erc_llm.stages import STAGES_DIR, describe
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -69,6 +69,9 @@ def export(run: str | Path, out: str | Path, dtype: str = "float32", card: str =
                 shutil.copy(src / "stages.json", tmp / "stages.json")
         (tmp / "README.md").write_text(card or model_card(spec, name=Path(out).name, metrics=run_metrics(src)),
                                        encoding="utf-8")
+        if (tmp / "checksums.json").exists():
+            (tmp / "checksums.json").unlink()
+        write_checksums(tmp)  # every load of the exported folder checks these
     return Path(out)
 
 

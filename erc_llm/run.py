@@ -173,9 +173,36 @@ class Predictor:
         return make_tagger(self.model, self.builder, history, batch, self.speakers, audio, self.lookahead)
 
 
+CHECKSUMS = "checksums.json"
+
+
+def write_checksums(folder: Path) -> Path:
+    """Record the sha256 of every file of an exported or shipped model (what :func:`check_reference` verifies)."""
+    from erc_llm.io import OUTPUT_MANIFEST, sha256_file
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (CHECKSUMS, OUTPUT_MANIFEST))
+    return atomic_write_json(folder / CHECKSUMS, {str(p.relative_to(folder)): sha256_file(p) for p in files})
+
+
 def check_reference(run_dir: Path) -> None:
-    """A packaged model (``reference.json`` beside its adapter) must hold the adapter it was packaged with."""
+    """An exported or shipped model must hold the files it was written with: every file ``checksums.json`` lists
+    (adapter weights and config, ``run.json``, prompts, stage files, the card) is present with its sha256; a packaged
+    model's ``reference.json`` also names its adapter's. A run folder that training is still writing has no
+    checksums and is not checked."""
     from erc_llm.io import sha256_file
+
+    listed = run_dir / CHECKSUMS
+    if listed.is_file():
+        try:
+            sums = json.loads(listed.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RunError(f"{listed}: not valid JSON ({e}); the model folder is damaged — export it again") from None
+        bad = [name for name, digest in sums.items()
+               if not (run_dir / name).is_file() or sha256_file(run_dir / name) != digest]
+        if bad:
+            raise RunError(f"{run_dir}: {', '.join(bad[:5])} {'does' if len(bad) == 1 else 'do'} not match the sha256 "
+                           f"recorded in {listed} (changed, replaced or missing); restore the folder, export the run "
+                           "again, or reinstall erc-llm for the shipped model")
 
     ref_file, weights = run_dir / "reference.json", run_dir / "adapter" / "adapter_model.safetensors"
     if not ref_file.is_file() or not weights.is_file():

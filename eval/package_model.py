@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from erc_llm.data import load_split  # noqa: E402
 from erc_llm.export import export, model_card, record_reference, run_metrics, train_command  # noqa: E402
-from erc_llm.run import PRETRAINED_DIR, RunSpec  # noqa: E402
+from erc_llm.run import PRETRAINED_DIR, RunSpec, write_checksums  # noqa: E402
 
 USE = """
 ## Intended use and limits
@@ -90,8 +90,8 @@ def main() -> int:
         target.unlink()
         real.rename(target)
         target.chmod(0o755)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):  # the package keeps one copy, in adapter/
-        (target / name).unlink()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "checksums.json"):  # one copy, in adapter/;
+        (target / name).unlink()  # the checksums are written once the folder is complete
     dev, _, _ = load_split("meld", "dev", args.data_dir)
     record_reference(target, dev[: args.reference_dialogues], target)
     t = time.time()
@@ -111,6 +111,7 @@ def main() -> int:
              f"(2,610 utterances) took {packaged['seconds']:.0f} s here ({packaged['utterances_per_second']:.1f} utt/s, "
              f"float32, {packaged['threads']} threads).\n\n```yaml\n{cfg}```\n" + usage(spec.label_history))
     (target / "README.md").write_text(model_card(spec, args.name, metrics, extra), encoding="utf-8")
+    write_checksums(target)
     print(f"packaged {args.run} -> {target}; MELD test weighted F1 {packaged['weighted_f1']:.2f}")
     return 0
 

@@ -61,3 +61,18 @@ def test_atomic_dir_replaces_whole_versions(tmp_path):
     assert (tmp_path / "final" / "f").read_text() == "two"
     assert (tmp_path / "final").is_symlink()
     assert len([p for p in tmp_path.iterdir() if p.name.startswith(".final.")]) == 1  # old version removed
+
+
+def test_a_damaged_safetensors_header_is_a_clear_error_naming_the_rebuild(tmp_path, tiny_model_dir):
+    import shutil
+
+    from erc_llm.backbone import ModelNotFound, load_backbone
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    weights = copy / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[8:20] = b"\x00garbage!!\x00\x00"  # same size, header no longer JSON
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ModelNotFound, match="cannot be read .*prepare-model"):
+        load_backbone(str(copy))

@@ -126,7 +126,7 @@ def test_a_corrupted_shipped_adapter_is_refused(tmp_path):
     data = bytearray(f.read_bytes())
     data[-10] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(RunError, match="does not match the sha256 recorded when the model was packaged"):
+    with pytest.raises(RunError, match="adapter_model.safetensors does not match the sha256 recorded"):
         load(copy)
 
 
@@ -155,3 +155,35 @@ def test_label_sets_must_match_the_run(tmp_path, tiny_model, tiny_model_dir):
     run = _tiny_run(tmp_path, tiny_model, tiny_model_dir, True)
     with pytest.raises(RunError, match=r"differ from those of model .* --zero-shot"):
         load(run, labels=LabelSet("other", ("happy", "sad")))
+
+
+def test_an_exported_folder_refuses_any_changed_file(tmp_path, tiny_model, tiny_model_dir):
+    import json
+
+    from erc_llm.export import export
+    from erc_llm.run import RunError, load
+    from tests.conftest import write_lora_run
+
+    run = write_lora_run(tmp_path / "run", tiny_model, tiny_model_dir)
+    out = export(run, tmp_path / "exported")
+    load(out)  # as written: loads
+    spec = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**spec, "labels": list(reversed(spec["labels"]))}))  # swapped labels
+    with pytest.raises(RunError, match="run.json does not match the sha256"):
+        load(out)
+    export(run, tmp_path / "exported")
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    (out / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 4 * config["lora_alpha"]}))
+    with pytest.raises(RunError, match="adapter/adapter_config.json"):
+        load(out)
+
+
+def test_the_shipped_model_lists_every_file_it_consists_of():
+    import json
+
+    from erc_llm.run import PRETRAINED_DIR, SHIPPED
+
+    folder = PRETRAINED_DIR / SHIPPED
+    listed = set(json.loads((folder / "checksums.json").read_text()))
+    assert listed == {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "checksums.json"
+                      and "__pycache__" not in p.parts}

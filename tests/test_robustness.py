@@ -340,3 +340,21 @@ def test_on_bad_row_skip_counts_what_it_left_out(tmp_path, tiny_model_dir):
         load_split("meld", "test", meld)
     dialogues, _, report = load_split("meld", "test", meld, on_bad_row="skip")
     assert len(dialogues[0]) == 2 and report.skipped == {"Utterance: empty text": 1}
+
+
+def test_labels_match_case_insensitively_and_a_one_label_set_or_an_empty_split_is_an_error(tmp_path, tiny_model_dir):
+    from erc_llm.data import load_split
+    from erc_llm.evaluate import evaluate
+    from tests.conftest import write_jsonl_dataset
+
+    data = write_jsonl_dataset(tmp_path / "data")
+    dialogues, labels, _ = load_split("jsonl", "test", data, ("Neutral", "JOY", "anger", "Surprise"))
+    assert labels.labels == ("neutral", "joy", "anger", "surprise") and dialogues
+    with pytest.raises(ConfigError, match="at least two"):
+        build(EvalConfig, None, {"dataset": "jsonl", "data_dir": str(data), "labels": ["Joy", "joy"],
+                                 "out": str(tmp_path / "o")})
+    (data / "test.jsonl").write_text('{"dialogue_id": "x", "utterances": [{"speaker": "A", "text": "hi", "emotion": "zz"}]}\n')
+    cfg = build(EvalConfig, None, {"dataset": "jsonl", "data_dir": str(data), "zero_shot": True, "model": str(tiny_model_dir),
+                                   "labels": ["neutral", "joy"], "on_bad_row": "skip", "out": str(tmp_path / "o2")})
+    with pytest.raises(DataError, match="nothing to evaluate .*1 rows skipped"):
+        evaluate(cfg)

@@ -41,7 +41,8 @@ def load_split(
         dialogues, report = load_iemocap(data_dir, split)
         return dialogues, IEMOCAP_LABELS, report
     if dataset == "jsonl":
-        label_set = (LabelSet("jsonl", tuple(labels)) if labels
+        # one canonical form per label: lower case, as every loader reads the data's emotions
+        label_set = (LabelSet("jsonl", tuple(str(lab).strip().lower() for lab in labels)) if labels
                      else infer_labels(load_jsonl(data_dir, "train", None, on_bad_row)[0]))
         dialogues, report = load_jsonl(data_dir, split, label_set, on_bad_row)
         return dialogues, label_set, report

@@ -132,4 +132,7 @@ def infer_labels(train: list[Dialogue], name: str = "jsonl") -> LabelSet:
     counts = label_counts(train)
     if not counts:
         raise DataError("cannot infer a label set: the train split has no 'emotion' fields; give labels in the config")
+    if len(counts) < 2:
+        raise DataError(f"the train split has one label only ({list(counts)}); emotion recognition needs at least two: "
+                        "check the emotion fields, or give the label set with --labels")
     return LabelSet(name, tuple(sorted(counts, key=lambda k: (-counts[k], k))))
