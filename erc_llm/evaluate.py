@@ -29,9 +29,9 @@ from erc_llm.metrics import write_evaluation
 log = logging.getLogger(__name__)
 
 
-def _fingerprint(cfg: EvalConfig, p, dialogues, stages=None) -> str:
-    """What partial results depend on: settings, backbone, adapter bytes, prompts, stage files and the data's
-    content."""
+def _fingerprint(cfg: EvalConfig, p, dialogues, stages=None, audio=None) -> str:
+    """What partial results depend on, by content, never by path: settings, backbone, adapter bytes, prompts, the
+    speaker store's files, the audio inputs, stage files and the data."""
     from erc_llm.data.schema import dialogues_digest
     from erc_llm.io import content_digest, sha256_file
 
@@ -39,7 +39,21 @@ def _fingerprint(cfg: EvalConfig, p, dialogues, stages=None) -> str:
     adapter = p.run_dir / "adapter" / "adapter_model.safetensors" if p.run_dir else None
     return content_digest(keep, p.manifest.get("sha256"), p.manifest.get("path"), p.builder.templates.version,
                           sha256_file(adapter) if adapter and adapter.is_file() else None,
-                          dialogues_digest(dialogues), stages.digest() if stages is not None else None)[:16]
+                          dialogues_digest(dialogues), stages.digest() if stages is not None else None,
+                          p.speakers.store.manifest.get("sha256") if p.speakers is not None else None,
+                          _audio_digest(audio))[:16]
+
+
+def _audio_digest(audio) -> str | None:
+    """Content of a split's audio inputs (the projector inputs of every utterance)."""
+    if audio is None:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    for uid in sorted(audio.inputs):
+        h.update(uid.encode() + audio.inputs[uid].numpy().tobytes())
+    return h.hexdigest()
 
 
 def _load_partial(path: Path, fingerprint: str) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
@@ -232,7 +246,7 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     partial = out / shard.name("predictions.partial.jsonl")
     t0 = time.time()
     stages = p.stages if cfg.stages else None
-    rows = predict(tagger, mine, partial, _fingerprint(cfg, p, mine, stages), batch, stages)
+    rows = predict(tagger, mine, partial, _fingerprint(cfg, p, mine, stages, audio), batch, stages)
     rows = shard.gather(rows, out, dialogues)
     if rows is None:  # not the first process: its shard is written, the first one reports
         partial.unlink(missing_ok=True)

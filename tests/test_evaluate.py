@@ -153,3 +153,26 @@ def test_a_folder_with_only_a_test_split_takes_the_label_set_from_the_model(tmp_
     m = evaluate(build(EvalConfig, None, {"dataset": "jsonl", "split": "test", "data_dir": str(tmp_path / "mine"),
                                           "run": str(run), "out": str(tmp_path / "out")}))
     assert m["utterances"] == 3 and tuple(m["labels"]) == RunSpec.read(run).labels
+
+
+def test_resume_fingerprint_follows_the_content_of_the_speaker_store_and_audio_not_their_paths(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from erc_llm.evaluate import _fingerprint
+    from tests.conftest import toy_dialogue
+
+    data = write_jsonl_dataset(tmp_path / "data")
+    cfg = build(EvalConfig, None, {"dataset": "jsonl", "data_dir": str(data), "out": str(tmp_path / "o")})
+
+    def predictor(store_sha):
+        store = SimpleNamespace(manifest={"sha256": store_sha})
+        return SimpleNamespace(manifest={}, run_dir=None, builder=SimpleNamespace(templates=SimpleNamespace(version="v")),
+                               speakers=SimpleNamespace(store=store))
+
+    d = [toy_dialogue(3)]
+    same_path = [_fingerprint(cfg, predictor({"profiles.json": h}), d) for h in ("a", "b")]
+    assert same_path[0] != same_path[1]  # the store at the same path was rebuilt: start over
+    audio = [SimpleNamespace(inputs={"d1_0": torch.tensor([x])}) for x in (1.0, 2.0)]
+    assert _fingerprint(cfg, predictor({}), d, None, audio[0]) != _fingerprint(cfg, predictor({}), d, None, audio[1])
