@@ -63,15 +63,22 @@ def _load_partial(path: Path, fingerprint: str) -> tuple[dict[str, list[dict]], 
     started: dict[str, list[dict]] = {}
     if not path.is_file():
         return done, started
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines or json.loads(lines[0]).get("fingerprint") != fingerprint:
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    try:
+        head = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        head = {}  # a torn first line: nothing in the file can be trusted
+    if not isinstance(head, dict) or head.get("fingerprint") != fingerprint:
         log.warning("%s holds results of other settings, model or data; starting over", path)
         path.unlink()
         return done, started
     for line in lines[1:]:
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+            if not isinstance(row, dict) or "dialogue_id" not in row or not {"predictions", "turn"} & set(row):
+                raise KeyError(line[:40])
+        except (json.JSONDecodeError, KeyError):
+            log.warning("%s: a torn or foreign line after %d good ones; resuming from there", path, len(done))
             break
         if "predictions" in row:
             done[row["dialogue_id"]] = row["predictions"]

@@ -164,7 +164,14 @@ def read_evaluation(folder: str | Path) -> tuple[dict, list[dict]]:
     if missing:
         raise DataError(f"{folder}: missing {', '.join(missing)}; expected a folder written by erc-llm evaluate "
                         "(or eval/ensemble.py)")
-    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{folder / 'metrics.json'}: not valid JSON ({e}); the file is damaged, write it again with "
+                        "erc-llm evaluate") from None
+    if not isinstance(metrics, dict) or not metrics.get("labels"):
+        raise DataError(f"{folder / 'metrics.json'}: expected an evaluation's metrics with its 'labels'; write it again "
+                        "with erc-llm evaluate")
     rows = []
     with open(folder / "predictions.jsonl", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

@@ -62,6 +62,18 @@ def check_members(members: list[tuple[Path, dict, list[dict]]]) -> None:
                      for k in MUST_MATCH if metrics.get(k) != ref.get(k)]
         if [r["utterance_id"] for r in rows] != ids:
             problems.append(f"{folder}: its {len(rows)} utterances are not the {len(ids)} of {first} in the same order")
+        else:
+            differ = [r["utterance_id"] for r, g in zip(rows, ref_rows) if r.get("gold") != g.get("gold")]
+            if differ:
+                problems.append(f"{folder}: gold labels of {len(differ)} utterances (e.g. {differ[:3]}) differ from "
+                                f"{first}'s; evaluate every member on the same data")
+    for folder, metrics, rows in members:
+        labels = metrics.get("labels") or []
+        bad = [n for n, r in enumerate(rows, 1) if not isinstance(r.get("probabilities"), dict)
+               or any(lab not in r["probabilities"] for lab in labels)]
+        if bad:
+            problems.append(f"{folder}/predictions.jsonl, line {bad[0]}: probabilities lack labels of {labels} "
+                            f"({len(bad)} rows); write the evaluation again with erc-llm evaluate")
     if problems:
         raise SystemExit("cannot ensemble these evaluations:\n  " + "\n  ".join(problems))
 

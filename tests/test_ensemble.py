@@ -81,3 +81,32 @@ def test_records_the_training_config_of_members_that_are_run_folders(tmp_path):
     (b / "metrics.json").write_text(json.dumps({**metrics, "model": str(run)}))
     m = ensemble_script.ensemble([a, b], tmp_path / "out")
     assert [x["config"] for x in m["members"]] == [None, {"seed": 2, "lr": 0.0001}]
+
+
+def test_members_with_other_gold_labels_a_missing_label_or_torn_metrics_are_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    def member(name, gold="joy", probs=None, metrics=None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(metrics if metrics is not None else json.dumps(
+            {"dataset": "jsonl", "split": "dev", "context": "online", "labels": ["joy", "anger"], "history": "none",
+             "dialogues": 1, "model": name}))
+        row = {"dialogue_id": "d", "utterance_id": "u1", "gold": gold, "predicted": "joy",
+               "probabilities": probs if probs is not None else {"joy": 0.6, "anger": 0.4}}
+        (d / "predictions.jsonl").write_text(json.dumps(row) + "\n")
+        return d
+
+    def run(*members):
+        r = subprocess.run([sys.executable, str(REPO / "eval" / "ensemble.py"), *map(str, members), "--out",
+                            str(tmp_path / f"out{len(list(tmp_path.iterdir()))}")], capture_output=True, text=True)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        return r.stderr
+
+    a = member("a")
+    assert "gold labels of 1 utterances" in run(a, member("b", gold="anger"))
+    assert "predictions.jsonl, line 1: probabilities lack labels" in run(a, member("c", probs={"joy": 1.0}))
+    assert "metrics.json: not valid JSON" in run(a, member("d", metrics='{"dataset": "jso'))

@@ -176,3 +176,15 @@ def test_resume_fingerprint_follows_the_content_of_the_speaker_store_and_audio_n
     assert same_path[0] != same_path[1]  # the store at the same path was rebuilt: start over
     audio = [SimpleNamespace(inputs={"d1_0": torch.tensor([x])}) for x in (1.0, 2.0)]
     assert _fingerprint(cfg, predictor({}), d, None, audio[0]) != _fingerprint(cfg, predictor({}), d, None, audio[1])
+
+
+def test_a_torn_partial_file_is_read_up_to_the_tear_or_started_over(tmp_path):
+    from erc_llm.evaluate import _load_partial
+
+    path = tmp_path / "predictions.partial.jsonl"
+    good = json.dumps({"dialogue_id": "a", "predictions": [{"utterance_id": "a_0"}]})
+    path.write_text(json.dumps({"fingerprint": "f"}) + "\n" + good + "\n" + '{"dialogue_id": "b", "predi' + "\n")
+    done, started = _load_partial(path, "f")
+    assert list(done) == ["a"] and not started
+    path.write_text('{"fingerp' + "\n" + good + "\n")
+    assert _load_partial(path, "f") == ({}, {}) and not path.exists()
