@@ -178,9 +178,14 @@ CHECKSUMS = "checksums.json"
 
 def write_checksums(folder: Path) -> Path:
     """Record the sha256 of every file of an exported or shipped model (what :func:`check_reference` verifies)."""
-    from erc_llm.io import OUTPUT_MANIFEST, sha256_file
+    import os
 
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (CHECKSUMS, OUTPUT_MANIFEST))
+    from erc_llm.io import sha256_file
+
+    files = []
+    for root, dirs, names in os.walk(folder, followlinks=True):  # stages/ is a link to its published version
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        files += [Path(root) / n for n in sorted(names) if not n.startswith(".") and n != CHECKSUMS]
     return atomic_write_json(folder / CHECKSUMS, {str(p.relative_to(folder)): sha256_file(p) for p in files})
 
 

@@ -569,7 +569,7 @@ def fit_run(run: Path, dataset: str, data_dir: str, labels: list, on_bad_row: st
     import time
 
     from erc_llm.data import load_split
-    from erc_llm.run import RunSpec, load  # run.py loads a run's stages: imported here, not at the top
+    from erc_llm.run import CHECKSUMS, RunSpec, check_reference, load, write_checksums  # run.py imports this module
 
     train_d, label_set, _ = load_split(dataset, "train", data_dir, tuple(labels) or None, on_bad_row)
     data = {"train": train_d[:limit_train] if limit_train else train_d}
@@ -582,6 +582,10 @@ def fit_run(run: Path, dataset: str, data_dir: str, labels: list, on_bad_row: st
     if problems:  # before loading the model
         raise StageError(f"run {run}: stages need an online run without speaker notes or audio soft tokens; "
                          + "; ".join(problems))
+    sealed = (run / CHECKSUMS).is_file()
+    if sealed:  # an exported model: checked as it is, then re-sealed with its new stages
+        check_reference(run)
+        (run / CHECKSUMS).unlink()
     if spec.stages:  # fit from the adapter alone, not on top of the stages fitted before
         spec = dataclasses.replace(spec, stages=None)
         spec.write(run)
@@ -592,6 +596,8 @@ def fit_run(run: Path, dataset: str, data_dir: str, labels: list, on_bad_row: st
     fitted.save(run)
     atomic_write_json(run / "stages.json", report)
     dataclasses.replace(spec, stages=report["settings"]).write(run)
+    if sealed:
+        write_checksums(run)
     log_report(report)
     log.info("stages: %s", describe(report["settings"]))
     return report

@@ -234,3 +234,14 @@ def test_stages_command_fits_a_run_and_refuses_one_with_speaker_notes(tmp_path, 
     dataclasses.replace(spec, speakers={"bios": False, "history": 2, "top_k": 2, "note_tokens": 64}).write(noted)
     assert main(["stages", "--run", str(noted), "--dataset", "jsonl", "--data-dir", str(data), "--memory", "true"]) == 2
     assert "speaker-memory notes" in capsys.readouterr().err
+
+
+def test_stages_fitted_on_an_exported_model_reseal_it(tmp_path, tiny_model, tiny_model_dir, monkeypatch):
+    from erc_llm.export import export
+
+    monkeypatch.setenv("ERC_LLM_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl_dataset(tmp_path / "data", n_dialogues=5)
+    out = export(write_lora_run(tmp_path / "run", tiny_model, tiny_model_dir), tmp_path / "exported")
+    S.fit_run(out, "jsonl", str(data), [], "error", StageOptions(memory=True), test=False)
+    p = load(out)  # checksums cover the new stage files and run.json
+    assert p.stages is not None and "stages/memory.faiss" in json.loads((out / "checksums.json").read_text())
