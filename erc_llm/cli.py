@@ -184,8 +184,24 @@ def _serve(args) -> None:
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.warning("binding to %s: the service has no authentication; expose it only behind your own proxy", args.host)
+    from erc_llm.server import Limits
+
+    given = {field: getattr(args, name.replace("-", "_")) for name, (field, _, _) in LIMIT_FLAGS.items()}
+    limits = Limits(**{k: (60 * v if k == "idle_seconds" else v) for k, v in given.items() if v is not None})
     serve(args.run or None, args.host, args.port, args.model, args.threads, args.dtype, args.zero_shot,
-          args.stages == "on")
+          args.stages == "on", limits)
+
+
+# erc-llm serve --FLAG -> (Limits field, what it limits, default shown in --help)
+LIMIT_FLAGS = {
+    "max-dialogues": ("max_dialogues", "dialogues open at once, all clients together", 200),
+    "max-dialogues-per-client": ("max_dialogues_per_client", "dialogues one client (address) may have open", 20),
+    "turns-per-minute": ("turns_per_minute", "turns one client may add per minute", 120),
+    "idle-minutes": ("idle_seconds", "minutes after which an idle dialogue closes", 10),
+    "max-turns": ("max_turns", "turns per dialogue", 500),
+    "max-text-chars": ("max_text_chars", "characters per turn", 2000),
+    "max-body-bytes": ("max_body_bytes", "bytes per request (uploads included)", 65536),
+}
 
 
 def _count(text: str) -> int:
@@ -276,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     ch.set_defaults(func=_chat)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     sv.add_argument("--port", type=int, default=8000)
+    for name, field in LIMIT_FLAGS.items():
+        sv.add_argument(f"--{name}", type=float if name == "idle-minutes" else int, default=None,
+                        help=f"{field[1]} (default {field[2]})")
     sv.set_defaults(func=_serve)
 
     ex = sub.add_parser("export", help="write a run as a standard PEFT adapter folder + prompts + model card")

@@ -5,11 +5,12 @@
     POST   /dialogues                 {"participants": ["Ross", "Rachel"]}  -> {"id": ...}
     POST   /dialogues/{id}/turns      {"speaker": "Ross", "text": "..."}    -> label + probability of every label
     GET    /dialogues/{id}            the transcript with labels
-    GET    /dialogues/{id}/speakers/{name}                                  -> emotions so far, biography
+    GET    /dialogues/{id}/speakers/{speaker_id}                            -> emotions so far, biography
+    GET    /dialogues                 this client's open dialogues
     DELETE /dialogues/{id}
     POST   /dialogues/import          {"filename": "talk.txt", "content": "Ann: ..."}  -> a labelled dialogue
     GET    /dialogues/{id}/export?format=jsonl|csv                            -> the labelled dialogue as a file
-    GET    /labels, /health, /docs (OpenAPI)
+    GET    /labels, /limits, /health, /docs (OpenAPI)
 
 Binds to loopback by default. Limits (text length, turns per dialogue, open dialogues with idle expiry,
 request size) give 4xx JSON errors. One model is shared: forwards are serialised by the engine's lock,
@@ -21,7 +22,8 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -40,11 +42,16 @@ STATIC = Path(__file__).parent / "static"
 
 @dataclass
 class Limits:
+    """What one service and each of its clients (by address) may use; `erc-llm serve` flags set every one and
+    ``GET /limits`` shows them."""
+
     max_text_chars: int = 2000
     max_speaker_chars: int = 80
-    max_turns: int = 500
-    max_dialogues: int = 200
-    idle_seconds: float = 1800.0
+    max_turns: int = 500  # per dialogue
+    max_dialogues: int = 200  # open at once, all clients together
+    max_dialogues_per_client: int = 20  # open at once, per client
+    turns_per_minute: int = 120  # per client
+    idle_seconds: float = 600.0  # an idle dialogue closes after this long
     max_body_bytes: int = 65_536
 
 
@@ -57,7 +64,7 @@ class NewTurn(BaseModel):
     speaker: str = Field(min_length=1, description="who speaks")
     text: str = Field(min_length=1, description="what they say")
     audio: list[float] | None = Field(None, max_length=4096, description="the turn's audio feature vector, for a "
-                                      "model that hears audio (GET / shows which features); omitted = text only")
+                                      "model that hears audio (GET /health names the features); omitted = text only")
 
 
 class Upload(BaseModel):
@@ -66,34 +73,67 @@ class Upload(BaseModel):
                          "Utterance), or one 'Speaker: text' turn per line")
 
 
+@dataclass
+class Open:
+    """One open dialogue: its session, its lock, who opened it and when it was last used."""
+
+    session: ERCSession
+    lock: threading.Lock
+    owner: str
+    used: float
+
+
 class Dialogues:
-    """Open dialogues with idle expiry; thread-safe."""
+    """Open dialogues with idle expiry and per-client quotas; thread-safe."""
 
     def __init__(self, engine: Engine, limits: Limits):
         self.engine, self.limits = engine, limits
-        self.items: dict[str, tuple[ERCSession, threading.Lock, list[float]]] = {}
+        self.items: dict[str, Open] = {}
+        self.turn_times: dict[str, deque] = {}  # client -> monotonic times of its recent turns
         self.lock = threading.Lock()
 
-    def create(self, participants: list[str]) -> str:
+    def create(self, participants: list[str], owner: str = "") -> str:
         with self.lock:
             now = time.monotonic()
-            for k in [k for k, (_, _, t) in self.items.items() if now - t[0] > self.limits.idle_seconds]:
+            for k in [k for k, d in self.items.items() if now - d.used > self.limits.idle_seconds]:
                 self._close(k)
             if len(self.items) >= self.limits.max_dialogues:
                 raise HTTPException(429, f"{len(self.items)} dialogues are open (limit {self.limits.max_dialogues}); "
                                          "delete finished ones or wait for idle ones to expire")
+            mine = sum(d.owner == owner for d in self.items.values())
+            if mine >= self.limits.max_dialogues_per_client:
+                raise HTTPException(429, f"you have {mine} dialogues open (limit {self.limits.max_dialogues_per_client} "
+                                         "per client); list them with GET /dialogues and delete finished ones")
             key = secrets.token_hex(8)
-            self.items[key] = (ERCSession(self.engine, participants, key), threading.Lock(), [now])
+            self.items[key] = Open(ERCSession(self.engine, participants, key), threading.Lock(), owner, now)
             return key
 
-    def get(self, key: str):
+    def get(self, key: str) -> Open:
         with self.lock:
             if key not in self.items:
                 raise HTTPException(404, f"dialogue {key!r} not found (never created, deleted, or expired after "
-                                         f"{self.limits.idle_seconds:.0f} s idle)")
+                                         f"{self.limits.idle_seconds / 60:.0f} min idle)")
             item = self.items[key]
-            item[2][0] = time.monotonic()
+            item.used = time.monotonic()
             return item
+
+    def owned_by(self, owner: str) -> list[dict]:
+        with self.lock:
+            now = time.monotonic()
+            return [{"id": k, "turns": len(d.session.turns), "idle_seconds": round(now - d.used, 1)}
+                    for k, d in self.items.items() if d.owner == owner]
+
+    def count_turn(self, owner: str) -> None:
+        """A client's turn, within its rate (``turns_per_minute``); 429 with the seconds to wait otherwise."""
+        with self.lock:
+            now, times = time.monotonic(), self.turn_times.setdefault(owner, deque())
+            while times and now - times[0] > 60:
+                times.popleft()
+            if len(times) >= self.limits.turns_per_minute:
+                wait = 60 - (now - times[0])
+                raise HTTPException(429, f"{len(times)} turns in the last minute (limit {self.limits.turns_per_minute} "
+                                         f"per client); retry in {wait:.0f} s", headers={"Retry-After": f"{wait:.0f}"})
+            times.append(now)
 
     def delete(self, key: str) -> None:
         self.get(key)
@@ -101,9 +141,14 @@ class Dialogues:
             self._close(key)
 
     def _close(self, key: str) -> None:
-        session, lock, _ = self.items.pop(key)
-        with lock:
-            session.reset()  # its predicted labels go into the speaker memory
+        d = self.items.pop(key)
+        with d.lock:
+            d.session.reset()  # its predicted labels go into the speaker memory
+
+
+def client_of(request: Request) -> str:
+    """Who is asking: the peer address (behind a proxy, configure the proxy to pass the client's own)."""
+    return request.client.host if request.client else "unknown"
 
 
 class BodyLimit:
@@ -156,7 +201,7 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)  # ours and the framework's (e.g. undecodable bodies, 404 routes)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):  # never a traceback to the client
@@ -178,15 +223,24 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
                 "open_dialogues": len(store.items), "stages": describe(st.settings if st is not None else None),
                 "calibrated": st is not None and st.settings.get("temperature", 1.0) != 1.0,
                 "audio_features": list(spec.names) if spec is not None else None,
-                "limits": {"max_body_bytes": limits.max_body_bytes, "max_turns": limits.max_turns,
-                           "max_text_chars": limits.max_text_chars}, **labels()}
+                "limits": asdict(limits), **labels()}
+
+    @app.get("/limits")
+    def limits_():
+        """The service's limits: text and name lengths, turns per dialogue, open dialogues (all and per client),
+        turns per minute per client, idle expiry, request size."""
+        return asdict(limits)
 
     @app.get("/labels")
     def labels():
         return {"labels": list(engine.labels.labels), "colours": colours(engine.labels.labels)}
 
+    def turn_json(session: ERCSession, t) -> dict:
+        return {"index": t.index, "speaker": t.speaker, "speaker_id": session.participants.index(t.speaker),
+                "text": t.text, "label": t.label, "probabilities": t.probs, "used": t.used}
+
     @app.post("/dialogues/import", status_code=201)
-    def import_file(body: Upload):
+    def import_file(body: Upload, request: Request):
         """Label a whole conversation from a file: a new dialogue, its participants known up front."""
         try:
             turns = parse(body.filename, body.content, limits.max_turns)
@@ -198,64 +252,72 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
                if len(x) > n]
         if bad:
             raise HTTPException(422, "\n".join(bad[:10]))
-        key = store.create(list(dict.fromkeys(s for s, _ in turns)))
-        session, lock, _ = store.get(key)
-        with lock:
+        who = client_of(request)
+        key = store.create(list(dict.fromkeys(s for s, _ in turns)), who)
+        d = store.get(key)
+        with d.lock:
             for speaker, text in turns:
-                session.add_turn(speaker, text)
+                store.count_turn(who)
+                d.session.add_turn(speaker, text)
         return transcript(key)
 
     @app.get("/dialogues/{key}/export")
     def export_file(key: str, format: str = "jsonl"):
         if format not in ("jsonl", "csv"):
             raise HTTPException(422, f"format {format!r} not supported; available = ['jsonl', 'csv']")
-        session, lock, _ = store.get(key)
-        with lock:
-            text = (to_jsonl(key, session.turns) if format == "jsonl"
-                    else to_csv(key, session.turns, engine.labels.labels))
+        d = store.get(key)
+        with d.lock:
+            text = (to_jsonl(key, d.session.turns) if format == "jsonl"
+                    else to_csv(key, d.session.turns, engine.labels.labels))
         return PlainTextResponse(text, media_type="application/x-ndjson" if format == "jsonl" else "text/csv",
                                  headers={"Content-Disposition": f'attachment; filename="dialogue-{key}.{format}"'})
 
+    @app.get("/dialogues")
+    def mine(request: Request):
+        """The dialogues this client has open (turns, seconds idle), to resume or delete."""
+        return {"dialogues": store.owned_by(client_of(request))}
+
     @app.post("/dialogues", status_code=201)
-    def create(body: NewDialogue | None = None):
+    def create(request: Request, body: NewDialogue | None = None):
         names = [p.strip() for p in (body.participants if body else []) if p.strip()]
         if any(len(p) > limits.max_speaker_chars for p in names):
             raise HTTPException(422, f"participant names are limited to {limits.max_speaker_chars} characters")
-        return {"id": store.create(names)}
+        return {"id": store.create(names, client_of(request))}
 
     @app.post("/dialogues/{key}/turns")
-    def add_turn(key: str, body: NewTurn):
+    def add_turn(key: str, body: NewTurn, request: Request):
         if len(body.text) > limits.max_text_chars:
             raise HTTPException(413, f"text has {len(body.text)} characters; the limit is {limits.max_text_chars}")
         if len(body.speaker) > limits.max_speaker_chars:
             raise HTTPException(422, f"speaker names are limited to {limits.max_speaker_chars} characters")
-        session, lock, _ = store.get(key)
-        with lock:
-            if len(session.turns) >= limits.max_turns:
+        d = store.get(key)
+        with d.lock:
+            if len(d.session.turns) >= limits.max_turns:
                 raise HTTPException(409, f"dialogue {key} has reached {limits.max_turns} turns; start a new one")
+            store.count_turn(client_of(request))
             try:
-                r = session.add_turn(body.speaker, body.text, body.audio)
+                r = d.session.add_turn(body.speaker, body.text, body.audio)
             except ValueError as e:
                 raise HTTPException(422, str(e)) from None
-        return {"index": r.index, "speaker": r.speaker, "text": r.text, "label": r.label, "probabilities": r.probs,
-                "used": r.used}
+            return turn_json(d.session, r)
 
     @app.get("/dialogues/{key}")
     def transcript(key: str):
-        session, lock, _ = store.get(key)
-        with lock:
-            turns = [{"index": t.index, "speaker": t.speaker, "text": t.text, "label": t.label,
-                      "probabilities": t.probs, "used": t.used} for t in session.turns]
-            return {"id": key, "participants": list(session.participants), "turns": turns}
+        d = store.get(key)
+        with d.lock:
+            # a participant's speaker id is its position in this list (every turn also carries it)
+            return {"id": key, "participants": list(d.session.participants),
+                    "turns": [turn_json(d.session, t) for t in d.session.turns]}
 
-    @app.get("/dialogues/{key}/speakers/{name}")
-    def speaker(key: str, name: str):
-        session, lock, _ = store.get(key)
-        with lock:
-            try:
-                return session.speaker_summary(name)
-            except KeyError as e:
-                raise HTTPException(404, str(e.args[0])) from None
+    @app.get("/dialogues/{key}/speakers/{speaker_id}")
+    def speaker(key: str, speaker_id: int):
+        """A participant by the id the transcript and every turn give (any name works, '/' included)."""
+        d = store.get(key)
+        with d.lock:
+            if not 0 <= speaker_id < len(d.session.participants):
+                raise HTTPException(404, f"speaker id {speaker_id} not in dialogue {key}; its participants are "
+                                         f"{[{'id': i, 'name': n} for i, n in enumerate(d.session.participants)]}")
+            return {"id": speaker_id, **d.session.speaker_summary(d.session.participants[speaker_id])}
 
     @app.delete("/dialogues/{key}", status_code=204)
     def delete(key: str):
@@ -265,8 +327,8 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
 
 
 def serve(run: str | None, host: str, port: int, model: str = "", threads: int = 0, dtype: str = "float32",
-          zero_shot: bool = False, stages: bool = True) -> None:
+          zero_shot: bool = False, stages: bool = True, limits: Limits | None = None) -> None:
     import uvicorn
 
     engine = Engine.load(run or None, model=model, threads=threads, dtype=dtype, zero_shot=zero_shot, stages=stages)
-    uvicorn.run(create_app(engine), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(engine, limits), host=host, port=port, log_level="info")

@@ -61,7 +61,9 @@ def main() -> int:
     dialogues = load_split("meld", "test", args.data_dir)[0][: args.dialogues]
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "erc_llm.cli", "serve", "--port", str(port)] + (["--run", args.run] if args.run else [])
+    # every simulated client comes from 127.0.0.1: lift the per-client quotas that would otherwise throttle them
+    cmd = [sys.executable, "-m", "erc_llm.cli", "serve", "--port", str(port), "--max-dialogues-per-client", "100000",
+           "--turns-per-minute", "10000000"] + (["--run", args.run] if args.run else [])
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     try:
         for _ in range(600):

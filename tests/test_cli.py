@@ -79,3 +79,14 @@ def test_sharded_evaluation_equals_one_process(tmp_path, tiny_model_dir):
     for key in ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1", "per_class"):
         assert m2[key] == m1[key]
     assert not list((tmp_path / "p2").glob("*rank*"))  # shard files merged and removed
+
+
+def test_serve_flags_set_every_limit(monkeypatch):
+    import erc_llm.server as server
+    from erc_llm.cli import main
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda *a: seen.setdefault("limits", a[-1]))
+    main(["serve", "--max-dialogues-per-client", "3", "--turns-per-minute", "7", "--idle-minutes", "2"])
+    assert (seen["limits"].max_dialogues_per_client, seen["limits"].turns_per_minute) == (3, 7)
+    assert seen["limits"].idle_seconds == 120 and seen["limits"].max_dialogues == 200

@@ -24,6 +24,7 @@ def engine(tiny_model_dir):
 @pytest.fixture
 def client(engine):
     return TestClient(create_app(engine, Limits(max_text_chars=200, max_turns=5, max_dialogues=60,
+                                                max_dialogues_per_client=60, turns_per_minute=10_000,
                                                 max_body_bytes=2000)), raise_server_exceptions=False)
 
 
@@ -40,8 +41,8 @@ def test_happy_path(client):
     client.post(f"/dialogues/{key}/turns", json={"speaker": "Monica", "text": "Why?"})
     t = client.get(f"/dialogues/{key}").json()
     assert [x["speaker"] for x in t["turns"]] == ["Ross", "Monica"] and t["participants"] == ["Ross", "Rachel", "Monica"]
-    assert client.get(f"/dialogues/{key}/speakers/Ross").json()["turns"] == 1
-    assert client.get(f"/dialogues/{key}/speakers/Joey").status_code == 404
+    assert client.get(f"/dialogues/{key}/speakers/0").json()["turns"] == 1  # Ross: the first participant
+    assert client.get(f"/dialogues/{key}/speakers/7").status_code == 404
     assert "/dialogues/{key}/turns" in client.get("/openapi.json").json()["paths"]
     assert client.delete(f"/dialogues/{key}").status_code == 204
     assert client.get(f"/dialogues/{key}").status_code == 404
@@ -263,3 +264,29 @@ def test_page_uploads_a_transcript_draws_a_timeline_and_downloads_what_evaluate_
         server.should_exit = True
         thread.join(timeout=10)
     assert (tmp_path / "page.png").stat().st_size > 1000
+
+
+def test_one_client_cannot_lock_out_the_others_and_limits_are_visible(engine):
+    app = create_app(engine, Limits(max_dialogues=10, max_dialogues_per_client=3, turns_per_minute=4))
+    greedy = TestClient(app, client=("10.0.0.1", 5000), raise_server_exceptions=False)
+    polite = TestClient(app, client=("10.0.0.2", 5000), raise_server_exceptions=False)
+    keys = [greedy.post("/dialogues").json()["id"] for _ in range(3)]
+    r = greedy.post("/dialogues")
+    assert r.status_code == 429 and "limit 3 per client" in r.json()["error"]
+    assert polite.post("/dialogues").status_code == 201  # the others still get in
+    assert [d["id"] for d in greedy.get("/dialogues").json()["dialogues"]] == keys
+    assert len(polite.get("/dialogues").json()["dialogues"]) == 1
+    for i in range(4):
+        assert greedy.post(f"/dialogues/{keys[0]}/turns", json={"speaker": "A", "text": f"turn {i}"}).status_code == 200
+    r = greedy.post(f"/dialogues/{keys[0]}/turns", json={"speaker": "A", "text": "one more"})
+    assert r.status_code == 429 and "Retry-After" in r.headers and "per client" in r.json()["error"]
+    assert greedy.delete(f"/dialogues/{keys[0]}").status_code == 204
+    assert greedy.post("/dialogues").status_code == 201  # a freed slot is usable again
+    assert greedy.get("/limits").json()["max_dialogues_per_client"] == 3
+
+
+def test_any_speaker_name_round_trips_through_its_id(client):
+    key = client.post("/dialogues").json()["id"]
+    r = client.post(f"/dialogues/{key}/turns", json={"speaker": "AC/DC", "text": "Highway!"}).json()
+    got = client.get(f"/dialogues/{key}/speakers/{r['speaker_id']}").json()
+    assert got["speaker"] == "AC/DC" and got["turns"] == 1
