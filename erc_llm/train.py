@@ -605,8 +605,8 @@ def fit_stages(cfg: TrainConfig, run: Path) -> dict:
     from erc_llm.config import StageOptions
 
     opts = StageOptions(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(StageOptions)})
-    return stages.fit_run(run, cfg.dataset, cfg.data_dir, cfg.labels, cfg.on_bad_row, opts, cfg.test_eval,
-                          cfg.limit_train)
+    # test is not read here: the test evaluation that follows reports every stage (metrics.json "stages")
+    return stages.fit_run(run, cfg.dataset, cfg.data_dir, cfg.labels, cfg.on_bad_row, opts, False, cfg.limit_train)
 
 
 def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state, speakers=None, audio=None,

@@ -44,10 +44,11 @@ def row(folder: Path, seed: int, dev_weighted_f1: float, test: dict, options: di
            "per_class_f1": {c: v["f1"] for c, v in test["per_class"].items()}, "recipe": options}
     if "ece" in test:
         out["ece"], out["nll"] = test["ece"], test["nll"]
-    if stages:
-        out["dev_weighted_f1"] = stages["steps"]["dev"]["calibrated"]["weighted_f1"]
-        out["stages"] = {f"{split} {step} {k}": v for split, steps in stages["steps"].items()
-                         for step, m in steps.items() for k, v in m.items()}
+    if stages:  # dev from the stages' fit, test from the test evaluation (which reports every stage)
+        steps = {"dev": stages["steps"]["dev"], "test": (test.get("stages") or {}).get("steps") or stages["steps"].get("test")}
+        out["dev_weighted_f1"] = steps["dev"]["calibrated"]["weighted_f1"]
+        out["stages"] = {f"{split} {step} {k}": v for split, by_step in steps.items() if by_step
+                         for step, m in by_step.items() for k, v in m.items()}
     return out
 
 
