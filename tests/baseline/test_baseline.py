@@ -110,7 +110,8 @@ def test_same_utterance_ids_in_different_splits_keep_their_own_text(tmp_path, mo
     for split, text in (("train", "I love this so much."), ("dev", "Get out of my house!"), ("test", "What? Really?")):
         (data / f"{split}.jsonl").write_text(json.dumps({"dialogue_id": "d", "utterances": [
             {"speaker": "A", "text": text, "emotion": "joy", "utterance_id": "same_id"}]}) + "\n")
-    cfg = build(BaselineConfig, None, {"dataset": "jsonl", "data_dir": str(data), "vad_weight": 0})
+    cfg = build(BaselineConfig, None, {"dataset": "jsonl", "data_dir": str(data), "vad_weight": 0,
+                                       "labels": ["joy", "anger"]})  # one label in the data: the set is given
     prep = prepare(cfg)
     embs = [prep.arrays[s][0]["text"][0] for s in ("train", "dev", "test")]
     assert not np.allclose(embs[0], embs[1]) and not np.allclose(embs[1], embs[2])
