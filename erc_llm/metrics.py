@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -84,14 +85,14 @@ def plot_reliability(cal: dict, path: Path, title: str) -> None:
     mids = [(b["low"] + b["high"]) / 2 for b in cal["bins"]]
     ax.bar(mids, [b["accuracy"] for b in cal["bins"]], width=1 / 15, edgecolor="black", color="#4477AA", alpha=0.8,
            label="accuracy")
-    ax.plot([b["confidence"] for b in cal["bins"]], [b["accuracy"] for b in cal["bins"]], "o", color="#EE6677", ms=3,
-            label="mean confidence")
+    ax.plot(mids, [b["confidence"] for b in cal["bins"]], "o", color="#D55E00", ms=4,
+            label="mean confidence (the gap to the bar is the miscalibration)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence (top label)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{title}\nECE {cal['ece']:.2f}%, NLL {cal['nll']:.3f}", fontsize=8)
-    ax.legend(loc="upper left", fontsize=7)
+    ax.set_title("\n".join(textwrap.wrap(title, 60)) + f"\nECE {cal['ece']:.2f}%, NLL {cal['nll']:.3f}", fontsize=7)
+    ax.legend(loc="upper left", fontsize=6)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -466,8 +466,9 @@ def describe(settings: dict | None) -> str:
         parts.append(f"memory of {m['slots']} training slots (k {m['k']}, T {m['temperature']}, λ {m['lambda']}, {m['codec']})")
     if settings.get("fusion"):
         f = settings["fusion"]
-        hears = " + ".join(x for x in (f["audio_source"] != "none" and f"{f['audio_source']} audio",
-                                       f["audio_context"] and f"{f['audio_context']} earlier turns' voice",
+        audio = f["audio_source"] != "none"
+        hears = " + ".join(x for x in (audio and f"{f['audio_source']} audio",
+                                       audio and f["audio_context"] and f"{f['audio_context']} earlier turns' voice",
                                        f["text_encoder"] and f"{f['text_encoder']} text") if x)
         parts.append(f"fusion with a {hears} classifier (w {f['weight']})")
     parts.append(f"temperature {settings.get('temperature', 1.0):.3f}")

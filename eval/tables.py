@@ -24,6 +24,9 @@ TARGETS = {"headline": ROOT / "README.md", "package": ROOT / "docs" / "results.m
 
 
 def pm(stat: dict, digits: int = 2) -> str:
+    """mean ± sample std over seeds; a single seed's value alone (no spread to show)."""
+    if len(stat.get("values", [])) == 1:
+        return f"{stat['mean']:.{digits}f}"
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
@@ -35,12 +38,13 @@ def load_rows() -> list[dict]:
 
 
 def headline(rows: list[dict]) -> str:
-    lines = ["| corpus | model | test weighted F1 | WA | UA | macro F1 | test ECE % |", "|---|---|---|---|---|---|---|"]
+    lines = ["| corpus | model | seeds | test weighted F1 | WA | UA | macro F1 | test ECE % |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["summary_json"]
         ece = pm(s["ece"]) if "ece" in s else "—"
         name = f"[{r['system']}](docs/results.md#{r['anchor']})"
-        lines.append(f"| {r['corpus']} | {name} | **{pm(s['weighted_f1'])}** | {pm(s['accuracy'])} | "
+        lines.append(f"| {r['corpus']} | {name} | {len(s['seeds'])} | **{pm(s['weighted_f1'])}** | {pm(s['accuracy'])} | "
                      f"{pm(s['unweighted_accuracy'])} | {pm(s['macro_f1'])} | {ece} |")
     return "\n".join(lines)
 
