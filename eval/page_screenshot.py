@@ -1,6 +1,6 @@
 """Screenshots of the `erc-llm serve` page labelling a real conversation, for docs/serving.md.
 
-    python eval/page_screenshot.py --data-dir ../shared/data/meld --dialogue 1 --out eval/results/page
+    python eval/page_screenshot.py --data-dir ../shared/data/meld --dialogue 16 --out eval/results/page
 
 Starts the service on loopback with a model (default: the shipped one), uploads the chosen MELD test dialogue
 as a ``Speaker: text`` transcript in headless Chromium, and saves the page at 1,000 and 360 px wide.
