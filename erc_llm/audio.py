@@ -258,8 +258,11 @@ def extract_dir(source: str, wav_dir: str | Path, out: str | Path, model: str = 
     if dup:
         raise DataError(f"{wav_dir}: file names must be unique utterance ids; duplicates {dup[:5]}")
     wavs = wavs[:limit] if limit else wavs
-    out = Path(out)
+    from erc_llm.io import claim_output, mark_output
+
+    out = claim_output(out, "audio features", inputs=[wav_dir])  # a folder of another kind is never written into
     out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "audio features")
     frames = source == "emotion2vec" and granularity == "frame"
     fn, names = _extractor(source, model, granularity)
     partial = out / ".features.partial.jsonl"

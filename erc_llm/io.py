@@ -82,7 +82,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 OUTPUT_MANIFEST = ".erc-llm-output.json"
 # what identifies each kind of output folder written before it carried the manifest
 LEGACY_MARKS = {"run": ("run.json", "config.yaml"), "export": ("run.json", "adapter_config.json"),
-                "evaluation": ("metrics.json",), "speaker store": ("manifest.json", "profiles.json")}
+                "evaluation": ("metrics.json",), "speaker store": ("manifest.json", "profiles.json"),
+                "audio features": ("sources.json",), "results": ("results.json",)}
 
 
 class OutputError(ValueError):

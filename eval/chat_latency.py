@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from erc_llm.data import DATASETS, load_split  # noqa: E402
-from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text  # noqa: E402
+from erc_llm.io import atomic_write_json, atomic_write_text, claim_output, mark_output  # noqa: E402
 
 
 def replay(session, dialogue, table) -> list[float]:
@@ -84,10 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"Machine: {result['machine']}", "", *lines]
     lines += [f"| {n} | {r['turns']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['mean_ms']:.1f} | "
               f"{r['turns_per_second']:.2f} |" for n, r in rows.items()]
-    with atomic_dir(args.out) as tmp:
-        atomic_write_json(tmp / "results.json", result)
-        atomic_write_text(tmp / "table.md", "\n".join(lines) + f"\n\nStages: {result['stages']}\n\n"
-                          f"Command: `{result['command']}`\n")
+    out = claim_output(args.out, "results", inputs=[args.run, args.data_dir])
+    out.mkdir(parents=True, exist_ok=True)  # a plain folder: results are committed
+    mark_output(out, "results")
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "table.md", "\n".join(lines) + f"\n\nStages: {result['stages']}\n\n"
+                      f"Command: `{result['command']}`\n")
     print("\n".join(lines))
 
 

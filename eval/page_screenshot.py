@@ -9,6 +9,7 @@ as a ``Speaker: text`` transcript in headless Chromium, and saves the page at 1,
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from erc_llm.data import load_split  # noqa: E402
-from erc_llm.io import atomic_dir  # noqa: E402
+from erc_llm.io import claim_output, mark_output  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     while not server.started:
         time.sleep(0.05)
     try:
-        with atomic_dir(args.out) as tmp, sync_playwright() as p:
+        out = claim_output(args.out, "screenshots", inputs=[args.data_dir])
+        out.mkdir(parents=True, exist_ok=True)  # a plain folder: results are committed
+        mark_output(out, "screenshots")
+        with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu"])
             for width, name in ((1000, "page.png"), (360, "page_360px.png")):
                 page = browser.new_page(viewport={"width": width, "height": 900})
@@ -61,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                 page.set_input_files("#file", str(transcript))
                 page.wait_for_selector(f".turn:nth-child({len(d.utterances)})", timeout=300_000)
                 page.focus('#timeline .mark[data-index="2"]')
-                page.screenshot(path=str(tmp / name), full_page=True)
+                page.screenshot(path=str(out / f".{name}.tmp.png"), full_page=True)
+                os.replace(out / f".{name}.tmp.png", out / name)
             browser.close()
     finally:
         server.should_exit = True

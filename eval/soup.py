@@ -60,7 +60,11 @@ def soup(runs: list[Path], out: Path, rank: int) -> Path:
         model.load_adapter(str(run / "adapter"), adapter_name=name)
     model.add_weighted_adapter(names, [1 / len(runs)] * len(runs), "soup",
                                combination_type="svd" if rank else "cat", svd_rank=rank or None)
+    from erc_llm.io import claim_output, mark_output
+
+    claim_output(out, "run", inputs=list(runs) if isinstance(runs, (list, tuple)) else [])
     with atomic_dir(out) as tmp:
+        mark_output(tmp, "run")
         model.save_pretrained(str(tmp / "saved"), selected_adapters=["soup"])
         (tmp / "saved" / "soup").rename(tmp / "adapter")
         shutil.rmtree(tmp / "saved")
