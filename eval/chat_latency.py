@@ -30,7 +30,7 @@ def replay(session, dialogue, table) -> list[float]:
     session.reset(participants=dialogue.speakers)
     out = []
     for u in dialogue.utterances:
-        audio = table.values.get(u.utterance_id) if table is not None else None
+        audio = table.values.get(u.utterance_id) if table is not None and session.engine.hears_audio else None
         t0 = time.perf_counter()
         session.add_turn(u.speaker, u.text, audio)
         out.append(1000 * (time.perf_counter() - t0))
