@@ -300,9 +300,11 @@ def apply_stages(stages, cfg: EvalConfig, p, dialogues, rows: list[dict]) -> dic
         directory = cfg.audio_dir or fusion["audio_dir"]
         if Path(directory).is_dir():
             table = S.audio_table(fusion["audio_source"], directory, cfg.split)
-        else:
-            note = (f"fusion skipped: no {fusion['audio_source']} audio features in {directory!r} (pass --audio-dir "
-                    "with this split's features); memory and calibration applied")
+        else:  # as a live session without audio: every turn gets the classifier's "no audio" input
+            table = S.NO_AUDIO
+            note = (f"no {fusion['audio_source']} audio features in {directory!r}: the fusion classifier heard the "
+                    "'no audio' input for every turn, as a live session without audio does; pass --audio-dir with "
+                    "this split's features")
             log.warning(note)
     stats = cfg.stage_stats or (fusion or {}).get("stage_stats", "online")
     steps = S.apply(stages, dialogues, llm, memory, table, stats)

@@ -30,6 +30,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -370,6 +371,9 @@ class SplitInputs:
     llm: np.ndarray  # (n, L) the adapter's distribution
     states: np.ndarray | None  # (n, H) slot states (for the memory)
     features: np.ndarray | None = None  # (n, F) classifier inputs
+
+
+NO_AUDIO = SimpleNamespace(values={})  # a split without audio features: every turn gets the "no audio" input
 
 
 def audio_table(source: str, directory: str | Path, split: str):

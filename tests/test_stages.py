@@ -168,14 +168,21 @@ def test_offline_statistics_are_named_and_differ(tmp_path, tiny_model, tiny_mode
     assert on != off
 
 
-def test_missing_audio_skips_fusion_and_says_so(tmp_path, tiny_model, tiny_model_dir):
+def test_missing_audio_gives_every_turn_the_no_audio_input_as_a_session_does(tmp_path, tiny_model, tiny_model_dir):
     data, audio, run, _ = fitted_run(tmp_path, tiny_model, tiny_model_dir)
     spec = RunSpec.read(run)
     spec.stages["fusion"]["audio_dir"] = str(tmp_path / "gone")
     spec.write(run)
     m = evaluate(build(EvalConfig, None, {"dataset": "jsonl", "split": "dev", "data_dir": str(data), "run": str(run),
                                           "out": str(tmp_path / "e")}))
-    assert "fusion" not in m["stages"]["applied"] and "fusion skipped" in m["stages"]["note"]
+    assert "fusion" in m["stages"]["applied"] and "'no audio' input for every turn" in m["stages"]["note"]
+    rows = [json.loads(x) for x in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
+    session = ERCSession.from_run(str(run))
+    for d in load_split("jsonl", "dev", data)[0]:
+        session.reset(participants=d.speakers)
+        for u in d.utterances:
+            t = session.add_turn(u.speaker, u.text)  # no audio
+            assert t.probs == pytest.approx(rows.pop(0)["probabilities"], abs=2e-4)
 
 
 def test_export_carries_the_stages_and_reproduces_evaluation(tmp_path, tiny_model, tiny_model_dir):
