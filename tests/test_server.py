@@ -1,5 +1,6 @@
 """HTTP service: happy path, bad requests, limits, concurrency, and the web page in headless Chromium."""
 
+import contextlib
 import json
 import shutil
 import socket
@@ -123,13 +124,14 @@ def _free_port() -> int:
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (`apt-get install chromium`; .ci/run installs it)")
-def test_web_page_in_headless_chromium(engine, tmp_path):
+@contextlib.contextmanager
+def browser_on(app):
+    """(headless Chromium, the page's address) with ``app`` served on a free loopback port."""
     import uvicorn
     from playwright.sync_api import sync_playwright
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(100):
@@ -141,32 +143,37 @@ def test_web_page_in_headless_chromium(engine, tmp_path):
             browser = p.chromium.launch(executable_path=CHROMIUM, args=[
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run"])
-            page = browser.new_page(accept_downloads=True)
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_selector("#legend li")
-            assert "Model:" in page.inner_text("#model") and page.locator("#legend li").count() == len(LABELS.labels)
-            for n, (speaker, text) in enumerate((("Ross", "I can't believe you did that!"), ("Rachel", "Oh, that's great.")), 1):
-                page.fill("#speaker", speaker)
-                page.fill("#text", text)
-                page.click("#send")
-                page.wait_for_selector(f".turn:nth-child({n})", timeout=30_000)  # labelled before the next turn
-            turns = page.locator(".turn")
-            assert turns.count() == 2
-            assert all(turns.nth(i).get_attribute("data-label") in LABELS.labels for i in range(2))
-            assert "Rachel: Oh, that's great." in turns.nth(1).inner_text()
-            assert page.input_value("#text") == ""
-            page.fill("#speaker", "Ross")
-            page.fill("#text", "z" * 1999)  # over the server's limit: the page shows the 4xx error
-            page.evaluate("document.getElementById('text').removeAttribute('maxlength')")
-            page.fill("#text", "z" * 2500)
-            page.click("#send")
-            page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=10_000)
-            assert "limit" in page.inner_text("#error")
-            page.screenshot(path=str(tmp_path / "page.png"))
+            yield browser, f"http://127.0.0.1:{port}/"
             browser.close()
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (`apt-get install chromium`; .ci/run installs it)")
+def test_web_page_in_headless_chromium(engine, tmp_path):
+    with browser_on(create_app(engine)) as (browser, url):
+        page = browser.new_page(accept_downloads=True)
+        page.goto(url)
+        page.wait_for_selector("#legend li")
+        assert "Model:" in page.inner_text("#model") and page.locator("#legend li").count() == len(LABELS.labels)
+        for n, (speaker, text) in enumerate((("Ross", "I can't believe you did that!"), ("Rachel", "Oh, that's great.")), 1):
+            page.fill("#speaker", speaker)
+            page.fill("#text", text)
+            page.click("#send")
+            page.wait_for_selector(f".turn:nth-child({n})", timeout=30_000)  # labelled before the next turn
+        turns = page.locator(".turn")
+        assert turns.count() == 2
+        assert all(turns.nth(i).get_attribute("data-label") in LABELS.labels for i in range(2))
+        assert "Rachel: Oh, that's great." in turns.nth(1).inner_text()
+        assert page.input_value("#text") == ""
+        page.fill("#speaker", "Ross")
+        page.evaluate("document.getElementById('text').removeAttribute('maxlength')")
+        page.fill("#text", "z" * 2500)  # over the server's limit: the page shows the 4xx error
+        page.click("#send")
+        page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=10_000)
+        assert "limit" in page.inner_text("#error")
+        page.screenshot(path=str(tmp_path / "page.png"))
     assert Path(tmp_path / "page.png").stat().st_size > 1000
 
 
@@ -209,9 +216,6 @@ def test_page_uploads_a_transcript_draws_a_timeline_and_downloads_what_evaluate_
                                                                                           tmp_path):
     """Upload a 20-turn transcript in headless Chromium: one timeline lane per speaker and a mark per turn; the
     downloaded JSONL holds the probabilities batch evaluation gives the same dialogue."""
-    import uvicorn
-    from playwright.sync_api import sync_playwright
-
     from erc_llm.config import EvalConfig, build
     from erc_llm.evaluate import evaluate
     from tests.conftest import toy_dialogue, write_dialogues
@@ -224,45 +228,29 @@ def test_page_uploads_a_transcript_draws_a_timeline_and_downloads_what_evaluate_
                                       "zero_shot": True, "model": str(tiny_model_dir), "labels": list(LABELS.labels),
                                       "out": str(tmp_path / "eval")}))
     expected = [json.loads(x)["probabilities"] for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run"])
-            page = browser.new_page(accept_downloads=True, viewport={"width": 360, "height": 800})
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_selector("#legend li")
-            page.set_input_files("#file", str(tmp_path / "talk.txt"))
-            page.wait_for_selector(".turn:nth-child(20)", timeout=60_000)
-            assert page.locator("#timeline .lane").count() == len(dialogue.speakers)
-            assert page.locator("#timeline .mark").count() == 20
-            page.focus('#timeline .mark[data-index="0"]')
-            page.keyboard.press("ArrowRight")  # keyboard navigation along the timeline shows the distribution
-            assert page.evaluate("document.activeElement.dataset.index") == "1"
-            assert "%" in page.inner_text("#tip")
-            with page.expect_download() as d:
-                page.click("#dl-jsonl")
-            got = json.loads(Path(d.value.path()).read_text().splitlines()[0])["utterances"]
-            for g, e in zip(got, expected):
-                assert g["probabilities"] == pytest.approx(e, abs=1e-4)
-            assert len(got) == 20
-            (tmp_path / "bad.csv").write_text("Speaker,Text\nRoss,hi\n")
-            page.set_input_files("#file", str(tmp_path / "bad.csv"))
-            page.wait_for_function("document.getElementById('error').textContent.includes('Utterance')")
-            assert page.locator("#timeline .mark").count() == 20  # the labelled dialogue survives a bad upload
-            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
-            browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with browser_on(create_app(engine)) as (browser, url):
+        page = browser.new_page(accept_downloads=True, viewport={"width": 360, "height": 800})
+        page.goto(url)
+        page.wait_for_selector("#legend li")
+        page.set_input_files("#file", str(tmp_path / "talk.txt"))
+        page.wait_for_selector(".turn:nth-child(20)", timeout=60_000)
+        assert page.locator("#timeline .lane").count() == len(dialogue.speakers)
+        assert page.locator("#timeline .mark").count() == 20
+        page.focus('#timeline .mark[data-index="0"]')
+        page.keyboard.press("ArrowRight")  # keyboard navigation along the timeline shows the distribution
+        assert page.evaluate("document.activeElement.dataset.index") == "1"
+        assert "%" in page.inner_text("#tip")
+        with page.expect_download() as d:
+            page.click("#dl-jsonl")
+        got = json.loads(Path(d.value.path()).read_text().splitlines()[0])["utterances"]
+        for g, e in zip(got, expected):
+            assert g["probabilities"] == pytest.approx(e, abs=1e-4)
+        assert len(got) == 20
+        (tmp_path / "bad.csv").write_text("Speaker,Text\nRoss,hi\n")
+        page.set_input_files("#file", str(tmp_path / "bad.csv"))
+        page.wait_for_function("document.getElementById('error').textContent.includes('Utterance')")
+        assert page.locator("#timeline .mark").count() == 20  # the labelled dialogue survives a bad upload
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert (tmp_path / "page.png").stat().st_size > 1000
 
 
