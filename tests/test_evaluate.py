@@ -188,3 +188,13 @@ def test_a_torn_partial_file_is_read_up_to_the_tear_or_started_over(tmp_path):
     assert list(done) == ["a"] and not started
     path.write_text('{"fingerp' + "\n" + good + "\n")
     assert _load_partial(path, "f") == ({}, {}) and not path.exists()
+
+
+def test_the_report_names_the_rows_skipped_on_load(tmp_path):
+    from erc_llm.metrics import render_report
+
+    m = {"dataset": "jsonl", "split": "test", "model": "m", "history": "none", "dialogues": 1, "utterances": 2,
+         "seconds": 1.0, "utterances_per_second": 2.0, "weighted_f1": 50.0, "accuracy": 50.0,
+         "unweighted_accuracy": 50.0, "macro_f1": 50.0, "per_class": {}, "command": "",
+         "skipped_on_load": {"empty text": 3}}
+    assert "skipped on load: 3 (empty text)" in render_report(m)
