@@ -116,14 +116,14 @@ def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1, 
     speakers = getattr(tagger, "speakers", None)
     single = getattr(tagger, "single", tagger)
     labels = tagger.labels
-    kept_rows: dict[str, list[dict]] = {}  # rows of resumed turns (their slot states are not kept)
+    turn_rows: dict[str, list[dict]] = {}  # rows of the turns written one by one (resumed or labelled)
     with open(partial, "a", encoding="utf-8") as f:
         if new:
             f.write(json.dumps({"fingerprint": fingerprint}) + "\n")
         bar = tqdm(total=sum(len(d) for d in dialogues), unit="utt", desc="evaluate", dynamic_ncols=True)
 
         def finish(d, preds):
-            kept = kept_rows.get(d.id, [])
+            kept = turn_rows.pop(d.id, [])
             done[d.id] = [kept[i] if i < len(kept) else _row(d, u, p, labels, stages)
                           for i, (u, p) in enumerate(zip(d.utterances, preds))]
             f.write(json.dumps({"dialogue_id": d.id, "predictions": done[d.id]}, ensure_ascii=False) + "\n")
@@ -134,11 +134,11 @@ def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1, 
             resume = [TurnPrediction(r["utterance_id"], r["predicted"], [r["probabilities"][k] for k in labels.labels])
                       for r in kept]
             bar.update(len(resume))
-            kept_rows[d.id] = kept
+            turn_rows[d.id] = list(kept)
 
             def on_turn(i, p):
-                f.write(json.dumps({"dialogue_id": d.id, "turn": _row(d, d.utterances[i], p, labels, stages)},
-                                   ensure_ascii=False) + "\n")
+                turn_rows[d.id].append(_row(d, d.utterances[i], p, labels, stages))
+                f.write(json.dumps({"dialogue_id": d.id, "turn": turn_rows[d.id][-1]}, ensure_ascii=False) + "\n")
                 f.flush()
                 bar.update(1)
 
@@ -309,12 +309,11 @@ def apply_stages(stages, cfg: EvalConfig, p, dialogues, rows: list[dict]) -> dic
     stats = cfg.stage_stats or (fusion or {}).get("stage_stats", "online")
     steps = S.apply(stages, dialogues, llm, memory, table, stats)
     final = steps["calibrated"]
-    for r, q, a in zip(rows, final, llm):
+    for r, q in zip(rows, final):
         r["adapter_probabilities"] = r.pop("probabilities")
         r["probabilities"] = dict(zip(names, [round(float(x), 6) for x in q]))
         r["predicted"] = names[int(np.argmax(q))]
-    applied = [n for n, on in (("memory", memory is not None), ("fusion", table is not None or (fusion and fusion["audio_source"] == "none")),
-                               ("calibration", stages.settings.get("temperature", 1.0) != 1.0)) if on]
+    applied = stages.names  # a fusion without this split's audio hears "no audio" (NO_AUDIO): always applied
     gold = np.array([names.index(r["gold"]) if r["gold"] is not None else -1 for r in rows])
     return {"applied": applied, "settings": stages.settings, "described": S.describe(stages.settings),
             "stage_stats": stats if table is not None else None, "note": note,

@@ -69,8 +69,6 @@ def export(run: str | Path, out: str | Path, dtype: str = "float32", card: str =
                 shutil.copy(src / "stages.json", tmp / "stages.json")
         (tmp / "README.md").write_text(card or model_card(spec, name=Path(out).name, metrics=run_metrics(src)),
                                        encoding="utf-8")
-        if (tmp / "checksums.json").exists():
-            (tmp / "checksums.json").unlink()
         write_checksums(tmp)  # every load of the exported folder checks these
     return Path(out)
 

@@ -118,11 +118,8 @@ class Engine:
             emb = st.embed([text])[0] if c.text_encoder else None
             clf = c.probabilities(listener.turn(speaker, raw, emb))
             used.append("audio" if raw is not None else "no audio (text only)" if c.spec is not None else "")
-        names = [n for n in ("memory" if memory is not None else "", "fusion" if clf is not None else "") if n]
-        if st.settings.get("temperature", 1.0) != 1.0:
-            names.append("calibration")
         final = combine(llm, memory, clf, st.settings)["calibrated"][0]
-        return final, " + ".join(x for x in used if x) + (f"; {', '.join(names)}" if names else "")
+        return final, " + ".join(x for x in used if x) + (f"; {', '.join(st.names)}" if st.names else "")
 
     @staticmethod
     def _features(spec, audio) -> np.ndarray:

@@ -370,7 +370,6 @@ class SplitInputs:
     gold: np.ndarray  # (n,) label index, -1 = unlabelled
     llm: np.ndarray  # (n, L) the adapter's distribution
     states: np.ndarray | None  # (n, H) slot states (for the memory)
-    features: np.ndarray | None = None  # (n, F) classifier inputs
 
 
 NO_AUDIO = SimpleNamespace(values={})  # a split without audio features: every turn gets the "no audio" input
@@ -477,8 +476,6 @@ def describe(settings: dict | None) -> str:
         parts.append(f"fusion with a {hears} classifier (w {f['weight']})")
     parts.append(f"temperature {settings.get('temperature', 1.0):.3f}")
     return "; ".join(parts)
-
-
 
 
 # ------------------------------------------------------------------------------------------------- fitting
@@ -619,16 +616,12 @@ def _fit_fusion(stages: Stages, data, inputs, opts) -> tuple[dict, dict]:
         ids = [u.utterance_id for d in data["train"] for u in d.utterances]
         spec = fit_spec(opts.fusion_audio_source, 1, tables["train"], ids, "speaker")
     stages.encoder = text_encoder(opts.fusion_text_encoder) if opts.fusion_text_encoder else None
-    embed = stages.encoder.encode if stages.encoder is not None else None
-
-    def encode(texts):
-        return embed(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
-
     stages.classifier = fit_classifier(data["train"], inputs["train"].gold, tables["train"], spec,
-                                       opts.fusion_audio_context, opts.fusion_text_encoder, encode, opts.stage_stats)
+                                       opts.fusion_audio_context, opts.fusion_text_encoder, stages.embed,
+                                       opts.stage_stats)
     clf, own = {}, {}
     for s, d in data.items():
-        texts = split_texts(encode, d) if opts.fusion_text_encoder else None
+        texts = split_texts(stages.embed, d) if opts.fusion_text_encoder else None
         clf[s] = stages.classifier.probabilities(split_features(stages.classifier, d, tables[s], texts,
                                                                 opts.stage_stats))
         g = inputs[s].gold
