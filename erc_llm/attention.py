@@ -26,6 +26,8 @@ short sequences, dropout) goes to transformers' own ``sdpa`` unchanged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 NAME = "erc_block"
@@ -73,6 +75,8 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
     """transformers attention interface: query (B, H, T, D), key/value (B, Hkv, S, D) -> ((B, T, H, D), None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if kwargs.get("erc_rows") is not None:  # turns of several dialogues packed over their own caches
+        return row_attention(query, key, value, kwargs["erc_rows"], scaling, sliding_window)
     t, s = query.shape[2], key.shape[2]
     plain = t != s or t <= BLOCK or dropout > 0 or kwargs.get("position_bias") is not None
     if plain or (attention_mask is not None and attention_mask.dtype != torch.bool):
@@ -91,6 +95,53 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
             first = _first_visible(mask)  # packed dialogues: keys of earlier dialogues are never visible
             k0, mask = k0 + first, mask[..., first:]
         out.append(band_attention(query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], mask, scaling))
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+@dataclass
+class Rows:
+    """How the turns of several dialogues sit in one packed forward over their own KV caches (``decoding.score_batch``):
+    the packed cache of a layer holds each dialogue's cached keys one after another (``held[kind][b]`` of them:
+    sliding-window layers hold fewer), then the new tokens of every dialogue (``widths[b]`` each, in the same
+    order). ``masks[kind][b]``: which of dialogue *b*'s cached and new keys each of its new tokens sees."""
+
+    held: dict[str, list[int]]
+    widths: list[int]
+    masks: dict[str, list[torch.Tensor]]
+
+    @classmethod
+    def build(cls, held: dict[str, list[int]], widths: list[int], starts: list[int], window: int | None, device) -> "Rows":
+        """``starts[b]``: the position id of dialogue *b*'s first new token (its cached keys end just before it)."""
+        masks: dict[str, list[torch.Tensor]] = {}
+        for kind, lengths in held.items():
+            masks[kind] = []
+            for h, n, start in zip(lengths, widths, starts):
+                q = torch.arange(start, start + n, device=device)
+                k = torch.arange(start - h, start + n, device=device)
+                m = k[None, :] <= q[:, None]
+                if kind == "sliding_attention" and window:
+                    m &= k[None, :] > q[:, None] - window
+                masks[kind].append(m[None, None])
+        return cls(held, widths, masks)
+
+
+def row_attention(query, key, value, rows: Rows, scaling: float | None, sliding_window: int | None):
+    """Attention of packed turns, each over its own dialogue's keys only: query (1, H, sum(widths), D); key/value
+    (1, Hkv, sum(held) + sum(widths), D) as :class:`Rows` lays them out. One small attention per dialogue, so
+    nothing is computed between dialogues and no token is padding."""
+    import torch.nn.functional as F
+
+    kind = "sliding_attention" if sliding_window and "sliding_attention" in rows.held else "full_attention"
+    held = rows.held[kind]
+    cached, new = 0, sum(held)
+    out = []
+    for h, n, mask in zip(held, rows.widths, rows.masks[kind]):
+        q0 = new - sum(held)
+        k = torch.cat([key[:, :, cached:cached + h], key[:, :, new:new + n]], dim=2)
+        v = torch.cat([value[:, :, cached:cached + h], value[:, :, new:new + n]], dim=2)
+        out.append(F.scaled_dot_product_attention(query[:, :, q0:q0 + n], k, v, attn_mask=mask, scale=scaling,
+                                                  enable_gqa=k.shape[1] != query.shape[1]))
+        cached, new = cached + h, new + n
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
 

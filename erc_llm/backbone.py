@@ -166,6 +166,38 @@ def _convert(name: str, spec: PackagedModel, target: Path) -> dict:
     return manifest
 
 
+def bf16_copy(path: Path) -> Path:
+    """A bfloat16 copy of a packaged backbone's cached float32 weights, written once beside them (``NAME.bfloat16``,
+    with its own manifest). Loading bfloat16 from it maps half the bytes and never holds a float32 copy: peak
+    memory below the float32 load's, where casting on load peaks at about twice it. Tensors are cast one at a time
+    (``Tensor.to``, what casting on load does), so the weights are the same bits either way."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = path.with_name(path.name + ".bfloat16")
+    if read_manifest(out) is not None:
+        return out
+    log.info("writing a bfloat16 copy of %s into %s — once", path, out)
+    _check_writable(out.parent)
+    with atomic_dir(out) as tmp:
+        for f in path.iterdir():
+            if f.is_file() and f.suffix == ".json" and f.name != MANIFEST:
+                shutil.copy(f, tmp / f.name)
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as r:
+                tensors = {k: (t.to(torch.bfloat16) if t.is_floating_point() else t)
+                           for k in r.keys() for t in [r.get_tensor(k)]}
+                save_file(tensors, str(tmp / f.name), metadata=r.metadata())
+            del tensors
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
+        atomic_write_json(tmp / MANIFEST, {**(read_manifest(path) or {}), "dtype": "bfloat16", "files": files,
+                                           "cast_from": str(path)})
+    return out
+
+
 def native_bf16_cpu() -> str | None:
     """The CPU's native bf16 matmul extension ("amx_bf16" or "avx512_bf16", from /proc/cpuinfo), else None."""
     try:
@@ -215,10 +247,12 @@ def clean_stale_work(models: Path) -> None:
 
 
 def load_backbone(name: str = DEFAULT_MODEL, dtype: str = "float32", cache: Path | None = None):
-    """Load ``(model, tokenizer, manifest)`` for inference; ``dtype`` is float32 or bfloat16."""
+    """Load ``(model, tokenizer, manifest)`` for inference; ``dtype`` is auto (:func:`resolve_dtype`), float32 or
+    bfloat16; the manifest's ``compute_dtype`` says which one runs."""
+    dtype = resolve_dtype(dtype)
     model, tok, manifest = load_for_training(name, dtype, "none", cache)
     model.eval()
-    return model, tok, manifest
+    return model, tok, {**manifest, "compute_dtype": dtype}
 
 
 def load_for_training(name: str, dtype: str = "float32", quant: str = "none", cache: Path | None = None):
@@ -232,6 +266,8 @@ def load_for_training(name: str, dtype: str = "float32", quant: str = "none", ca
     path, manifest = prepare_model(name, cache)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     tok = AutoTokenizer.from_pretrained(path)
+    if dtype == "bfloat16" and quant == "none" and name in PACKAGED and manifest.get("dtype") == "float32":
+        path = str(bf16_copy(Path(path)))
     kwargs: dict = {"dtype": torch_dtype}
     if quant == "4bit":
         try:

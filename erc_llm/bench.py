@@ -160,14 +160,15 @@ def synthetic(dialogues: list[Dialogue], length: int) -> Dialogue:
     return Dialogue(f"len{length}", [Utterance(u.speaker, u.text, u.emotion, f"len{length}_{i}") for i, u in enumerate(utts)])
 
 
-def full_test(args, dtype: str, out: Path) -> dict:
-    """MELD test end to end in a child process: wall time, utterances/s, weighted F1, peak RSS.
+def full_test(args, dtype: str, out: Path, dataset: str = "meld") -> dict:
+    """A test split end to end in a child process (``erc-llm evaluate``): wall time, utterances/s, weighted F1,
+    peak RSS, and the dtype that ran (``auto`` resolved).
 
     Peak RSS is the child's own high-water mark (``VmHWM`` in /proc, polled): ``getrusage`` of children
     would count the pages a forked child shares with this (large) process before it execs."""
     import json
 
-    cmd = [sys.executable, "-m", "erc_llm.cli", "evaluate", "--dataset", "meld", "--split", "test", "--data-dir",
+    cmd = [sys.executable, "-m", "erc_llm.cli", "evaluate", "--dataset", dataset, "--split", "test", "--data-dir",
            args.data_dir, "--dtype", dtype, "--out", str(out)] + (["--run", args.run] if args.run else []) + (
            ["--zero-shot", "true", "--model", args.model or "gemma-3-270m"] if args.zero_shot else [])
     t = time.perf_counter()
@@ -180,7 +181,7 @@ def full_test(args, dtype: str, out: Path) -> dict:
     if child.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {child.returncode}")
     m = json.loads((out / "metrics.json").read_text())
-    return {"dtype": dtype, "wall_seconds": wall, "utterances": m["utterances"], "utterances_per_second": m["utterances_per_second"],
+    return {"dtype": dtype, "ran_as": m.get("dtype", dtype), "wall_seconds": wall, "utterances": m["utterances"], "utterances_per_second": m["utterances_per_second"],
             "weighted_f1": m.get("weighted_f1"), "peak_rss_gb": hwm / 1024**2, "command": " ".join(cmd[2:])}
 
 

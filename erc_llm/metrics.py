@@ -106,7 +106,7 @@ def render_report(m: dict) -> str:
         "",
         f"History: **{m['history']}**{' (DIAGNOSTIC: gold labels of earlier turns are visible)' if m['history'] == 'gold' else ''}  ",
         f"Dialogues: {m['dialogues']}, utterances: {m['utterances']}, seconds: {m['seconds']:.1f}, "
-        f"utterances/s: {m['utterances_per_second']:.2f}"
+        f"utterances/s: {m['utterances_per_second']:.2f}" + (f" ({m['dtype']})" if m.get("dtype") else "")
         + ("; skipped on load: " + ", ".join(f"{n} ({why})" for why, n in m["skipped_on_load"].items())
            if m.get("skipped_on_load") else ""),
         "",

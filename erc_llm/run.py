@@ -143,6 +143,11 @@ class Predictor:
     def lookahead(self) -> int:
         return self.spec.lookahead if self.spec else 0
 
+    @property
+    def dtype(self) -> str:
+        """The compute dtype the backbone runs in (``auto`` resolved)."""
+        return self.manifest.get("compute_dtype", "float32")
+
     def history_mode(self, history: str) -> str:
         """What earlier turns carry: 'none' for a text-only model, else the requested predicted/gold."""
         return history if self.builder.write_labels else "none"
@@ -254,7 +259,7 @@ def check_labels(data_labels: LabelSet, spec: RunSpec, where: str) -> LabelSet:
     return spec.label_set
 
 
-def load(run: str | Path | None, *, model: str = "", dtype: str = "float32", labels: LabelSet | None = None,
+def load(run: str | Path | None, *, model: str = "", dtype: str = "auto", labels: LabelSet | None = None,
          prompts: str = "", max_tokens: int = 0, max_utterance_tokens: int = 0, speaker_options=None) -> Predictor:
     """A run folder or shipped name (``run``), or with ``run=None`` the bare ``model`` backbone (zero-shot).
 

@@ -13,8 +13,9 @@
     GET    /labels, /limits, /health, /docs (OpenAPI)
 
 Binds to loopback by default. Limits (text length, turns per dialogue, open dialogues with idle expiry,
-request size) give 4xx JSON errors. One model is shared: forwards are serialised by the engine's lock,
-and each dialogue has its own lock, so concurrent requests never mix dialogue states.
+request size) give 4xx JSON errors. One model is shared: the turns of concurrent dialogues are scored
+together in batched forwards (``session.Batcher``; ``--max-batch 1`` serialises them), each dialogue with its
+own KV cache and lock, so concurrent requests never mix dialogue states and each dialogue's turns keep their order.
 """
 
 from __future__ import annotations
@@ -219,7 +220,11 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         st = engine.stages
         c = st.classifier if st is not None else None
         spec = c.spec if c is not None and c.spec is not None else (engine.audio.spec if engine.audio else None)
+        b = engine.batcher
         return {"status": "ok", "model": engine.name, "dataset": engine.dataset, "context": "online",
+                "dtype": engine.dtype, "batching": None if b is None else {
+                    "window_ms": b.window * 1000, "max_batch": b.max_batch,
+                    "forwards_by_batch_size": {str(k): v for k, v in sorted(b.sizes.items())}},
                 "open_dialogues": len(store.items), "stages": describe(st.settings if st is not None else None),
                 "calibrated": st is not None and st.settings.get("temperature", 1.0) != 1.0,
                 "audio_features": list(spec.names) if spec is not None else None,
@@ -326,9 +331,41 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     return app
 
 
-def serve(run: str | None, host: str, port: int, model: str = "", threads: int = 0, dtype: str = "float32",
-          zero_shot: bool = False, stages: bool = True, limits: Limits | None = None) -> None:
+def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "info"):
+    """uvicorn's settings for the service: HTTP/1.1 through :func:`json_errors_protocol`, so a request malformed
+    at the HTTP level (an invalid Content-Length, a broken header) gets a JSON 400 like every other error."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=json_errors_protocol())
+
+
+def json_errors_protocol():
+    """uvicorn's h11 protocol whose answer to a malformed request is ``{"error": ...}`` (JSON), not plain text."""
+    import json
+
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JsonErrors(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": f"malformed HTTP request ({msg}); check the Content-Length and headers"})
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                          h11.Data(data=body.encode()), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return JsonErrors
+
+
+def serve(run: str | None, host: str, port: int, model: str = "", threads: int = 0, dtype: str = "auto",
+          zero_shot: bool = False, stages: bool = True, limits: Limits | None = None, batch_window_ms: float = 2.0,
+          max_batch: int = 16) -> None:
+    """``max_batch`` 1 scores one turn per forward (serialised); more lets concurrent dialogues share forwards."""
     import uvicorn
 
     engine = Engine.load(run or None, model=model, threads=threads, dtype=dtype, zero_shot=zero_shot, stages=stages)
-    uvicorn.run(create_app(engine, limits), host=host, port=port, log_level="info")
+    if max_batch > 1:
+        engine.start_batching(batch_window_ms, max_batch)
+    uvicorn.Server(uvicorn_config(create_app(engine, limits), host, port)).run()

@@ -39,6 +39,73 @@ class TurnResult:
         return sorted(self.probs.items(), key=lambda kv: -kv[1])[:k]
 
 
+class Batcher:
+    """Turns of different dialogues scored together: a worker thread takes the turns that are waiting (and those
+    arriving within ``window_ms`` of the first), up to ``max_batch``, and scores them in one batched forward
+    (``decoding.score_batch``: each dialogue keeps its own KV cache); each caller gets its own turn's
+    probabilities as soon as that forward ends. A dialogue has at most one turn in flight (its session waits
+    for the answer), so every dialogue's turns keep their order. Under load the window costs nothing: turns
+    queue while a forward runs and go together in the next one."""
+
+    def __init__(self, window_ms: float = 2.0, max_batch: int = 16):
+        import queue
+
+        if window_ms < 0 or max_batch < 1:
+            raise ValueError(f"batching window {window_ms} ms / max batch {max_batch}: expected >= 0 ms and >= 1 turn")
+        self.window, self.max_batch = window_ms / 1000, max_batch
+        self.queue: queue.Queue = queue.Queue()
+        self.sizes: Counter = Counter()  # batch size -> forwards run (what /health reports)
+        self.thread = threading.Thread(target=self._run, name="erc-llm-batcher", daemon=True)
+        self.thread.start()
+
+    def score(self, state, turn: list[int], soft=None) -> torch.Tensor:
+        """The probabilities of ``turn`` for the dialogue of ``state`` (``StreamState.score_ids``, batched)."""
+        from concurrent.futures import Future
+
+        if not self.thread.is_alive():
+            raise RuntimeError("the batching engine has stopped")
+        done: Future = Future()
+        self.queue.put((state, turn, soft, done))
+        return done.result()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=10)
+
+    def _take(self) -> list | None:
+        import queue
+        import time
+
+        first = self.queue.get()
+        if first is None:
+            return None
+        batch, deadline = [first], time.monotonic() + self.window
+        while len(batch) < self.max_batch:
+            try:
+                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                self.queue.put(None)
+                break
+            batch.append(item)
+        return batch
+
+    def _run(self) -> None:
+        from erc_llm.decoding import score_batch
+
+        while (batch := self._take()) is not None:
+            self.sizes[len(batch)] += 1
+            try:
+                probs = score_batch([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch])
+            except BaseException as e:  # every waiting caller gets the error, the worker keeps serving
+                for *_, done in batch:
+                    done.set_exception(e)
+                continue
+            for (*_, done), p in zip(batch, probs):
+                done.set_result(p)
+
+
 @dataclass
 class Engine:
     """Everything a session needs that is shared and read-only: load once, serve many dialogues."""
@@ -52,11 +119,13 @@ class Engine:
     trie: object = None  # LabelTrie of the builder's labels
     stages: object = None  # erc_llm.stages.Stages (memory, fusion, calibration) of the run, if fitted
     dataset: str = ""  # the corpus the run was trained on ("" for a bare backbone)
+    dtype: str = "float32"  # the compute dtype the backbone runs in
     lock: threading.Lock = field(default_factory=threading.Lock)  # one forward at a time on the shared model
+    batcher: Batcher | None = None  # set by ``start_batching``: concurrent sessions' turns share forwards
 
     @classmethod
     def load(cls, run: str | Path | None = None, model: str = "", labels: LabelSet | None = None,
-             dtype: str = "float32", threads: int = 0, zero_shot: bool = False, stages: bool = True) -> "Engine":
+             dtype: str = "auto", threads: int = 0, zero_shot: bool = False, stages: bool = True) -> "Engine":
         """``run``: a run folder or shipped name (default: the shipped model); ``zero_shot=True``: the bare
         ``model`` backbone with ``labels`` (default MELD's); ``stages=False``: the adapter alone, without the
         run's memory, fusion and calibration."""
@@ -74,7 +143,19 @@ class Engine:
             raise ValueError(f"model {p.name} was trained with {p.context} context ({seen}); a live session only knows "
                              "the turns so far: use a model trained with context: online and lookahead: 0")
         return cls(p.model, p.builder, p.labels, p.speakers, p.audio, p.name, LabelTrie(p.builder.label_ids),
-                   p.stages if stages else None, p.spec.dataset if p.spec else "")
+                   p.stages if stages else None, p.spec.dataset if p.spec else "", p.dtype)
+
+    def start_batching(self, window_ms: float = 2.0, max_batch: int = 16) -> None:
+        """Score the turns of concurrent sessions in batched forwards (see :class:`Batcher`); for servers."""
+        if self.batcher is None:
+            self.batcher = Batcher(window_ms, max_batch)
+
+    def score(self, state, utt: Utterance, note: str, soft) -> torch.Tensor:
+        """A turn's adapter probabilities: through the batching engine when it runs, else under the engine lock."""
+        if self.batcher is not None:
+            return self.batcher.score(state, self.builder.turn_ids(utt, note), soft)
+        with self.lock:
+            return state.score(utt, note, soft)
 
     def soft_tokens(self, audio, heard: list | None = None) -> torch.Tensor | None:
         """Soft tokens of one turn: ``audio`` = a wav path (features extracted as in training), a feature
@@ -192,16 +273,15 @@ class ERCSession:
         first = speaker not in {t.speaker for t in self.turns}
         note = e.speakers.note(speaker, [text]) if (first and e.speakers is not None) else ""
         utt = Utterance(speaker, text, None, f"{self.dialogue_id}_{len(self.turns)}")
-        with e.lock:
-            if speaker not in self.participants:
-                self.participants.append(speaker)
-                if self.state is not None:
-                    self.state.restart(self._header())
-            if self.state is None:
-                self.state = StreamState(e.model, e.builder, e.trie, self._header())
-            probs = self.state.score(utt, note, soft)
-            self.state.commit(e.labels.labels[int(probs.argmax())])  # what batch evaluation writes
-            final, used = e.finish(probs, self.state.slot_state, self.listener, speaker, text, audio)
+        if speaker not in self.participants:
+            self.participants.append(speaker)
+            if self.state is not None:
+                self.state.restart(self._header())
+        if self.state is None:
+            self.state = StreamState(e.model, e.builder, e.trie, self._header())
+        probs = e.score(self.state, utt, note, soft)
+        self.state.commit(e.labels.labels[int(probs.argmax())])  # what batch evaluation writes
+        final, used = e.finish(probs, self.state.slot_state, self.listener, speaker, text, audio)
         label = e.labels.labels[int(np.argmax(final))]
         result = TurnResult(len(self.turns), speaker, text, label,
                             {lab: round(float(p), 6) for lab, p in zip(e.labels.labels, final.tolist())}, used)

@@ -145,7 +145,7 @@ def run(args) -> dict:
     torch.set_num_threads(threads)
     model, tok, manifest = load_backbone(args.model)
     result = {"command": "python eval/bench.py training " + " ".join(args.argv), "threads": threads,
-              "machine": _machine(), "model": manifest.get("name"),
+              "machine": machine(), "model": manifest.get("name"),
               "hardware": {"matmul_fp32_gflops": matmul_peak(torch.float32),
                            "matmul_bf16_gflops": matmul_peak(torch.bfloat16)},
               "training": {}}
@@ -197,7 +197,7 @@ def decoding(args) -> dict:
     """Batch evaluation speed: MELD test (the shipped model) and IEMOCAP test (``--iemocap-run``) through
     ``erc-llm evaluate`` in bf16, and one synthetic dialogue per ``--turns`` length (IEMOCAP utterances, the
     IEMOCAP run; transcripts truncated at the run's token budget) to show time proportional to length."""
-    result = {"command": "python eval/bench.py decoding " + " ".join(args.argv), "machine": _machine(), "corpora": {}}
+    result = {"command": "python eval/bench.py decoding " + " ".join(args.argv), "machine": machine(), "corpora": {}}
     with tempfile.TemporaryDirectory(prefix="erc_llm_bench_") as tmp:
         work = Path(tmp)
         result["corpora"]["meld"] = evaluate_child(
@@ -234,7 +234,7 @@ def render_decoding(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _machine() -> str:
+def machine() -> str:
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))

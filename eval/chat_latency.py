@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from erc_llm.session import Engine, ERCSession
     from erc_llm.stages import audio_table
-    from erc_llm.throughput import _machine
+    from erc_llm.throughput import machine
 
     dialogues, labels, _ = load_split(args.dataset, "test", args.data_dir)
     dialogues = dialogues[: args.dialogues]
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
     result = {"run": args.run, "dataset": args.dataset, "dialogues": len(dialogues), "dtype": args.dtype,
               "stages": describe(with_stages.stages.settings), "audio": table is not None, "latency": rows,
-              "machine": _machine(), "python": platform.python_version(),
+              "machine": machine(), "python": platform.python_version(),
               "command": "python eval/chat_latency.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     lines = ["| session | turns | p50 ms | p95 ms | mean ms | turns/s |", "|---|---|---|---|---|---|"]
     lines = [f"Machine: {result['machine']}", "", *lines]

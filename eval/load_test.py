@@ -1,10 +1,12 @@
-"""Bounded load test of `erc-llm serve` on loopback: concurrent clients, each replaying MELD test dialogues
-turn by turn over HTTP. Reports requests/s and p50/p95 latency of turn requests.
+"""Load test of `erc-llm serve` on loopback: for each server setting, concurrent clients replay MELD test dialogues
+turn by turn over HTTP for a fixed time; reports turn requests/s, p50/p95/p99 latency per turn and failures.
 
-    python eval/load_test.py --data-dir ../shared/data/meld --run runs/meld_gemma_seed0 --dialogues 24 --clients 8
+    python eval/load_test.py --data-dir ../shared/data/meld --clients 1,10,50 --max-batch 1,16 --seconds 30
 
-Starts the server in a child process on a free port, waits for /health, runs the clients, stops the
-server, and writes eval/results/http_load/{results.json,table.md}.
+``--max-batch 1`` is the serialised server (one turn per forward), larger values let concurrent dialogues share
+forwards (``erc_llm.session.Batcher``). Each setting starts its own server in a child process on a free port,
+waits for /health, runs every client count (client *i* starts at dialogue *i* and moves on to the next one when a
+dialogue ends), and stops the server. Writes eval/results/http_load/{results.json,table.md}.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from erc_llm.data import load_split  # noqa: E402
-from erc_llm.io import atomic_write_json, atomic_write_text  # noqa: E402
+from erc_llm.io import atomic_write_json, atomic_write_text, claim_output, mark_output  # noqa: E402
+from erc_llm.throughput import machine  # noqa: E402
 
 
 def free_port() -> int:
@@ -33,66 +37,113 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def client(base: str, dialogue) -> list[float]:
+def client(base: str, dialogues, start: int, until: float) -> tuple[list[float], list[str]]:
+    """Turn latencies (seconds) and failures of one client replaying dialogues from ``start`` until ``until``."""
     import httpx
 
-    lat = []
-    with httpx.Client(base_url=base, timeout=120) as c:
-        key = c.post("/dialogues", json={"participants": []}).json()["id"]
-        for u in dialogue.utterances:
-            t = time.perf_counter()
-            r = c.post(f"/dialogues/{key}/turns", json={"speaker": u.speaker, "text": u.text})
-            lat.append(time.perf_counter() - t)
-            r.raise_for_status()
-        c.delete(f"/dialogues/{key}")
-    return lat
+    lat, failed, k = [], [], start
+    with httpx.Client(base_url=base, timeout=300) as c:
+        while time.perf_counter() < until:
+            d = dialogues[k % len(dialogues)]
+            k += 1
+            try:
+                key = c.post("/dialogues", json={"participants": []}).raise_for_status().json()["id"]
+                for u in d.utterances:
+                    if time.perf_counter() >= until:
+                        break
+                    t = time.perf_counter()
+                    r = c.post(f"/dialogues/{key}/turns", json={"speaker": u.speaker, "text": u.text})
+                    if r.status_code != 200:
+                        failed.append(f"{r.status_code}: {r.text[:200]}")
+                        continue
+                    lat.append(time.perf_counter() - t)
+                c.delete(f"/dialogues/{key}")
+            except httpx.HTTPError as e:
+                failed.append(f"{type(e).__name__}: {e}")
+    return lat, failed
+
+
+def measure(base: str, dialogues, clients: int, seconds: float) -> dict:
+    until = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        parts = list(pool.map(lambda i: client(base, dialogues, i, until), range(clients)))
+    wall = time.perf_counter() - t0
+    lat = np.array([x for xs, _ in parts for x in xs])
+    failed = [f for _, fs in parts for f in fs]
+    ms = {f"p{q}_ms": 1000 * float(np.percentile(lat, q)) for q in (50, 95, 99)} if lat.size else {}
+    return {"clients": clients, "turn_requests": int(lat.size), "failed": len(failed), "failures": failed[:5],
+            "wall_seconds": wall, "requests_per_second": lat.size / wall, **ms}
+
+
+def server(args, port: int, max_batch: int) -> subprocess.Popen:
+    import httpx
+
+    # every simulated client comes from 127.0.0.1: lift the per-client quotas that would otherwise throttle them
+    cmd = [sys.executable, "-m", "erc_llm.cli", "serve", "--port", str(port), "--max-dialogues-per-client", "100000",
+           "--turns-per-minute", "10000000", "--max-batch", str(max_batch), "--batch-window-ms", str(args.window_ms),
+           "--dtype", args.dtype] + (["--run", args.run] if args.run else [])
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with code {proc.returncode}: {' '.join(cmd)}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit("server did not come up within 5 minutes")
+
+
+def table(res: dict) -> str:
+    lines = ["| server | clients | turn requests | failed | requests/s | p50 ms | p95 ms | p99 ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        name = "serialised (--max-batch 1)" if r["max_batch"] == 1 else f"batched (--max-batch {r['max_batch']})"
+        lines.append(f"| {name} | {r['clients']} | {r['turn_requests']} | {r['failed']} | {r['requests_per_second']:.2f} "
+                     f"| {r.get('p50_ms', 0):.0f} | {r.get('p95_ms', 0):.0f} | {r.get('p99_ms', 0):.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     import httpx
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--run", default="")
-    p.add_argument("--dialogues", type=int, default=24)
-    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--data-dir", required=True, help="MELD csv folder")
+    p.add_argument("--run", default="", help="run folder or shipped name (default: the shipped model)")
+    p.add_argument("--dialogues", type=int, default=200, help="MELD test dialogues the clients replay")
+    p.add_argument("--clients", default="1,10,50", help="comma-separated client counts")
+    p.add_argument("--max-batch", default="1,16", help="comma-separated server settings (1 = serialised)")
+    p.add_argument("--window-ms", type=float, default=2.0, help="the server's --batch-window-ms")
+    p.add_argument("--dtype", default="auto", help="the server's --dtype")
+    p.add_argument("--seconds", type=float, default=30.0, help="how long each client count runs")
     p.add_argument("--out", default=str(ROOT / "eval" / "results" / "http_load"))
     args = p.parse_args()
+    out = claim_output(args.out, "results", inputs=[args.data_dir])
     dialogues = load_split("meld", "test", args.data_dir)[0][: args.dialogues]
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    # every simulated client comes from 127.0.0.1: lift the per-client quotas that would otherwise throttle them
-    cmd = [sys.executable, "-m", "erc_llm.cli", "serve", "--port", str(port), "--max-dialogues-per-client", "100000",
-           "--turns-per-minute", "10000000"] + (["--run", args.run] if args.run else [])
-    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise SystemExit("server did not come up")
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            lat = [x for xs in pool.map(lambda d: client(base, d), dialogues) for x in xs]
-        wall = time.perf_counter() - t0
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    lat = np.array(lat)
+    rows, health = [], {}
+    for mb in [int(x) for x in args.max_batch.split(",")]:
+        port = free_port()
+        proc = server(args, port, mb)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            measure(base, dialogues, 1, 3.0)  # warm-up: first forwards allocate and tune kernels
+            for n in [int(x) for x in args.clients.split(",")]:
+                rows.append({"max_batch": mb, **measure(base, dialogues, n, args.seconds)})
+                print(table({"rows": rows[-1:]}).splitlines()[-1], flush=True)
+            health[str(mb)] = httpx.get(base + "/health", timeout=10).json().get("batching")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
     res = {"command": "python eval/load_test.py " + " ".join(sys.argv[1:]), "run": args.run or None,
-           "dialogues": len(dialogues), "clients": args.clients, "turn_requests": int(lat.size), "wall_seconds": wall,
-           "requests_per_second": lat.size / wall, "p50_ms": 1000 * float(np.percentile(lat, 50)),
-           "p95_ms": 1000 * float(np.percentile(lat, 95)), "max_ms": 1000 * float(lat.max()),
-           "machine": f"{os.cpu_count()}-core CPU, loopback"}
-    atomic_write_json(Path(args.out) / "results.json", res)
-    table = ("| clients | dialogues | turn requests | requests/s | p50 ms | p95 ms | max ms |\n|---|---|---|---|---|---|---|\n"
-             f"| {args.clients} | {len(dialogues)} | {lat.size} | {res['requests_per_second']:.2f} | {res['p50_ms']:.0f} | "
-             f"{res['p95_ms']:.0f} | {res['max_ms']:.0f} |\n")
-    atomic_write_text(Path(args.out) / "table.md", f"# HTTP load test (loopback)\n\nCommand: `{res['command']}`\n\n" + table)
-    print(table)
+           "dtype": args.dtype, "seconds": args.seconds, "dialogues": len(dialogues), "rows": rows, "batching": health,
+           "machine": f"{machine()}; server and clients on the same cores, loopback"}
+    atomic_write_json(out / "results.json", res)
+    atomic_write_text(out / "table.md", f"# HTTP load test (loopback)\n\nCommand: `{res['command']}`  \nMachine: "
+                      f"{res['machine']}; each client count runs {args.seconds:.0f} s.\n\n" + table(res))
+    mark_output(out, "results")
+    print(table(res))
     return 0
 
 

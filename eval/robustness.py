@@ -33,7 +33,8 @@ CASES = ["tests/test_robustness.py", "tests/test_outputs.py",
          "tests/test_server.py::test_one_client_cannot_lock_out_the_others_and_limits_are_visible",
          "tests/test_server.py::test_any_speaker_name_round_trips_through_its_id",
          "tests/test_server.py::test_bad_uploads_name_the_line_and_field_and_the_session_survives",
-         "tests/test_server.py::test_an_upload_over_the_body_limit_is_a_413_json_error"]
+         "tests/test_server.py::test_an_upload_over_the_body_limit_is_a_413_json_error",
+         "tests/test_server.py::test_a_request_malformed_at_the_http_level_gets_a_json_400"]
 
 
 def main() -> int:

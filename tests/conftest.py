@@ -14,6 +14,16 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ERC_LLM_SHARED_DATA", REPO.parent / "shared" / "data"))
 MELD_DIR = SHARED / "meld"
 
+@pytest.fixture(autouse=True, scope="session")
+def float32_for_auto():
+    """``dtype: auto`` means float32 in tests on every CPU: tests compare the probabilities of different paths
+    (streaming and batch, session and evaluation) at float32 tolerances, and must not depend on whether the
+    machine has native bf16. A test of ``auto`` itself patches ``native_bf16_cpu`` again."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("erc_llm.backbone.native_bf16_cpu", lambda: None)
+        yield
+
+
 CORPUS = [
     "Task: label the emotion of each turn of this conversation.",
     "After every turn, write the speaker's emotion as exactly one of the labels.",

@@ -76,3 +76,36 @@ def test_a_damaged_safetensors_header_is_a_clear_error_naming_the_rebuild(tmp_pa
     weights.write_bytes(bytes(raw))
     with pytest.raises(ModelNotFound, match="cannot be read .*prepare-model"):
         load_backbone(str(copy))
+
+
+def test_bf16_copy_holds_the_same_bits_as_casting_on_load_and_is_written_once(tmp_path, tiny_model_dir):
+    """Loading bfloat16 from the cached copy gives the weights a float32 load cast to bfloat16 gives (so results do
+    not depend on which one ran); the copy carries checksums and is not rewritten."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from erc_llm.backbone import bf16_copy, read_manifest, verify_cache
+
+    src = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dir, src)
+    copy = bf16_copy(src)
+    assert copy == tmp_path / "tiny.bfloat16" and read_manifest(copy)["dtype"] == "bfloat16"
+    verify_cache(copy, read_manifest(copy))
+    cast = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(copy, dtype=torch.bfloat16).state_dict()
+    assert cast.keys() == loaded.keys()
+    for k in cast:
+        assert loaded[k].dtype == torch.bfloat16 and torch.equal(cast[k], loaded[k]), k
+    stamp = (copy / "model.safetensors").stat().st_mtime_ns
+    assert bf16_copy(src) == copy and (copy / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_auto_dtype_follows_the_cpu(monkeypatch):
+    import erc_llm.backbone as backbone
+
+    monkeypatch.setattr(backbone, "native_bf16_cpu", lambda: "amx_bf16")
+    assert backbone.resolve_dtype("auto") == "bfloat16" and backbone.resolve_dtype("float32") == "float32"
+    monkeypatch.setattr(backbone, "native_bf16_cpu", lambda: None)
+    assert backbone.resolve_dtype("auto") == "float32"

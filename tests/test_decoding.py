@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from erc_llm.data.schema import Dialogue, LabelSet, Utterance
-from erc_llm.decoding import CACHE_ARG, LabelTrie, PackedTagger, StreamingTagger, rollout
+from erc_llm.decoding import CACHE_ARG, LabelTrie, PackedTagger, StreamingTagger, StreamState, rollout, score_batch
 from erc_llm.prompting import PromptBuilder
 from tests.conftest import LABELS, make_model, make_sharp_model, make_tokenizer, toy_dialogue
 
@@ -175,6 +175,51 @@ def test_packed_dialogues_equal_one_at_a_time(tiny_tokenizer, arch, history):
         assert [p.label for p in r] == [p.label for p in g]
         for a, b in zip(r, g):
             assert a.probs == pytest.approx(b.probs, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("max_tokens", [4096, 120])
+def test_batched_turns_of_interleaved_dialogues_equal_each_dialogue_alone(tiny_tokenizer, arch, max_tokens):
+    """Turns of different dialogues arriving in any interleaving and scored in batched forwards (each dialogue
+    with its own KV cache, padded into one batch) give every dialogue the labels and probabilities it gets
+    alone, and leave each cache able to go on alone: sliding windows, dialogues joining late, replays and
+    truncation rebuilds (``max_tokens`` 120) included."""
+    import random
+
+    model = make_model(len(tiny_tokenizer), arch)
+    builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=max_tokens)
+    trie = LabelTrie(builder.label_ids)
+    ds = [toy_dialogue(n, f"d{n}") for n in (9, 3, 12, 6)]
+    for i, d in enumerate(ds):
+        d.utterances[0].text = f"variant {i} " + d.utterances[0].text
+    ref = [StreamingTagger(model, builder).tag(d) for d in ds]
+    states = [StreamState(model, builder, trie, builder.header_ids(d)) for d in ds]
+    states[1].replay(ds[1].utterances[0], ref[1][0].label)  # a resumed dialogue: its first turn is replayed
+    done = [0, 1, 0, 0]
+    got: list[list] = [[None] * len(d.utterances) for d in ds]
+    got[1][0] = ref[1][0].probs
+    rng = random.Random(0)
+    while any(k < len(d.utterances) for k, d in zip(done, ds)):
+        open_ = [i for i, d in enumerate(ds) if done[i] < len(d.utterances)]
+        members = rng.sample(open_, rng.randint(1, len(open_)))
+        turns = [builder.turn_ids(ds[i].utterances[done[i]]) for i in members]
+        for i, p in zip(members, score_batch([states[i] for i in members], turns)):
+            got[i][done[i]] = p.tolist()
+            states[i].commit(LABELS.labels[int(p.argmax())])
+            done[i] += 1
+    for r, g in zip(ref, got):
+        assert [p.label for p in r] == [LABELS.labels[max(range(len(x)), key=x.__getitem__)] for x in g]
+        for a, b in zip(r, g):
+            assert a.probs == pytest.approx(b, abs=1e-4)
+
+
+def test_a_batch_takes_one_turn_per_dialogue(tiny_tokenizer, tiny_model):
+    builder = PromptBuilder(tiny_tokenizer, LABELS)
+    d = toy_dialogue(2)
+    state = StreamState(tiny_model, builder, LabelTrie(builder.label_ids), builder.header_ids(d))
+    turns = [builder.turn_ids(u) for u in d.utterances]
+    with pytest.raises(ValueError, match="one turn in a batch"):
+        score_batch([state, state], turns)
 
 
 def test_packed_groups_bound_the_shared_cache(tiny_tokenizer, tiny_model):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from erc_llm.server import Limits, create_app
+from erc_llm.server import Limits, create_app, uvicorn_config
 from erc_llm.session import Engine, ERCSession
 from tests.conftest import LABELS, toy_dialogue
 
@@ -125,13 +125,12 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @contextlib.contextmanager
-def browser_on(app):
-    """(headless Chromium, the page's address) with ``app`` served on a free loopback port."""
+def served(app):
+    """The address of ``app`` served by uvicorn (the service's own settings) on a free loopback port."""
     import uvicorn
-    from playwright.sync_api import sync_playwright
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, "warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(100):
@@ -139,15 +138,41 @@ def browser_on(app):
             break
         time.sleep(0.05)
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run"])
-            yield browser, f"http://127.0.0.1:{port}/"
-            browser.close()
+        yield f"http://127.0.0.1:{port}/"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def browser_on(app):
+    """(headless Chromium, the page's address) with ``app`` served on a free loopback port."""
+    from playwright.sync_api import sync_playwright
+
+    with served(app) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield browser, url
+        browser.close()
+
+
+@pytest.mark.parametrize("length", ["abc", "-5", "1, 2"])
+def test_a_request_malformed_at_the_http_level_gets_a_json_400(engine, length):
+    """An invalid Content-Length never reaches the app; the answer is still the service's JSON error."""
+    from urllib.parse import urlparse
+
+    with served(create_app(engine)) as url:
+        port = urlparse(url).port
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(f"POST /dialogues HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {length}\r\n\r\n{{}}".encode())
+            reply = b""
+            while chunk := c.recv(4096):
+                reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
+    assert "Content-Length" in json.loads(body)["error"]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (`apt-get install chromium`; .ci/run installs it)")

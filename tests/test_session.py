@@ -28,6 +28,40 @@ def test_session_with_participants_equals_batch_tagging(engine):
         assert b.probs == pytest.approx([r.probs[lab] for lab in LABELS.labels], abs=1e-5)
 
 
+def test_concurrent_sessions_share_batched_forwards_with_the_answers_of_one_at_a_time(tiny_model_dir):
+    """Sessions on several threads, turns interleaved (newcomers re-reading their transcript included), scored by
+    the batching engine: every turn gets the label and probabilities the session gets alone, in order, and
+    forwards of more than one turn did happen."""
+    import threading
+
+    engine = Engine.load(None, model=str(tiny_model_dir), labels=LABELS, zero_shot=True)
+    ds = [toy_dialogue(n, f"d{n}") for n in (7, 3, 9, 5, 6)]
+    for i, d in enumerate(ds):
+        d.utterances[0].text = f"variant {i} " + d.utterances[0].text
+
+    def play(d, out):
+        s = ERCSession(engine, dialogue_id=d.id)
+        out.extend(s.add_turn(u.speaker, u.text) for u in d.utterances)
+
+    alone = [[] for _ in ds]
+    for d, out in zip(ds, alone):
+        play(d, out)
+    engine.start_batching(window_ms=30, max_batch=4)
+    got = [[] for _ in ds]
+    threads = [threading.Thread(target=play, args=(d, out)) for d, out in zip(ds, got)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.batcher.close()
+    assert max(engine.batcher.sizes) > 1 and max(engine.batcher.sizes) <= 4
+    for ref, live in zip(alone, got):
+        assert [r.label for r in ref] == [r.label for r in live]
+        assert [r.index for r in live] == list(range(len(ref)))
+        for a, b in zip(ref, live):
+            assert [a.probs[lab] for lab in LABELS.labels] == pytest.approx([b.probs[lab] for lab in LABELS.labels], abs=1e-4)
+
+
 def test_newcomer_rereads_transcript_with_new_header(engine):
     """No participants given: each newcomer changes the header; later turns still equal a full forward."""
     d = toy_dialogue(5)  # Ross, Rachel, Monica, Ross, Rachel
