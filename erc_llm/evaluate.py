@@ -18,12 +18,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from tqdm import tqdm
 
 from erc_llm.config import EvalConfig, to_dict
 from erc_llm.data import LabelSet, load_split
 from erc_llm.data.schema import DataError
-from erc_llm.io import atomic_write_jsonl, mark_output
+from erc_llm.io import atomic_write_jsonl, mark_output, progress
 from erc_llm.metrics import write_evaluation
 
 log = logging.getLogger(__name__)
@@ -120,7 +119,7 @@ def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1, 
     with open(partial, "a", encoding="utf-8") as f:
         if new:
             f.write(json.dumps({"fingerprint": fingerprint}) + "\n")
-        bar = tqdm(total=sum(len(d) for d in dialogues), unit="utt", desc="evaluate", dynamic_ncols=True)
+        bar = progress(total=sum(len(d) for d in dialogues), unit="utt", desc="evaluate")
 
         def finish(d, preds):
             kept = turn_rows.pop(d.id, [])

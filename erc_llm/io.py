@@ -176,3 +176,30 @@ def content_digest(*parts) -> str:
     never silently reused."""
     blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class _Lines:
+    """A stream for tqdm that writes each refresh as one plain line (no carriage returns) into a log file."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").strip()
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress(iterable=None, **kw):
+    """A tqdm bar on a terminal; when stderr is a file or a pipe (a log), one plain line at most every 30 s and
+    at the end, so logs hold lines, not carriage-return bars, and log messages never land on a bar's line."""
+    import sys
+
+    from tqdm import tqdm
+
+    if sys.stderr.isatty():
+        return tqdm(iterable, dynamic_ncols=True, **kw)
+    return tqdm(iterable, file=_Lines(sys.stderr), mininterval=30, ncols=110, **kw)

@@ -29,6 +29,8 @@ def compute_metrics(gold: list[str], pred: list[str], labels: LabelSet) -> dict:
             n: {"precision": 100 * float(p[i]), "recall": 100 * float(r[i]), "f1": 100 * float(f[i]), "support": int(s[i])}
             for i, n in enumerate(names)
         },
+        # counts: row = gold label, column = predicted label, both in the label set's order
+        "confusion": confusion_matrix(gold, pred, labels=names).tolist(),
     }
 
 
@@ -129,6 +131,11 @@ def render_report(m: dict) -> str:
         lines += ["", f"Stages: {stages['described']}{offline}" + (f" ({stages['note']})" if stages.get("note") else ""), "",
                   "| stage | weighted F1 | ECE % | NLL |", "|---|---|---|---|"]
         lines += [f"| {n} | {s['weighted_f1']:.2f} | {s['ece']:.2f} | {s['nll']:.4f} |" for n, s in stages["steps"].items()]
+    if m.get("confusion"):
+        names = list(m["per_class"])
+        lines += ["", "Confusion counts (rows: gold, columns: predicted):", "",
+                  "| gold \\ predicted | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(str(c) for c in row) + " |" for n, row in zip(names, m["confusion"])]
     lines += ["", "![confusion](confusion.png)", "", f"Command: `{m['command']}`", ""]
     return "\n".join(lines)
 

@@ -505,11 +505,11 @@ def slot_inputs(p, dialogues: list[Dialogue], desc: str) -> SplitInputs:
 
 
 def _slot_inputs(p, dialogues: list[Dialogue], desc: str) -> SplitInputs:
-    from tqdm import tqdm
+    from erc_llm.io import progress
 
     tagger = p.tagger("predicted", batch=8)
     preds = []
-    for k in tqdm(range(0, len(dialogues), 16), desc=desc, unit="16 dialogues", dynamic_ncols=True):
+    for k in progress(range(0, len(dialogues), 16), desc=desc, unit="16 dialogues"):
         chunk = dialogues[k:k + 16]
         preds.extend(tagger.tag_many(chunk) if hasattr(tagger, "tag_many") else [tagger.tag(d) for d in chunk])
     turns = [t for ts in preds for t in ts]

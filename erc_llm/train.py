@@ -33,14 +33,13 @@ if __package__ in (None, ""):  # `python erc_llm/train.py` / `accelerate launch 
 import numpy as np
 import torch
 import yaml
-from tqdm import tqdm
 
 from erc_llm.averaging import WeightAverage
 from erc_llm.checkpoint import append_log, load_checkpoint, save_checkpoint, truncate_log
 from erc_llm.config import TrainConfig, build, to_dict
 from erc_llm.data import LabelSet, label_counts, load_split
 from erc_llm.data.schema import dialogues_digest
-from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text, content_digest, mark_output
+from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text, content_digest, mark_output, progress
 from erc_llm.finetune import make_trainable, save_weights, training_precision
 from erc_llm.lora import compute_context, enable_activation_checkpointing
 from erc_llm.losses import SlotBank, class_weights, distillation_loss, label_loss, supervised_contrastive
@@ -417,7 +416,7 @@ def fit(r: "Recipe") -> None:
     total, label_tokens = r.total, r.label_tokens
     weights_dtype, autocast = training_precision(cfg)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[weights_dtype]
-    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", disable=not main, dynamic_ncols=True)
+    bar = progress(total=total, initial=state["step"], desc="train", unit="step", disable=not main)
     model.train()
     if projector is not None:
         projector.train()

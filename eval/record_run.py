@@ -1,7 +1,8 @@
 """Copy a finished training run's record into a results folder: what the run was (``run.json``,
-``config.yaml``), how it went (``log.jsonl``, ``train_summary.json``), what dev selected (``best.json``) and
-each of its evaluations (``metrics.json``, ``report.md``, ``confusion.png``), without the weights, the checkpoint
-or the per-utterance ``predictions.jsonl`` (re-run the command to get them).
+``config.yaml``), how it went (``log.jsonl``: its dev evaluations, the dev curve; every step's line with
+``--full-log``, for headline rows; ``train_summary.json``), what dev selected (``best.json``) and each of its
+evaluations (``metrics.json`` with the confusion counts, ``report.md``), without the weights, the checkpoint, the
+plots or the per-utterance ``predictions.jsonl`` (re-run the command to get them).
 
     python eval/record_run.py runs/iemocap_init_pros_s1 \
         eval/results/iemocap_lora_gemma-3-270m_textonly_init-meld_prosody_speaker_seed1
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -29,7 +31,7 @@ from erc_llm.config import eval_flags  # noqa: E402
 from erc_llm.io import current_umask  # noqa: E402
 
 RUN_FILES = ("run.json", "config.yaml", "best.json", "train_summary.json", "log.jsonl")
-EVAL_FILES = ("metrics.json", "report.md", "confusion.png", "reliability.png")
+EVAL_FILES = ("metrics.json", "report.md")  # plots are not kept: metrics.json holds their numbers
 OPTIONAL_RUN_FILES = ("stages.json",)  # a run with memory / fusion / calibration: each stage on dev and test
 
 
@@ -68,7 +70,18 @@ def unfinished_test(run: Path) -> str | None:
             f"{run}/eval/test_predicted`")
 
 
-def record(run: Path, out: Path) -> dict[Path, Path]:
+def dev_curve(log_text: str) -> str:
+    """The lines of a training log that hold an evaluation (the dev curve), without the per-step lines."""
+    return "".join(line + "\n" for line in log_text.splitlines() if line.strip() and '"loss"' not in line)
+
+
+def without_plots(report: str) -> str:
+    """A report without its links to the plots a record does not keep (the numbers are in metrics.json)."""
+    report = re.sub(r"!\[[^\]]*\]\((confusion|reliability)\.png\)\n\n?", "", report)
+    return report.replace(" ([reliability diagram](reliability.png))", "")
+
+
+def record(run: Path, out: Path, full_log: bool = False) -> dict[Path, Path]:
     """Write the record of ``run`` as ``out`` (evaluations at its top level: ``out/test_predicted/...``); the
     folder appears whole or not at all."""
     if out.exists():
@@ -79,7 +92,12 @@ def record(run: Path, out: Path) -> dict[Path, Path]:
     try:
         for rel, src in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, tmp / rel)
+            if rel.name == "log.jsonl" and not full_log:
+                (tmp / rel).write_text(dev_curve(src.read_text()))
+            elif rel.name == "report.md":
+                (tmp / rel).write_text(without_plots(src.read_text()))
+            else:
+                shutil.copy2(src, tmp / rel)
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp creates 0700; give the folder ordinary permissions
         os.replace(tmp, out)
     except BaseException:
@@ -92,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="a training run folder (the --out of erc_llm/train.py)")
     p.add_argument("out", type=Path, help="the results folder to write (must not exist)")
+    p.add_argument("--full-log", action="store_true", help="keep every step's line of log.jsonl (headline rows); "
+                   "default: the dev evaluations only")
     args = p.parse_args(argv)
-    files = record(args.run, args.out)
+    files = record(args.run, args.out, args.full_log)
     print(f"{args.out}: {len(files)} files from {args.run}")
     for rel in files:
         print(f"  {rel}")

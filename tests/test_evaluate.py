@@ -24,6 +24,7 @@ def test_metrics_hand_computed():
     assert m["macro_f1"] == pytest.approx(100 * (0.8 + 0.5 + 2 / 3) / 3)
     assert m["weighted_f1"] == pytest.approx(100 * (3 * 0.8 + 2 * 0.5 + 1 * 2 / 3) / 6)
     assert m["per_class"]["c"] == pytest.approx({"precision": 50.0, "recall": 100.0, "f1": 100 * 2 / 3, "support": 1})
+    assert m["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]  # rows gold a, b, c; columns predicted
 
 
 def test_metrics_include_classes_never_seen():

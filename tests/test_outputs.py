@@ -112,3 +112,19 @@ def test_ensemble_refuses_to_write_over_a_member(tmp_path):
                         str(member)], capture_output=True, text=True)
     assert r.returncode != 0 and "same folder as the input" in r.stderr
     assert (member / "predictions.jsonl").read_text() == ""
+
+
+def test_progress_in_a_log_is_plain_lines_that_never_share_a_line_with_a_message(capsys):
+    """Where stderr is a file or pipe, a bar is whole lines (no carriage returns), the last one the final count, so
+    a log message written between updates starts on a line of its own."""
+    import sys
+
+    from erc_llm.io import progress
+
+    for i in progress(range(5), desc="work", unit="item"):
+        if i == 2:
+            sys.stderr.write("INFO a message\n")
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.endswith("\n")
+    lines = err.splitlines()
+    assert "INFO a message" in lines and lines[-1].startswith("work: 100%") and "5/5" in lines[-1]

@@ -12,10 +12,15 @@ record_run = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(record_run)
 
 
+LOG = ('{"step": 1, "epoch": 0, "loss": 2.0, "lr": 1e-05}\n{"step": 2, "epoch": 0, "loss": 1.5, "lr": 2e-05}\n'
+       '{"step": 2, "dev_predicted": {"weighted_f1": 50.0}, "eval_seconds": 9.0}\n')
+
+
 def finished_run(run: Path, finished: bool = True, tested: bool = True) -> Path:
-    for name in ("run.json", "best.json", "log.jsonl"):
+    for name in ("run.json", "best.json"):
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text(f"{name}\n")
+    (run / "log.jsonl").write_text(LOG)
     (run / "config.yaml").write_text("dataset: jsonl\ndata_dir: data/iemocap\naudio_dir: data/prosody\ntest_eval: true\n")
     if finished:
         (run / "train_summary.json").write_text(json.dumps({"steps": 10}))
@@ -25,8 +30,10 @@ def finished_run(run: Path, finished: bool = True, tested: bool = True) -> Path:
     for split in ("test_predicted", "test_gold") if tested else ():
         d = run / "eval" / split
         d.mkdir(parents=True)
-        for name in ("metrics.json", "report.md", "confusion.png", "predictions.jsonl"):
+        for name in ("metrics.json", "confusion.png", "reliability.png", "predictions.jsonl"):
             (d / name).write_text(f"{split}/{name}")
+        (d / "report.md").write_text(f"# {split}\n\nECE 3.1% ([reliability diagram](reliability.png))\n\n"
+                                     "![confusion](confusion.png)\n\nCommand: `x`\n")
     (run / "eval" / "dev_predicted").mkdir(parents=True)  # an evaluation killed before its metrics: not a record
     (run / "eval" / "dev_predicted" / "predictions.partial.jsonl").write_text("{}")
     return run
@@ -37,11 +44,14 @@ def test_the_record_is_the_spec_log_selection_and_metrics_of_each_finished_evalu
     assert record_run.main([str(run), str(out)]) == 0
     got = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert got == sorted(["best.json", "config.yaml", "log.jsonl", "run.json", "train_summary.json",
-                          *(f"{s}/{n}" for s in ("test_gold", "test_predicted")
-                            for n in ("confusion.png", "metrics.json", "report.md"))])
+                          *(f"{s}/{n}" for s in ("test_gold", "test_predicted") for n in ("metrics.json", "report.md"))])
     assert (out / "test_gold" / "metrics.json").read_text() == "test_gold/metrics.json"
     assert (out / "config.yaml").read_text() == (run / "config.yaml").read_text()
-    assert [p.name for p in out.parent.iterdir()] == ["r_seed0"]  # no temporary folder left beside it
+    assert (out / "log.jsonl").read_text() == LOG.splitlines()[-1] + "\n"  # the dev curve, not every step
+    assert (out / "test_gold" / "report.md").read_text() == "# test_gold\n\nECE 3.1%\n\nCommand: `x`\n"  # no dead links
+    full = tmp_path / "results" / "r_full"
+    assert record_run.main([str(run), str(full), "--full-log"]) == 0 and (full / "log.jsonl").read_text() == LOG
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r_full", "r_seed0"]  # no temporary folder left
 
 
 def test_an_unfinished_run_is_refused_with_how_to_finish_it(tmp_path):
