@@ -95,3 +95,23 @@ def test_serve_flags_set_every_limit(monkeypatch):
     assert seen["batching"] == (0.0, 1) and seen["dtype"] == "float32"
     with pytest.raises(SystemExit, match="--max-batch 0"):
         main(["serve", "--max-batch", "0"])
+
+
+def test_evaluate_and_chat_print_no_warnings(tmp_path, tiny_model_dir):
+    """What `make demo` runs (evaluate, then a piped chat), as separate processes: their output holds results and
+    progress lines, never a library warning, a deprecation notice or a traceback."""
+    import subprocess
+    import sys
+
+    data = write_jsonl_dataset(tmp_path / "data")
+    base = [sys.executable, "-m", "erc_llm.cli"]
+    runs = [subprocess.run(base + ["evaluate", "--dataset", "jsonl", "--split", "test", "--data-dir", str(data),
+                                   "--model", str(tiny_model_dir), "--zero-shot", "true", "--out", str(tmp_path / "o")],
+                           capture_output=True, text=True, timeout=600),
+            subprocess.run(base + ["chat", "--zero-shot", "--model", str(tiny_model_dir)], capture_output=True, text=True,
+                           input="Ross: We were on a break!\nRachel: Were we?\nhow does Ross feel?\n", timeout=600)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+        said = (r.stdout + r.stderr).lower()
+        assert not [ln for ln in said.splitlines() if "warn" in ln or "deprecat" in ln or "traceback" in ln], said
+    assert "weighted f1" in runs[0].stdout.lower() and "ross" in runs[1].stdout.lower()
