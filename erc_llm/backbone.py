@@ -24,11 +24,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from erc_llm.constants import DEFAULT_MODEL
 from erc_llm.gguf_parts import WheelParts
 from erc_llm.io import atomic_dir, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
-DEFAULT_MODEL = "gemma-3-270m"
 MANIFEST = "manifest.json"
 
 

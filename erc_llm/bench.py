@@ -25,36 +25,11 @@ from pathlib import Path
 
 import torch
 
-from erc_llm.data.schema import Dialogue, Utterance
+from erc_llm.data.schema import Dialogue
+from erc_llm.hardware import forward_flops, machine, matmul_peak, vm_hwm_kb
+from erc_llm.throughput import synthetic
 
 WINDOW = 12
-
-
-# -------------------------------------------------------------------------------- hardware
-
-def matmul_peak(dtype=torch.float32, n: int = 2048, reps: int = 8) -> float:
-    """GFLOP/s of a large square ``torch.matmul`` (best of ``reps``)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
-
-
-def forward_flops(model, tokens: int) -> float:
-    """FLOPs of one prefill of ``tokens`` tokens through the body (linear layers + attention; no LM head)."""
-    cfg = model.config
-    linear = sum(m.in_features * m.out_features for name, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
-    attn_dim = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
-    window = getattr(cfg, "sliding_window", None) or tokens
-    kinds = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    ctx = sum(tokens * tokens / 2 if k == "full_attention" else tokens * min(window, tokens) - min(window, tokens) ** 2 / 2
-              for k in kinds)
-    return 2 * linear * tokens + 4 * attn_dim * ctx
 
 
 @torch.inference_mode()
@@ -154,12 +129,6 @@ def train_rates(model, builder, dialogues: list[Dialogue]) -> dict:
 
 # ---------------------------------------------------------------------------------- helpers
 
-def synthetic(dialogues: list[Dialogue], length: int) -> Dialogue:
-    """A dialogue of ``length`` real utterances, taken in order across consecutive dialogues."""
-    utts = [u for d in dialogues for u in d.utterances][:length]
-    return Dialogue(f"len{length}", [Utterance(u.speaker, u.text, u.emotion, f"len{length}_{i}") for i, u in enumerate(utts)])
-
-
 def full_test(args, dtype: str, out: Path, dataset: str = "meld") -> dict:
     """A test split end to end in a child process (``erc-llm evaluate``): wall time, utterances/s, weighted F1,
     peak RSS, and the dtype that ran (``auto`` resolved).
@@ -175,7 +144,7 @@ def full_test(args, dtype: str, out: Path, dataset: str = "meld") -> dict:
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     hwm = 0
     while child.poll() is None:
-        hwm = max(hwm, _vm_hwm_kb(child.pid))
+        hwm = max(hwm, vm_hwm_kb(child.pid))
         time.sleep(0.2)
     wall = time.perf_counter() - t
     if child.returncode:
@@ -183,16 +152,6 @@ def full_test(args, dtype: str, out: Path, dataset: str = "meld") -> dict:
     m = json.loads((out / "metrics.json").read_text())
     return {"dtype": dtype, "ran_as": m.get("dtype", dtype), "wall_seconds": wall, "utterances": m["utterances"], "utterances_per_second": m["utterances_per_second"],
             "weighted_f1": m.get("weighted_f1"), "peak_rss_gb": hwm / 1024**2, "command": " ".join(cmd[2:])}
-
-
-def _vm_hwm_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def threads() -> int:
@@ -307,7 +266,6 @@ def render(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import platform
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["training"]:  # training throughput: erc_llm/throughput.py
@@ -344,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = builder.build(synthetic(test, 40), ["neutral"] * 40).input_ids[:512]
     result = {
         "command": "python eval/bench.py " + " ".join(argv),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "threads": torch.get_num_threads(),
+        "machine": machine(), "threads": torch.get_num_threads(),
         "model": manifest.get("name"), "run": args.run or None,
         "hardware": {"matmul_fp32_gflops": matmul_peak(torch.float32), "matmul_bf16_gflops": matmul_peak(torch.bfloat16),
                      "forward": {"fp32": forward_rate(m32, ids), "bf16": forward_rate(m16, ids)}},

@@ -19,17 +19,12 @@ import numpy as np
 import torch
 
 from erc_llm.averaging import WeightAverage, restore_average
+from erc_llm.constants import CHECKPOINT_DIR
 from erc_llm.finetune import load_trainable_state, trainable_state
 from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text
 from erc_llm.losses import SlotBank
 
 LOG_FILE = "log.jsonl"
-CHECKPOINT_DIR = "checkpoint"
-
-
-def has_checkpoint(run: str | Path) -> bool:
-    """Whether ``run`` holds a complete checkpoint to resume from (``state.json`` is written last)."""
-    return (Path(run) / CHECKPOINT_DIR / "state.json").is_file()
 
 
 def save_checkpoint(run: Path, model, finetune: str, optimizer, scheduler, state: dict, projector=None,

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from erc_llm.backbone import DEFAULT_MODEL
-from erc_llm.data import BAD_ROW_MODES, DATASETS
-from erc_llm.finetune import MODES as FINETUNE_MODES
-from erc_llm.prompting import HISTORY_MODES
+from erc_llm.constants import CHECKPOINT_DIR, DATASETS, DEFAULT_MODEL, FINETUNE_MODES, HISTORY_MODES, has_checkpoint
+from erc_llm.data.schema import BAD_ROW_MODES
 
 
 class ConfigError(ValueError):
@@ -492,8 +490,6 @@ class TrainConfig(StageOptions, AudioOptions, SpeakerOptions):
         if self.max_tokens < 4 * self.max_utterance_tokens:
             p.append(f"max_tokens: {self.max_tokens} must be at least 4 x max_utterance_tokens")
         if self.resume:
-            from erc_llm.checkpoint import CHECKPOINT_DIR, has_checkpoint  # torch: only when resuming
-
             if not has_checkpoint(self.out):
                 p.append(f"resume: no checkpoint in {self.out}/{CHECKPOINT_DIR} to resume from")
         if self.resume and self.overwrite:

@@ -20,7 +20,8 @@ import transformers
 from packaging.version import Version
 
 from erc_llm.data.schema import Dialogue, Utterance
-from erc_llm.prompting import HISTORY_MODES, Piece, PromptBuilder, fit_window
+from erc_llm.constants import HISTORY_MODES
+from erc_llm.prompting import Piece, PromptBuilder, fit_window
 
 
 # The keyword that feeds a KV cache to a forward, and the output field that returns it: transformers 5.24 renamed

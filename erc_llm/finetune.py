@@ -19,13 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from erc_llm.backbone import resolve_dtype
+from erc_llm.constants import FULL_WEIGHTS
 
 if TYPE_CHECKING:
     import torch
-
-# torch and peft are imported where used: the config and run modules read MODES without loading them
-MODES = ("lora", "full")
-FULL_WEIGHTS = "finetuned.safetensors"
 
 
 def training_precision(cfg) -> tuple[str, bool]:
@@ -92,6 +89,8 @@ def load_trainable_state(model, state: dict[str, torch.Tensor], finetune: str, s
 
         set_peft_model_state_dict(model, state)
         return
+    from erc_llm.run import assign_full_weights  # loading weights belongs to the inference side
+
     assign_full_weights(model, state, source)
 
 
@@ -104,21 +103,3 @@ def save_weights(model, finetune: str, folder: Path) -> None:
 
     save_file({n: t.float().contiguous() for n, t in trainable_state(model, finetune).items()},
               str(Path(folder) / FULL_WEIGHTS))
-
-
-def assign_full_weights(model, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Copy fully fine-tuned ``weights`` into ``model`` (cast to its dtype); every name must be one of the
-    model's parameters, or the file was trained on another backbone."""
-    import torch
-
-    params = dict(model.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise ValueError(f"{source}: {len(unknown)} tensors are not parameters of this backbone (first: {unknown[0]!r}); "
-                         "the weights were trained on another model — load them with the backbone named in run.json")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the backbone's is "
-                                 f"{tuple(params[name].shape)}; the weights were trained on another model")
-            params[name].copy_(tensor.to(params[name].dtype))

@@ -24,7 +24,6 @@ LABEL_FIELD = "{label}"
 AUDIO_FIELD = "{audio}"
 CONVERSATION_FIELD = "{conversation}"
 CONTEXTS = ("online", "offline")
-HISTORY_MODES = ("predicted", "gold")  # what a decoder writes into earlier turns' slots
 AUDIO_TOKEN = -1  # placeholder id of a soft audio token (filled by erc_llm.projector)
 _TEXT_END = "\x00"
 

@@ -23,8 +23,8 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from erc_llm.constants import FINETUNE_MODES, FULL_WEIGHTS
 from erc_llm.data.schema import MELD_LABELS, LabelSet
-from erc_llm.finetune import MODES as FINETUNE_MODES
 from erc_llm.io import atomic_write_json
 from erc_llm.prompting import CONTEXTS, PROMPTS_DIR, PromptBuilder, Templates
 from erc_llm.stages import Stages
@@ -223,9 +223,26 @@ def check_reference(run_dir: Path) -> None:
                        f"({ref_file}): the file is corrupted or was replaced; reinstall erc-llm or restore the folder")
 
 
+def assign_full_weights(model, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copy fully fine-tuned ``weights`` into ``model`` (cast to its dtype); every name must be one of the
+    model's parameters, or the file was trained on another backbone."""
+    import torch
+
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} tensors are not parameters of this backbone (first: {unknown[0]!r}); "
+                         "the weights were trained on another model — load them with the backbone named in run.json")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the backbone's is "
+                                 f"{tuple(params[name].shape)}; the weights were trained on another model")
+            params[name].copy_(tensor.to(params[name].dtype))
+
+
 def trained_weights(model, run: Path, finetune: str):
     """The backbone with the run's trained weights: the LoRA adapter merged in, or the fully fine-tuned tensors."""
-    from erc_llm.finetune import FULL_WEIGHTS, assign_full_weights
 
     expected = run / "adapter" / (FULL_WEIGHTS if finetune == "full" else "adapter_config.json")
     if not expected.is_file():

@@ -25,22 +25,30 @@ from pathlib import Path
 
 import torch
 
+from erc_llm.data.schema import Dialogue, Utterance
+from erc_llm.hardware import forward_flops, machine, matmul_peak, vm_hwm_kb
+
 REPO = Path(__file__).resolve().parent.parent
 PATHS = {"before": ["--dtype", "float32", "--attention", "sdpa", "--pack-tokens", "0", "--activation-checkpointing", "false"],
          "after": ["--dtype", "auto", "--attention", "block"]}
 RECIPES = {"meld": ("configs/meld.yaml", "meld_dir"), "iemocap": ("configs/iemocap.yaml", "iemocap_dir")}
 
 
+def synthetic(dialogues: list[Dialogue], length: int) -> Dialogue:
+    """A dialogue of ``length`` real utterances, taken in order across consecutive dialogues."""
+    utts = [u for d in dialogues for u in d.utterances][:length]
+    return Dialogue(f"len{length}", [Utterance(u.speaker, u.text, u.emotion, f"len{length}_{i}") for i, u in enumerate(utts)])
+
+
 def run_child(cmd: list[str]) -> tuple[float, int]:
     """Run ``cmd``; its wall seconds and peak RSS in kB (``VmHWM``, polled)."""
-    from erc_llm.bench import _vm_hwm_kb
 
     t = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a child's progress output never blocks it
         child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
         hwm = 0
         while child.poll() is None:
-            hwm = max(hwm, _vm_hwm_kb(child.pid))
+            hwm = max(hwm, vm_hwm_kb(child.pid))
             time.sleep(0.2)
         if child.returncode:
             err.seek(0)
@@ -73,7 +81,6 @@ def recipe_run(config: str, data_dir: str, path: str, steps: int, work: Path, th
 def train_flops_per_token(model, tokens: int) -> float:
     """Training FLOPs per token of a frozen backbone with LoRA: forward plus the backward to the inputs
     (no weight gradients outside the small adapters), i.e. about twice the forward."""
-    from erc_llm.bench import forward_flops
 
     return 2 * forward_flops(model, tokens) / tokens
 
@@ -96,7 +103,6 @@ def length_scaling(model_name: str, data_dir: str, lengths: list[int], reps: int
     synthetic dialogues of real IEMOCAP utterances, before and after; no truncation (budget above length)."""
     from erc_llm.attention import register
     from erc_llm.backbone import load_backbone, load_for_training, resolve_dtype
-    from erc_llm.bench import synthetic
     from erc_llm.config import TrainConfig
     from erc_llm.data import load_split
     from erc_llm.decoding import StreamingTagger
@@ -139,7 +145,6 @@ def length_scaling(model_name: str, data_dir: str, lengths: list[int], reps: int
 
 def run(args) -> dict:
     from erc_llm.backbone import load_backbone
-    from erc_llm.bench import matmul_peak
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -179,7 +184,6 @@ def evaluate_child(args: list[str], out: Path) -> dict:
 
 def long_dialogue_dir(data_dir: str, turns: int, work: Path) -> Path:
     """A JSONL data folder whose test split is one dialogue of ``turns`` real IEMOCAP training utterances."""
-    from erc_llm.bench import synthetic
     from erc_llm.data import load_split
 
     dialogues, _, _ = load_split("jsonl", "train", data_dir)
@@ -232,18 +236,6 @@ def render_decoding(r: dict) -> str:
     for x in r["long_dialogue"]:
         lines.append(f"| {x['turns']} | {x['seconds']:.0f} | {x['seconds_per_turn']:.3f} | {x['peak_rss_gb']:.2f} |")
     return "\n".join(lines) + "\n"
-
-
-def machine() -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = "unknown CPU"
-    from erc_llm.backbone import native_bf16_cpu
-
-    bf16 = {"amx_bf16": "AMX", "avx512_bf16": "avx512_bf16"}.get(native_bf16_cpu(), "no native bf16")
-    return f"{cpu}, {os.cpu_count()} cores, {bf16}"
 
 
 def render(r: dict) -> str:

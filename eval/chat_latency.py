@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from erc_llm.session import Engine, ERCSession
     from erc_llm.stages import audio_table
-    from erc_llm.throughput import machine
+    from erc_llm.hardware import machine
 
     dialogues, labels, _ = load_split(args.dataset, "test", args.data_dir)
     dialogues = dialogues[: args.dialogues]

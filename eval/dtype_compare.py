@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from erc_llm.bench import full_test  # noqa: E402
 from erc_llm.io import atomic_write_json, atomic_write_text, claim_output, mark_output  # noqa: E402
-from erc_llm.throughput import machine  # noqa: E402
+from erc_llm.hardware import machine  # noqa: E402
 
 
 def predictions(folder: Path) -> tuple[list[str], np.ndarray]:

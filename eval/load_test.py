@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from erc_llm.data import load_split  # noqa: E402
 from erc_llm.io import atomic_write_json, atomic_write_text, claim_output, mark_output  # noqa: E402
-from erc_llm.throughput import machine  # noqa: E402
+from erc_llm.hardware import machine  # noqa: E402
 
 
 def free_port() -> int:

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from erc_llm.bench import forward_flops, main, naive_tag, parse_label
+from erc_llm.bench import main, naive_tag, parse_label
+from erc_llm.hardware import forward_flops
 from erc_llm.decoding import StreamingTagger
 from erc_llm.prompting import PromptBuilder
 from tests.conftest import LABELS, make_model, toy_dialogue

@@ -35,7 +35,7 @@ def test_full_run_saves_and_loads(tmp_path, tiny_model_dir):
     checkpoint), and run.load puts them back: the model's weights are the saved ones, not the base's."""
     from safetensors.torch import load_file
 
-    from erc_llm.finetune import FULL_WEIGHTS
+    from erc_llm.constants import FULL_WEIGHTS
     from erc_llm.run import load
 
     data = write_jsonl_dataset(tmp_path / "data", 6)
@@ -95,7 +95,7 @@ def test_full_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path, tin
 def test_full_weights_of_another_backbone_are_refused(tmp_path, tiny_model_dir, tiny_tokenizer):
     from safetensors.torch import save_file
 
-    from erc_llm.finetune import FULL_WEIGHTS
+    from erc_llm.constants import FULL_WEIGHTS
     from erc_llm.run import RunError, RunSpec, load
 
     run = tmp_path / "run"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from erc_llm.constants import DATASETS
 from erc_llm.data.iemocap import load_iemocap
 from erc_llm.data.jsonl import infer_labels, load_jsonl
 from erc_llm.data.meld import load_meld
@@ -21,8 +22,6 @@ from erc_llm.data.schema import (
     Utterance,
     label_counts,
 )
-
-DATASETS = ("meld", "iemocap", "jsonl")
 
 
 def load_split(
