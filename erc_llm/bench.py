@@ -35,7 +35,7 @@ WINDOW = 12
 @torch.inference_mode()
 def forward_rate(model, ids: list[int], reps: int = 3) -> dict:
     """Our forward: the transformer body over ``ids`` (the label head on one position is negligible)."""
-    from erc_llm.objective import decoder_hidden
+    from erc_llm.heads import decoder_hidden
 
     x = torch.tensor([ids])
     decoder_hidden(model, x)
@@ -94,7 +94,7 @@ def train_rates(model, builder, dialogues: list[Dialogue]) -> dict:
     """Supervised labels/s: (a) a windowed prompt per utterance, full-vocabulary logits at every position,
     one backward each; (b) one forward per dialogue, label logits at the slots only. Interleaved."""
     from erc_llm.losses import label_loss
-    from erc_llm.objective import first_token_ids, slot_logits
+    from erc_llm.heads import first_token_ids, slot_logits
 
     firsts = first_token_ids(builder)
     secs = {"naive": 0.0, "ours": 0.0}

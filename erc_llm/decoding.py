@@ -83,7 +83,7 @@ def _last_label_logits(model, ids: list[int], cache, columns: list[int], soft: t
     For single-token label sets: the softmax over these equals the softmax over the labels' full-vocabulary
     log-probabilities, at a fraction of the cost (no 262k-row LM head). Also returns the slot's final hidden
     state (what a nearest-neighbour memory compares)."""
-    from erc_llm.objective import decoder_hidden, label_head
+    from erc_llm.heads import decoder_hidden, label_head
 
     x = torch.tensor([ids], dtype=torch.long, device=model.device)
     out = decoder_hidden(model, x, soft, **{CACHE_ARG: cache}, use_cache=True)
@@ -223,7 +223,7 @@ def score_batch(states: list["StreamState"], turns: list[list[int]], softs: list
     from transformers import DynamicCache
 
     from erc_llm.attention import NAME, Rows, register
-    from erc_llm.objective import label_head
+    from erc_llm.heads import label_head
     from erc_llm.projector import embed_ids
 
     softs = softs or [None] * len(states)
@@ -293,9 +293,9 @@ def written_label(history: str, utt: Utterance, predicted: str) -> str:
 
 
 def batch_groups(sizes: list[int], group_tokens: int, batch: int) -> list[list[int]]:
-    """Consecutive indices packed within ``group_tokens`` tokens (``erc_llm.objective.pack``), each pack then cut
+    """Consecutive indices packed within ``group_tokens`` tokens (``erc_llm.heads.pack``), each pack then cut
     into groups of at most ``batch`` items: the dialogues that share one forward in batch evaluation."""
-    from erc_llm.objective import pack
+    from erc_llm.heads import pack
 
     return [g[k: k + batch] for g in pack(sizes, group_tokens) for k in range(0, len(g), batch)]
 
@@ -440,7 +440,7 @@ class PackedTagger:
         turn's slot state when given."""
         from transformers import DynamicCache
 
-        from erc_llm.objective import label_head
+        from erc_llm.heads import label_head
         from erc_llm.projector import embed_ids
 
         b, dev = self.builder, self.model.device
@@ -492,7 +492,7 @@ class LookaheadTagger:
                              "turns would also see the labels written after them")
         if turns < 1:
             raise ValueError(f"turns {turns}: expected >= 1 (0 is an online model; use StreamingTagger)")
-        from erc_llm.objective import first_token_ids
+        from erc_llm.heads import first_token_ids
 
         self.model, self.builder, self.turns, self.batch = model, builder, turns, batch
         self.group_tokens = group_tokens or builder.max_tokens
@@ -528,7 +528,7 @@ class LookaheadTagger:
 
     @torch.inference_mode()
     def tag_many(self, dialogues: list[Dialogue]) -> list[list[TurnPrediction]]:
-        from erc_llm.objective import packed_slot_logits, pack
+        from erc_llm.heads import packed_slot_logits, pack
 
         jobs = [(i, piece) for i, d in enumerate(dialogues) for piece in self.pieces(d)]
         probs: dict = {}

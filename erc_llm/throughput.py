@@ -107,7 +107,7 @@ def length_scaling(model_name: str, data_dir: str, lengths: list[int], reps: int
     from erc_llm.data import load_split
     from erc_llm.decoding import StreamingTagger
     from erc_llm.losses import label_loss
-    from erc_llm.objective import first_token_ids, slot_logits
+    from erc_llm.heads import first_token_ids, slot_logits
     from erc_llm.prompting import PromptBuilder
     from erc_llm.lora import compute_context, wrap_lora
 

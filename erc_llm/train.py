@@ -43,8 +43,8 @@ from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text, content
 from erc_llm.finetune import make_trainable, save_weights, training_precision
 from erc_llm.lora import compute_context, enable_activation_checkpointing
 from erc_llm.losses import SlotBank, class_weights, distillation_loss, label_loss, supervised_contrastive
-from erc_llm.objective import (batch_pieces, corrupt_history, first_token_ids, long_dialogue_report, pack,
-                               packed_slot_outputs)
+from erc_llm.heads import first_token_ids, pack, packed_slot_outputs
+from erc_llm.objective import batch_pieces, corrupt_history, long_dialogue_report
 from erc_llm.projector import AudioModel
 from erc_llm.prompting import PROMPTS_DIR, PromptBuilder, Templates
 from erc_llm.run import RunSpec, software_versions

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from erc_llm import attention
-from erc_llm.objective import first_token_ids, pack, packed_slot_logits, slot_logits
+from erc_llm.heads import first_token_ids, pack, packed_slot_logits, slot_logits
 from erc_llm.prompting import PromptBuilder
 from tests.conftest import LABELS, make_model, toy_dialogue
 

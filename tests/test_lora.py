@@ -9,7 +9,7 @@ import torch
 from erc_llm.config import TrainConfig
 from erc_llm.lora import LoraDropout, compute_context, enable_activation_checkpointing, wrap_lora
 from erc_llm.losses import label_loss
-from erc_llm.objective import first_token_ids, slot_logits
+from erc_llm.heads import first_token_ids, slot_logits
 from erc_llm.prompting import PromptBuilder
 from tests.conftest import LABELS, make_model, toy_dialogue
 
