@@ -57,7 +57,8 @@ def _evaluate(args) -> int | None:
 def _stages(args) -> None:
     import torch
 
-    from erc_llm.stages import describe, fit_run
+    from erc_llm.run import fit_run
+    from erc_llm.stages import describe
 
     cfg = from_args(StagesConfig, args)
     if cfg.threads:

@@ -322,3 +322,46 @@ def _speakers(spec, run_dir, options, prompt_dir: Path, labels: LabelSet):
     if settings is None:
         return None, getattr(options, "speaker_note_tokens", 64)
     return open_context(store, settings, prompt_dir, labels, seed=True), settings["note_tokens"]
+
+
+def fit_run(run: Path, dataset: str, data_dir: str, labels: list, on_bad_row: str, opts, test: bool = True,
+            limit_train: int = 0) -> dict:
+    """Fit the stages ``opts`` asks for on a run folder's adapter: ``run/stages/`` (memory index, classifier
+    arrays), ``run/stages.json`` (per split and stage: weighted F1, ECE, NLL; the dev grids) and the settings in
+    ``run.json``. Returns the report."""
+    import dataclasses
+    import time
+
+    from erc_llm.data import load_split
+    from erc_llm.stages import StageError, describe, fit, log_report, stage_problems
+
+    train_d, label_set, _ = load_split(dataset, "train", data_dir, tuple(labels) or None, on_bad_row)
+    data = {"train": train_d[:limit_train] if limit_train else train_d}
+    for s in ("dev", "test") if test else ("dev",):
+        data[s] = load_split(dataset, s, data_dir, label_set.labels, on_bad_row)[0]
+    run = Path(run)
+    spec = RunSpec.read(run)
+    audio = bool(spec.audio) and spec.audio.get("source", "none") != "none"
+    problems = stage_problems(spec.context, spec.lookahead, bool(spec.speakers), audio)
+    if problems:  # before loading the model
+        raise StageError(f"run {run}: stages need an online run without speaker notes or audio soft tokens; "
+                         + "; ".join(problems))
+    sealed = (run / CHECKSUMS).is_file()
+    if sealed:  # an exported model: checked as it is, then re-sealed with its new stages
+        check_reference(run)
+        (run / CHECKSUMS).unlink()
+    if spec.stages:  # fit from the adapter alone, not on top of the stages fitted before
+        spec = dataclasses.replace(spec, stages=None)
+        spec.write(run)
+    p = load(run, dtype="float32", labels=label_set)
+    t0 = time.time()
+    fitted, report = fit(p, data, opts)
+    report["seconds"] = time.time() - t0
+    fitted.save(run)
+    atomic_write_json(run / "stages.json", report)
+    dataclasses.replace(spec, stages=report["settings"]).write(run)
+    if sealed:
+        write_checksums(run)
+    log_report(report)
+    log.info("stages: %s", describe(report["settings"]))
+    return report

@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from erc_llm.data.schema import DataError, Dialogue
-from erc_llm.io import atomic_dir, atomic_write_json, sha256_file
+from erc_llm.io import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
 STAGES_DIR = "stages"
@@ -560,49 +560,6 @@ def fit(p, data: dict[str, list[Dialogue]], opts) -> tuple[Stages, dict]:
                        for s in ("dev", "test") if s in inputs and (inputs[s].gold >= 0).any()}
     report["settings"] = settings
     return stages, report
-
-
-def fit_run(run: Path, dataset: str, data_dir: str, labels: list, on_bad_row: str, opts, test: bool = True,
-            limit_train: int = 0) -> dict:
-    """Fit the stages ``opts`` asks for on a run folder's adapter: ``run/stages/`` (memory index, classifier
-    arrays), ``run/stages.json`` (per split and stage: weighted F1, ECE, NLL; the dev grids) and the settings in
-    ``run.json``. Returns the report."""
-    import dataclasses
-    import time
-
-    from erc_llm.data import load_split
-    from erc_llm.run import CHECKSUMS, RunSpec, check_reference, load, write_checksums  # run.py imports this module
-
-    train_d, label_set, _ = load_split(dataset, "train", data_dir, tuple(labels) or None, on_bad_row)
-    data = {"train": train_d[:limit_train] if limit_train else train_d}
-    for s in ("dev", "test") if test else ("dev",):
-        data[s] = load_split(dataset, s, data_dir, label_set.labels, on_bad_row)[0]
-    run = Path(run)
-    spec = RunSpec.read(run)
-    audio = bool(spec.audio) and spec.audio.get("source", "none") != "none"
-    problems = stage_problems(spec.context, spec.lookahead, bool(spec.speakers), audio)
-    if problems:  # before loading the model
-        raise StageError(f"run {run}: stages need an online run without speaker notes or audio soft tokens; "
-                         + "; ".join(problems))
-    sealed = (run / CHECKSUMS).is_file()
-    if sealed:  # an exported model: checked as it is, then re-sealed with its new stages
-        check_reference(run)
-        (run / CHECKSUMS).unlink()
-    if spec.stages:  # fit from the adapter alone, not on top of the stages fitted before
-        spec = dataclasses.replace(spec, stages=None)
-        spec.write(run)
-    p = load(run, dtype="float32", labels=label_set)
-    t0 = time.time()
-    fitted, report = fit(p, data, opts)
-    report["seconds"] = time.time() - t0
-    fitted.save(run)
-    atomic_write_json(run / "stages.json", report)
-    dataclasses.replace(spec, stages=report["settings"]).write(run)
-    if sealed:
-        write_checksums(run)
-    log_report(report)
-    log.info("stages: %s", describe(report["settings"]))
-    return report
 
 
 def _fit_fusion(stages: Stages, data, inputs, opts) -> tuple[dict, dict]:

@@ -47,7 +47,7 @@ from erc_llm.heads import first_token_ids, pack, packed_slot_outputs
 from erc_llm.objective import batch_pieces, corrupt_history, long_dialogue_report
 from erc_llm.projector import AudioModel
 from erc_llm.prompting import PROMPTS_DIR, PromptBuilder, Templates
-from erc_llm.run import RunSpec, software_versions
+from erc_llm.run import RunSpec, fit_run, software_versions
 from erc_llm.teacher import Teacher
 
 log = logging.getLogger("erc_llm.train")
@@ -597,15 +597,14 @@ def train(cfg: TrainConfig) -> dict:
 
 def fit_stages(cfg: TrainConfig, run: Path) -> dict:
     """The stages the config asks for (memory, fusion, calibration) for the selected adapter
-    (:func:`erc_llm.stages.fit_run`)."""
+    (:func:`erc_llm.run.fit_run`)."""
     import dataclasses
 
-    from erc_llm import stages
     from erc_llm.config import StageOptions
 
     opts = StageOptions(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(StageOptions)})
     # test is not read here: the test evaluation that follows reports every stage (metrics.json "stages")
-    return stages.fit_run(run, cfg.dataset, cfg.data_dir, cfg.labels, cfg.on_bad_row, opts, False, cfg.limit_train)
+    return fit_run(run, cfg.dataset, cfg.data_dir, cfg.labels, cfg.on_bad_row, opts, False, cfg.limit_train)
 
 
 def evaluate_and_select(cfg, run, accelerator, model, builder, dev_d, state, speakers=None, audio=None,

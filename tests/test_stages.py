@@ -11,7 +11,7 @@ from erc_llm import stages as S
 from erc_llm.config import EvalConfig, StageOptions, TrainConfig, build
 from erc_llm.data import load_split
 from erc_llm.evaluate import evaluate
-from erc_llm.run import RunSpec, load
+from erc_llm.run import RunSpec, fit_run, load
 from erc_llm.session import ERCSession
 from tests.conftest import write_jsonl_dataset, write_lora_run
 
@@ -248,6 +248,6 @@ def test_stages_fitted_on_an_exported_model_reseal_it(tmp_path, tiny_model, tiny
     monkeypatch.setenv("ERC_LLM_CACHE", str(tmp_path / "cache"))
     data = write_jsonl_dataset(tmp_path / "data", n_dialogues=5)
     out = export(write_lora_run(tmp_path / "run", tiny_model, tiny_model_dir), tmp_path / "exported")
-    S.fit_run(out, "jsonl", str(data), [], "error", StageOptions(memory=True), test=False)
+    fit_run(out, "jsonl", str(data), [], "error", StageOptions(memory=True), test=False)
     p = load(out)  # checksums cover the new stage files and run.json
     assert p.stages is not None and "stages/memory.faiss" in json.loads((out / "checksums.json").read_text())
