@@ -540,9 +540,9 @@ class TrainConfig(StageOptions, AudioOptions, SpeakerOptions):
             p.append("audio_source: meld_prosody features only exist for dataset: meld")
         p.extend(self.joint_problems())
         if self.init_adapter:
-            from erc_llm.lora import init_problems
+            from erc_llm.run import init_adapter_problems  # reads run folders; no model code
 
-            p.extend(init_problems(self))
+            p.extend(init_adapter_problems(self))
         if (self.memory or self.fusion) and (self.lookahead or self.context != "online" or self.speaker_bios or
                                              self.speaker_history or self.audio_source != "none"):
             p.append("memory/fusion: the stages need an online run without speaker notes or audio soft tokens "

@@ -365,3 +365,35 @@ def fit_run(run: Path, dataset: str, data_dir: str, labels: list, on_bad_row: st
     log_report(report)
     log.info("stages: %s", describe(report["settings"]))
     return report
+
+
+def init_adapter_problems(cfg) -> list[str]:
+    """Why ``cfg.init_adapter`` (a run folder or shipped model name) cannot start this training: every problem,
+    for the config's up-front validation (empty when it can). LoRA training continues the run's adapter, so
+    its shape must be this config's; full fine-tuning starts from the run's weights merged into the backbone,
+    so only the backbone must match."""
+    where = f"init_adapter: {cfg.init_adapter!r}"
+    try:
+        run = resolve(cfg.init_adapter)
+        spec = RunSpec.read(run)
+        check_reference(run)  # a packaged model's adapter must be the one it was packaged with
+    except RunError as e:
+        return [f"{where}: {e}"]
+    if cfg.finetune == "full":  # the run's weights are merged into the backbone: any run of this backbone
+        return [] if spec.model == cfg.model else [
+            f"{where} was trained on model {spec.model!r}, this config has {cfg.model!r}; set model: "
+            f"{spec.model!r} to start from it"]
+    if spec.finetune != "lora":
+        return [f"{where} was trained with finetune: {spec.finetune}; it has no LoRA adapter to start from"]
+    try:
+        saved = json.loads((run / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        return [f"{where}: cannot read {run / 'adapter' / 'adapter_config.json'} ({e}); the run folder is damaged"]
+    ours = {"model": cfg.model, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+            "lora_layers": [int(i) for i in cfg.lora_layers]}
+    theirs = {"model": spec.model, "lora_r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+              "lora_layers": list(saved.get("layers_to_transform") or [])}
+    if cfg.lora_targets != ["all-linear"]:
+        ours["lora_targets"], theirs["lora_targets"] = sorted(cfg.lora_targets), sorted(saved.get("target_modules") or [])
+    return [f"{where} was trained with {key} {theirs[key]!r}, this config has {ours[key]!r}; set {key}: "
+            f"{theirs[key]!r} to start from it" for key in ours if ours[key] != theirs[key]]
