@@ -1,15 +1,13 @@
 """eval/ensemble.py: probability averaging of evaluation folders, and the checks that keep it honest."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from eval import ensemble as ensemble_script
+
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("ensemble_script", ROOT / "eval" / "ensemble.py")
-ensemble_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ensemble_script)
 
 LABELS = ["neutral", "joy", "anger"]
 

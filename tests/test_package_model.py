@@ -1,14 +1,12 @@
 """eval/package_model.py: the model card describes the history the packaged model actually reads."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from eval import package_model
+
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("package_model_script", ROOT / "eval" / "package_model.py")
-package_model = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(package_model)
 
 
 @pytest.mark.parametrize("label_history, says, never", [

@@ -1,18 +1,15 @@
 """eval/prior_shift.py: logit adjustment by the training prior, with tau chosen on dev."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from eval import prior_shift
 from tests.test_ensemble import LABELS, p, write_eval
 
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("prior_shift_script", ROOT / "eval" / "prior_shift.py")
-prior_shift = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(prior_shift)
 
 
 def write_train(data_dir: Path, counts: dict[str, int]) -> Path:

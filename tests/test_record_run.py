@@ -1,15 +1,13 @@
 """eval/record_run.py: a finished run's record copied into a results folder, nothing else, all or nothing."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from eval import record_run
+
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("record_run_script", ROOT / "eval" / "record_run.py")
-record_run = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(record_run)
 
 
 LOG = ('{"step": 1, "epoch": 0, "loss": 2.0, "lr": 1e-05}\n{"step": 2, "epoch": 0, "loss": 1.5, "lr": 2e-05}\n'

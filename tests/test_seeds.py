@@ -1,16 +1,15 @@
 """eval/seeds.py: mean ± sample std over seeds, and refusal of runs whose recipes differ."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
+from eval import seeds as seeds_script
+from eval import seeds_table
+
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("seeds_script", ROOT / "eval" / "seeds.py")
-seeds_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(seeds_script)
 
 
 def write_result(folder: Path, seed: int, dev: float, test: float, **cfg) -> Path:
@@ -86,9 +85,6 @@ def test_an_ensemble_without_its_test_split_is_named(tmp_path):
         seeds_script.main([str(ens), "--out", str(tmp_path / "sum")])
 
 
-table_spec = importlib.util.spec_from_file_location("seeds_table_script", ROOT / "eval" / "seeds_table.py")
-seeds_table = importlib.util.module_from_spec(table_spec)
-table_spec.loader.exec_module(seeds_table)
 
 
 def test_table_of_seed_rows_shows_each_rows_seeds_and_refuses_mixed_label_sets(tmp_path):

@@ -1,6 +1,5 @@
 """eval/soup.py: the weight-averaged adapter of several runs is a run folder whose update is the members' mean."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,11 +7,9 @@ import pytest
 import torch
 
 from erc_llm.run import RunSpec, load
+from eval import soup as soup_script
 from tests.conftest import REPO, write_lora_run
 
-spec = importlib.util.spec_from_file_location("soup_script", REPO / "eval" / "soup.py")
-soup_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(soup_script)
 
 
 def tiny_run(tmp_path: Path, tiny_model, tiny_model_dir, seed: int, label_history: bool = False) -> Path:
