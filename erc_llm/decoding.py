@@ -231,6 +231,8 @@ def score_batch(states: list["StreamState"], turns: list[list[int]], softs: list
         return [st.score_ids(t, s) for st, t, s in zip(states, turns, softs)]
     if len({id(st) for st in states}) != len(states):
         raise ValueError("a dialogue can have one turn in a batch; score its turns one after another")
+    if any(st._turn is not None for st in states):  # checked for all before any state changes
+        raise RuntimeError("score() called twice without commit(); commit a label for the previous turn first")
     model = states[0].model
     if model.config._attn_implementation != NAME:
         model.set_attn_implementation(register())

@@ -220,6 +220,11 @@ def test_a_batch_takes_one_turn_per_dialogue(tiny_tokenizer, tiny_model):
     turns = [builder.turn_ids(u) for u in d.utterances]
     with pytest.raises(ValueError, match="one turn in a batch"):
         score_batch([state, state], turns)
+    other = StreamState(tiny_model, builder, LabelTrie(builder.label_ids), builder.header_ids(d))
+    state.score_ids(turns[0])  # scored, not committed
+    with pytest.raises(RuntimeError, match="without commit"):
+        score_batch([other, state], turns)
+    assert other._turn is None and other.cache is None  # refused before anything changed
 
 
 def test_packed_groups_bound_the_shared_cache(tiny_tokenizer, tiny_model):
