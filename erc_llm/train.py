@@ -662,7 +662,7 @@ def test_evaluation(cfg: TrainConfig, run: Path) -> dict:
             "max_utterance_tokens": cfg.max_utterance_tokens, "dtype": "float32", "threads": cfg.threads,
             "on_bad_row": cfg.on_bad_row})
         m = evaluate(ecfg, command=f"erc-llm evaluate --dataset {cfg.dataset} --split test --data-dir {cfg.data_dir} "
-                                   f"--run {run} --history {history}{extra} --out {ecfg.out}")
+                                   f"--run {run} --history {history}{extra} --dtype float32 --out {ecfg.out}")
         out[history] = {k: m[k] for k in ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1")}
     return out
 

@@ -66,7 +66,7 @@ def unfinished_test(run: Path) -> str | None:
     extra = eval_flags(cfg.get("labels") or [], cfg.get("on_bad_row", "error"), cfg.get("audio_dir") or "")
     return (f"{run}: the test evaluation of the selected adapter has not finished ({run}/eval/test_predicted/"
             f"metrics.json missing); wait for training to end, or if it was stopped, run `erc-llm evaluate --dataset "
-            f"{cfg.get('dataset')} --split test --data-dir {cfg.get('data_dir')}{extra} --run {run} --out "
+            f"{cfg.get('dataset')} --split test --data-dir {cfg.get('data_dir')}{extra} --dtype float32 --run {run} --out "
             f"{run}/eval/test_predicted`")
 
 

@@ -63,14 +63,14 @@ def test_a_run_whose_test_evaluation_has_not_finished_is_refused_with_the_comman
     # training writes train_summary.json before it evaluates the selected adapter on test
     run, out = finished_run(tmp_path / "r", tested=False), tmp_path / "out"
     with pytest.raises(SystemExit, match=r"test evaluation .* not finished[\s\S]*erc-llm evaluate --dataset jsonl "
-                                         r"--split test --data-dir data/iemocap --audio-dir data/prosody "
+                                         r"--split test --data-dir data/iemocap --audio-dir data/prosody --dtype float32 "
                                          rf"--run {run} --out {run}/eval/test_predicted"):
         record_run.main([str(run), str(out)])
     assert not out.exists()
     cfg = run / "config.yaml"
     cfg.write_text(cfg.read_text() + "labels: [neu, ang]\non_bad_row: skip\n")  # as training's test evaluation ran
     with pytest.raises(SystemExit, match=r"--data-dir data/iemocap --labels neu,ang --on-bad-row skip "
-                                         r"--audio-dir data/prosody --run"):
+                                         r"--audio-dir data/prosody --dtype float32 --run"):
         record_run.main([str(run), str(out)])
     cfg.write_text(cfg.read_text().replace("test_eval: true", "test_eval: false"))  # no test asked: nothing owed
     assert record_run.main([str(run), str(out)]) == 0 and (out / "train_summary.json").is_file()
