@@ -663,7 +663,7 @@ def test_evaluation(cfg: TrainConfig, run: Path) -> dict:
             "on_bad_row": cfg.on_bad_row})
         m = evaluate(ecfg, command=f"erc-llm evaluate --dataset {cfg.dataset} --split test --data-dir {cfg.data_dir} "
                                    f"--run {run} --history {history}{extra} --dtype float32 --out {ecfg.out}")
-        out[history] = {k: m[k] for k in ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1")}
+        out[history] = {k: m[k] for k in ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1", "history")}
     return out
 
 
@@ -690,7 +690,9 @@ def _train_and_report(cfg: TrainConfig) -> int:
     if result.get("test"):
         t = result["test"]
         gold = f", {t['gold']['weighted_f1']:.2f} (gold history, diagnostic)" if "gold" in t else ""
-        print(f"test weighted F1 {t['predicted']['weighted_f1']:.2f} (predicted history){gold}")
+        shown = t["predicted"].get("history", "predicted")  # what evaluation wrote: "none" for a text-only history
+        print(f"test weighted F1 {t['predicted']['weighted_f1']:.2f} "
+              f"({'no labels in the history' if shown == 'none' else shown + ' history'}){gold}")
     return 0
 
 

@@ -69,6 +69,9 @@ def test_accelerate_launch_two_steps_writes_run_dir(tmp_path, tiny_model_dir):
     r = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "test weighted F1" in r.stdout
+    shown = json.loads((run / "eval" / "test_predicted" / "metrics.json").read_text())["history"]
+    named = "no labels in the history" if shown == "none" else f"{shown} history"  # console, metrics, report agree
+    assert f"({named})" in r.stdout and f"History: **{shown}**" in (run / "eval" / "test_predicted" / "report.md").read_text()
     meta = json.loads((run / "run.json").read_text())
     assert meta["labels"] and meta["prompt_version"] and meta["model"] == str(tiny_model_dir)
     assert meta["software"]["transformers"] == transformers.__version__ and meta["software"]["torch"] == torch.__version__
