@@ -6,7 +6,7 @@ from erc_llm.backbone import ModelNotFound, prepare_model
 
 
 def test_unknown_model_lists_available():
-    with pytest.raises(ModelNotFound, match=r"model 'gpt-5' not found; available models = \['gemma-3-270m', 'smollm2-135m-instruct'\]"):
+    with pytest.raises(ModelNotFound, match=r"model 'gpt-5' not found; available models = \['gemma-3-270m', 'smollm2-135m-instruct', 'qwen2.5-coder-0.5b'\]"):
         prepare_model("gpt-5")
 
 
