@@ -133,15 +133,15 @@ def row_attention(query, key, value, rows: Rows, scaling: float | None, sliding_
 
     kind = "sliding_attention" if sliding_window and "sliding_attention" in rows.held else "full_attention"
     held = rows.held[kind]
-    cached, new = 0, sum(held)
+    cached, q0, first_new = 0, 0, sum(held)  # new tokens sit after every cached key, in query order
     out = []
     for h, n, mask in zip(held, rows.widths, rows.masks[kind]):
-        q0 = new - sum(held)
+        new = first_new + q0
         k = torch.cat([key[:, :, cached:cached + h], key[:, :, new:new + n]], dim=2)
         v = torch.cat([value[:, :, cached:cached + h], value[:, :, new:new + n]], dim=2)
         out.append(F.scaled_dot_product_attention(query[:, :, q0:q0 + n], k, v, attn_mask=mask, scale=scaling,
                                                   enable_gqa=k.shape[1] != query.shape[1]))
-        cached, new = cached + h, new + n
+        cached, q0 = cached + h, q0 + n
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
 
