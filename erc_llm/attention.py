@@ -29,6 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "erc_block"
 BLOCK = 256
@@ -73,8 +77,6 @@ def band_attention(q, k, v, mask, scaling: float) -> torch.Tensor:
 def block_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                     sliding_window: int | None = None, **kwargs):
     """transformers attention interface: query (B, H, T, D), key/value (B, Hkv, S, D) -> ((B, T, H, D), None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if kwargs.get("erc_rows") is not None:  # turns of several dialogues packed over their own caches
         return row_attention(query, key, value, kwargs["erc_rows"], scaling, sliding_window)
     t, s = query.shape[2], key.shape[2]
@@ -129,8 +131,6 @@ def row_attention(query, key, value, rows: Rows, scaling: float | None, sliding_
     """Attention of packed turns, each over its own dialogue's keys only: query (1, H, sum(widths), D); key/value
     (1, Hkv, sum(held) + sum(widths), D) as :class:`Rows` lays them out. One small attention per dialogue, so
     nothing is computed between dialogues and no token is padding."""
-    import torch.nn.functional as F
-
     kind = "sliding_attention" if sliding_window and "sliding_attention" in rows.held else "full_attention"
     held = rows.held[kind]
     cached, q0, first_new = 0, 0, sum(held)  # new tokens sit after every cached key, in query order
@@ -197,9 +197,6 @@ def layer_masks(config, allowed: torch.Tensor, positions: torch.Tensor, dtype: t
 
 def register() -> str:
     """Make ``"erc_block"`` a transformers attention implementation (idempotent); returns its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(NAME, block_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME

@@ -18,6 +18,7 @@ Missing values and missing utterances are explicit: every feature vector comes w
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from erc_llm.data.schema import DataError
+from erc_llm.io import (
+    atomic_write_json,
+    atomic_write_text,
+    claim_output,
+    content_digest,
+    mark_output,
+    progress,
+    sha256_file,
+)
 
 SAMPLE_RATE = 16_000
 EXTRACTORS = ("praat", "egemaps", "emotion2vec")
@@ -135,8 +145,8 @@ def load_npy_dir(directory: str | Path) -> FeatureTable:
 
 def read_wav(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Mono float32 at ``sample_rate`` (polyphase resampling); clear errors for unreadable or empty audio."""
-    import soundfile as sf
-    from scipy.signal import resample_poly
+    import soundfile as sf  # optional audio back-end; only for wav input
+    from scipy.signal import resample_poly  # optional audio back-end; only for wav input
 
     try:
         audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
@@ -155,7 +165,7 @@ def praat_prosody(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarr
     """The 8 MELD prosody features (``PROSODY_FEATURES``) with Praat; NaN where a value is undefined
     (e.g. pitch of an unvoiced clip). Articulation rate counts syllable nuclei as intensity peaks that
     are voiced and at least 2 dB above the median (after de Jong & Wempe, 2009)."""
-    import parselmouth
+    import parselmouth  # optional audio back-end; only for wav input
 
     snd = parselmouth.Sound(audio.astype(np.float64), sampling_frequency=sample_rate)
     duration = snd.get_total_duration()
@@ -192,7 +202,7 @@ def egemaps(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, smile=None) -> np
 
 
 def egemaps_extractor():
-    import opensmile
+    import opensmile  # optional audio back-end; only for wav input
 
     return opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02, feature_level=opensmile.FeatureLevel.Functionals)
 
@@ -218,7 +228,7 @@ def check_emotion2vec_dir(model: str) -> None:
 def emotion2vec_model(model: str):
     check_emotion2vec_dir(model)
     try:
-        from funasr import AutoModel
+        from funasr import AutoModel  # optional audio back-end; only for wav input
     except ImportError:
         raise DataError("the emotion2vec source needs FunASR: `pip install funasr`") from None
     return AutoModel(model=model, disable_update=True, disable_pbar=True, log_level="ERROR")
@@ -226,7 +236,7 @@ def emotion2vec_model(model: str):
 
 def emotion2vec(audio: np.ndarray, model, granularity: str = "utterance") -> np.ndarray:
     """emotion2vec features of 16 kHz mono audio: ``(D,)`` utterance or ``(T, D)`` frames (50 Hz)."""
-    import torch
+    import torch  # loads torch; importing this module must not
 
     res = model.generate(torch.from_numpy(audio), granularity=granularity, extract_embedding=True,
                          fs=SAMPLE_RATE, disable_pbar=True)
@@ -242,12 +252,6 @@ def extract_dir(source: str, wav_dir: str | Path, out: str | Path, model: str = 
     emotion2vec features to ``out/<utterance_id>.npy``. Files that cannot be read are skipped and listed
     (with the reason) in ``out/report.json``; an interrupted run continues where it stopped.
     """
-    import json
-
-    from erc_llm.io import progress
-
-    from erc_llm.io import atomic_write_json, atomic_write_text, content_digest, sha256_file
-
     if source not in EXTRACTORS:
         raise DataError(f"audio source {source!r} not found; available extractors = {list(EXTRACTORS)}")
     wavs = sorted(p for ext in ("*.wav", "*.flac", "*.ogg") for p in Path(wav_dir).rglob(ext))
@@ -258,7 +262,6 @@ def extract_dir(source: str, wav_dir: str | Path, out: str | Path, model: str = 
     if dup:
         raise DataError(f"{wav_dir}: file names must be unique utterance ids; duplicates {dup[:5]}")
     wavs = wavs[:limit] if limit else wavs
-    from erc_llm.io import claim_output, mark_output
 
     out = claim_output(out, "audio features", inputs=[wav_dir])  # a folder of another kind is never written into
     out.mkdir(parents=True, exist_ok=True)

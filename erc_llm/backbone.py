@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from erc_llm.constants import DEFAULT_MODEL
 from erc_llm.gguf_parts import WheelParts
-from erc_llm.io import atomic_dir, atomic_write_json, sha256_file
+from erc_llm.io import atomic_dir, atomic_write_json, cache_root, sha256_file
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -71,10 +72,6 @@ PACKAGED = {
 
 class ModelNotFound(ValueError):
     pass
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ERC_LLM_CACHE", Path.home() / ".cache" / "erc_llm"))
 
 
 def _is_hub_id(name: str) -> bool:
@@ -143,7 +140,11 @@ def prepare_model(name: str = DEFAULT_MODEL, cache: Path | None = None) -> tuple
 
 
 def _convert(name: str, spec: PackagedModel | WheelParts, target: Path) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import (  # loads torch; importing this module must not
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GgufConfig,
+    )
 
     t0 = time.time()
     log.info("converting packaged model %s (%s) into %s — once", name, spec.package, target)
@@ -182,11 +183,9 @@ def bf16_copy(path: Path) -> Path:
     with its own manifest). Loading bfloat16 from it maps half the bytes and never holds a float32 copy: peak
     memory below the float32 load's, where casting on load peaks at about twice it. Tensors are cast one at a time
     (``Tensor.to``, what casting on load does), so the weights are the same bits either way."""
-    import shutil
-
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    import torch  # loads torch; importing this module must not
+    from safetensors import safe_open  # loads torch; importing this module must not
+    from safetensors.torch import save_file  # loads torch; importing this module must not
 
     out = path.with_name(path.name + ".bfloat16")
     if read_manifest(out) is not None:
@@ -223,7 +222,7 @@ def resolve_dtype(dtype: str) -> str:
     avx512_bf16, read from /proc/cpuinfo), else ``float32``; other values pass through."""
     if dtype != "auto":
         return dtype
-    import torch
+    import torch  # loads torch; importing this module must not
 
     if torch.cuda.is_available():
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
@@ -234,7 +233,7 @@ def fetch_hub_model(name: str) -> str:
     """Download a hub checkpoint now (config, tokenizer, weights) so later runs work offline; a clear error
     when the hub cannot be reached or the id does not exist."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # only for hub ids (needs internet)
 
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     except Exception as e:  # huggingface_hub raises connection, auth and not-found errors of many types
@@ -245,8 +244,6 @@ def fetch_hub_model(name: str) -> str:
 
 def clean_stale_work(models: Path) -> None:
     """Remove conversion work folders of processes that no longer run."""
-    import shutil
-
     for d in models.glob(".work-*-*"):
         try:
             pid = int(d.name.split("-")[1])
@@ -271,8 +268,8 @@ def load_for_training(name: str, dtype: str = "float32", quant: str = "none", ca
 
     Where bitsandbytes is missing or cannot quantize on this device, warns and loads unquantized.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # loads torch; importing this module must not
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # loads torch; importing this module must not
 
     path, manifest = prepare_model(name, cache)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
@@ -283,7 +280,7 @@ def load_for_training(name: str, dtype: str = "float32", quant: str = "none", ca
     if quant == "4bit":
         try:
             import bitsandbytes  # noqa: F401
-            from transformers import BitsAndBytesConfig
+            from transformers import BitsAndBytesConfig  # bitsandbytes only for quant: 4bit
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype)
@@ -304,8 +301,8 @@ def _from_pretrained(path: str, name: str, kwargs: dict):
     conversion) is a clear error with the way to rebuild it, not a library traceback. What is checked on each load:
     that the safetensors header and tensors parse; the sha256 of every cached file is checked by
     ``erc-llm prepare-model`` (hashing a GB on every load would cost seconds)."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
+    from safetensors import SafetensorError  # loads torch; importing this module must not
+    from transformers import AutoModelForCausalLM  # loads torch; importing this module must not
 
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -16,8 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-from erc_llm.io import atomic_write_text
 from erc_llm.errors import EXPECTED, describe
+from erc_llm.io import atomic_write_text, cache_root
 from erc_llm.session import ERCSession, TurnResult, load_dialogue_file
 
 HELP = """Type turns as `Speaker: text`. Commands:
@@ -168,13 +168,12 @@ def run(repl: Repl, stdin=sys.stdin, stdout=sys.stdout) -> None:
 
 
 def _readline() -> None:
-    import atexit
+    import atexit  # interactive REPL only
 
     try:
-        import readline
+        import readline  # interactive REPL only
     except ImportError:  # not on every platform
         return
-    from erc_llm.backbone import cache_root
 
     path = cache_root() / "chat_history"
     path.parent.mkdir(parents=True, exist_ok=True)

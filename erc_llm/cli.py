@@ -4,21 +4,36 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
+from erc_llm.audio import extract_dir
+from erc_llm.backbone import (
+    PACKAGED,
+    bf16_copy,
+    fetch_hub_model,
+    load_backbone,
+    prepare_model,
+    read_manifest,
+    resolve_dtype,
+    verify_cache,
+)
 from erc_llm.config import BaselineConfig, EvalConfig, StagesConfig, add_arguments, from_args
+from erc_llm.data import label_counts, load_split
+from erc_llm.data.meld import download_meld
 from erc_llm.errors import run_command
-from erc_llm.run import SHIPPED
+from erc_llm.export import export
+from erc_llm.io import claim_output
+from erc_llm.metrics import history_phrase
+from erc_llm.run import SHIPPED, fit_run
+from erc_llm.speakers import NoteSettings, SpeakerContext, SpeakerStore, SpeakerTemplates, build_store
+from erc_llm.stages import describe
 
 
 def _prepare_model(args) -> None:
-    from pathlib import Path
-
-    from erc_llm.backbone import (PACKAGED, bf16_copy, fetch_hub_model, prepare_model, read_manifest,
-                                  resolve_dtype, verify_cache)
-
     path, manifest = prepare_model(args.name)
     if args.name in PACKAGED:
         verify_cache(Path(path), manifest)
@@ -34,9 +49,7 @@ def _prepare_model(args) -> None:
 
 
 def _evaluate(args) -> int | None:
-    import os
-
-    from erc_llm.evaluate import evaluate
+    from erc_llm.evaluate import evaluate  # the CLI starts without the model stack
 
     cfg = from_args(EvalConfig, args)
     if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:  # shard over processes: relaunch under torchrun
@@ -49,16 +62,13 @@ def _evaluate(args) -> int | None:
     if "weighted_f1" not in m:
         print(f"{m['utterances']} utterances labelled (no gold labels to score) -> {cfg.out}/predictions.jsonl")
         return
-    print(f"{m['dataset']}/{m['split']} — {m['model']} ({m['history']} history, {m['context']}): weighted F1 {m['weighted_f1']:.2f}, "
+    print(f"{m['dataset']}/{m['split']} — {m['model']} ({history_phrase(m['history'])}, {m['context']}): weighted F1 {m['weighted_f1']:.2f}, "
           f"WA {m['accuracy']:.2f}, UA {m['unweighted_accuracy']:.2f}, macro F1 {m['macro_f1']:.2f}; "
           f"{m['utterances']} utterances in {m['seconds']:.0f}s ({m['utterances_per_second']:.2f} utt/s) -> {cfg.out}")
 
 
 def _stages(args) -> None:
-    import torch
-
-    from erc_llm.run import fit_run
-    from erc_llm.stages import describe
+    import torch  # the CLI starts without the model stack
 
     cfg = from_args(StagesConfig, args)
     if cfg.threads:
@@ -70,15 +80,12 @@ def _stages(args) -> None:
 
 
 def _export(args) -> None:
-    from erc_llm.export import export
-
     out = export(args.run, args.out, args.dtype)
     print(f"exported {args.run} -> {out} (PEFT adapter, run.json, prompts/, README.md)")
 
 
 def _baseline_train(args) -> None:
-    from erc_llm.baseline.train import run
-    from erc_llm.config import BaselineConfig
+    from erc_llm.baseline.train import run  # the CLI starts without the model stack
 
     cfg = from_args(BaselineConfig, args)
     s = run(cfg, command="erc-llm " + shlex.join(sys.argv[1:]))
@@ -89,22 +96,18 @@ def _baseline_train(args) -> None:
 
 
 def _baseline_evaluate(args) -> None:
-    from erc_llm.baseline.train import evaluate_saved
+    from erc_llm.baseline.train import evaluate_saved  # the CLI starts without the model stack
 
     m = evaluate_saved(args.run, args.split, args.out, args.data_dir, args.audio_dir, "erc-llm " + shlex.join(sys.argv[1:]))
     print(f"{args.split}: weighted F1 {m['weighted_f1']:.2f}, WA {m['accuracy']:.2f}, UA {m['unweighted_accuracy']:.2f} -> {args.out}")
 
 
 def _data_download(args) -> None:
-    from erc_llm.data.meld import download_meld
-
     for p in download_meld(args.out):
         print(f"wrote {p}")
 
 
 def _data_stats(args) -> None:
-    from erc_llm.data import label_counts, load_split
-
     dialogues, labels, report = load_split(args.dataset, args.split, args.data_dir)
     print(report.summary())
     counts = label_counts(dialogues)
@@ -114,18 +117,11 @@ def _data_stats(args) -> None:
 
 
 def _speakers_build(args) -> None:
-    from erc_llm.data import load_split
-    from erc_llm.speakers import SpeakerTemplates, build_store
-
-    from erc_llm.io import claim_output
-
     claim_output(args.out, "speaker store", inputs=[args.data_dir, args.prompts])  # before the long build
     dialogues, labels, report = load_split(args.dataset, args.split, args.data_dir, tuple(args.labels.split(",")) if args.labels else None)
     print(report.summary())
     bio_model = None
     if args.bio_model:
-        from erc_llm.backbone import load_backbone
-
         model, tok, _ = load_backbone(args.bio_model)
         bio_model = (model, tok)
     templates = SpeakerTemplates.load(args.prompts) if args.prompts else SpeakerTemplates.load()
@@ -139,8 +135,6 @@ def _speakers_build(args) -> None:
 
 
 def _speakers_show(args) -> None:
-    from erc_llm.speakers import SpeakerStore
-
     store = SpeakerStore.load(args.store)
     if args.name is None:
         print(f"{store.manifest['count']} speakers (encoder {store.manifest['encoder']}): "
@@ -155,9 +149,6 @@ def _speakers_show(args) -> None:
 
 
 def _speakers_coverage(args) -> None:
-    from erc_llm.data import load_split
-    from erc_llm.speakers import NoteSettings, SpeakerContext, SpeakerStore, SpeakerTemplates
-
     store = SpeakerStore.load(args.store)
     dialogues, _, report = load_split(args.dataset, args.split, args.data_dir, tuple(store.manifest["labels"]))
     print(report.summary())
@@ -167,8 +158,6 @@ def _speakers_coverage(args) -> None:
 
 
 def _audio_extract(args) -> None:
-    from erc_llm.audio import extract_dir
-
     r = extract_dir(args.source, args.wav_dir, args.out, args.model, args.granularity, args.limit)
     print(f"{args.source}: {r['extracted']} of {r['files']} files -> {args.out} ({len(r['failed'])} failed, "
           f"{r['nan_cells']} undefined values; details in {args.out}/report.json)")
@@ -177,8 +166,8 @@ def _audio_extract(args) -> None:
 
 
 def _chat(args) -> None:
-    from erc_llm.chat import Repl, run
-    from erc_llm.session import ERCSession
+    from erc_llm.chat import Repl, run  # the CLI starts without the model stack
+    from erc_llm.session import ERCSession  # the CLI starts without the model stack
 
     participants = [p.strip() for p in args.participants.split(",") if p.strip()]
     run(Repl(ERCSession.from_run(args.run or None, participants, model=args.model, threads=args.threads,
@@ -186,14 +175,14 @@ def _chat(args) -> None:
 
 
 def _serve(args) -> None:
-    from erc_llm.server import serve
+    from erc_llm.server import serve  # the CLI starts without the model stack
 
     if args.max_batch < 1 or args.batch_window_ms < 0:
         raise SystemExit(f"erc-llm serve: --max-batch {args.max_batch} / --batch-window-ms {args.batch_window_ms}: "
                          "expected a whole number >= 1 (1 = one turn per forward) and a window >= 0 ms")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.warning("binding to %s: the service has no authentication; expose it only behind your own proxy", args.host)
-    from erc_llm.server import Limits
+    from erc_llm.server import Limits  # the CLI starts without the model stack
 
     given = {field: getattr(args, name.replace("-", "_")) for name, (field, _, _) in LIMIT_FLAGS.items()}
     limits = Limits(**{k: (60 * v if k == "idle_seconds" else v) for k, v in given.items() if v is not None})
@@ -345,11 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # the training entry point owns its CLI (generated from TrainConfig)
-        from erc_llm.train import main as train_main
+        from erc_llm.train import main as train_main  # the CLI starts without the model stack
 
         return train_main(argv[1:])
     if argv[:1] == ["bench"]:  # the benchmark harness owns its CLI too
-        from erc_llm.bench import main as bench_main
+        from erc_llm.bench import main as bench_main  # the CLI starts without the model stack
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -15,6 +15,10 @@ import yaml
 
 from erc_llm.constants import CHECKPOINT_DIR, DATASETS, DEFAULT_MODEL, FINETUNE_MODES, HISTORY_MODES, has_checkpoint
 from erc_llm.data.schema import BAD_ROW_MODES
+from erc_llm.io import OutputError, claim_output
+
+_STATS_HELP = ("online (the speaker's turns so far, as in a live session) or split (OFFLINE: each speaker's "
+               "statistics over the whole split, later turns included)")
 
 
 class ConfigError(ValueError):
@@ -105,9 +109,7 @@ class StageOptions:
     calibrate: bool = _f(True, "with memory or fusion on: a probability temperature chosen on dev (NLL) is applied "
                          "to the final distribution")
     stage_stats: str = _f("online", "the fusion classifier's per-speaker audio statistics, in fitting and by default "
-                          "in evaluation: online (the speaker's turns so far, as in a live session) or split (OFFLINE: "
-                          "each speaker's statistics over the whole split, later turns included; for comparison with "
-                          "offline methods)", ("online", "split"))
+                          f"in evaluation: {_STATS_HELP}; for comparison with offline methods", ("online", "split"))
 
     def stage_problems(self) -> list[str]:
         p = []
@@ -186,9 +188,8 @@ class EvalConfig(SpeakerOptions):
                         "(default: the run's)")
     stages: bool = _f(True, "apply the run's stages (memory, fusion, calibration) where it has them; false = the "
                       "adapter alone")
-    stage_stats: str = _f("", "the fusion classifier's per-speaker audio statistics: online (the speaker's turns "
-                          "so far, as in a live session), split (OFFLINE: the whole split, later turns included), or "
-                          "empty = what the run's stages were fitted with", ("", "online", "split"))
+    stage_stats: str = _f("", f"the fusion classifier's per-speaker audio statistics: {_STATS_HELP}; empty = what "
+                          "the run's stages were fitted with", ("", "online", "split"))
 
     def problems(self) -> list[str]:
         p = _common_problems(self)
@@ -211,8 +212,6 @@ def _out_problems(out: str, kind: str = "", inputs: tuple = (), replace: bool = 
     """An output folder must be a folder (or not exist yet) and, for a ``kind`` of output, pass
     :func:`erc_llm.io.claim_output` (nothing the command did not write is replaced): checked before any model
     is loaded."""
-    from erc_llm.io import OutputError, claim_output
-
     path = Path(out)
     if path.exists() and not path.is_dir():
         return [f"out: {out!r} is a file; expected a folder (new or existing) for the outputs"]
@@ -363,6 +362,26 @@ def eval_flags(labels: list[str], on_bad_row: str, audio_dir: str = "") -> str:
 QUANT_MODES = ("none", "4bit")
 
 
+@dataclass(frozen=True)
+class LoraOptions:
+    """The adapter shape training builds (``TrainConfig.lora_*``), passed to ``erc_llm.training.lora.wrap_lora``."""
+
+    r: int
+    alpha: int
+    dropout: float
+    targets: tuple[str, ...]
+    layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    """What decides the training forward's precision (``TrainConfig.dtype``, ``autocast_bf16``, ``finetune``)."""
+
+    dtype: str
+    autocast_bf16: bool
+    finetune: str
+
+
 @dataclass
 class TrainConfig(StageOptions, AudioOptions, SpeakerOptions):
     """LoRA fine-tuning on whole-dialogue transcripts (``erc_llm/train.py``)."""
@@ -420,7 +439,7 @@ class TrainConfig(StageOptions, AudioOptions, SpeakerOptions):
                            "or label set. Its backbone, lora_r, lora_alpha, lora_layers and targets must be this "
                            "config's; only the adapter is taken (not its audio projector, speakers or prompts). "
                            "With finetune: full the run's weights are merged into the backbone first (any run of "
-                           "this model)")
+                           "this model). Checked against that run's files when training starts")
     # optimisation
     epochs: float = _f(1.0, "passes over the training dialogues (fractions allowed)", ge=0)
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = run all epochs)", ge=0)
@@ -483,6 +502,16 @@ class TrainConfig(StageOptions, AudioOptions, SpeakerOptions):
     test_gold: bool = _f(True, "also evaluate test with gold history (a diagnostic of exposure bias)")
     threads: int = _f(0, "torch CPU threads per process (0 = cores / processes)", ge=0)
 
+    def lora_options(self) -> LoraOptions:
+        return LoraOptions(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets),
+                           tuple(int(i) for i in self.lora_layers))
+
+    def precision(self) -> PrecisionOptions:
+        return PrecisionOptions(self.dtype, self.autocast_bf16, self.finetune)
+
+    def stage_options(self) -> StageOptions:
+        return StageOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(StageOptions)})
+
     def problems(self) -> list[str]:
         p = _common_problems(self)
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -539,10 +568,6 @@ class TrainConfig(StageOptions, AudioOptions, SpeakerOptions):
         if self.audio_source == "meld_prosody" and self.dataset != "meld":
             p.append("audio_source: meld_prosody features only exist for dataset: meld")
         p.extend(self.joint_problems())
-        if self.init_adapter:
-            from erc_llm.run import init_adapter_problems  # reads run folders; no model code
-
-            p.extend(init_adapter_problems(self))
         if (self.memory or self.fusion) and (self.lookahead or self.context != "online" or self.speaker_bios or
                                              self.speaker_history or self.audio_source != "none"):
             p.append("memory/fusion: the stages need an online run without speaker notes or audio soft tokens "

@@ -8,10 +8,10 @@ from pathlib import Path
 
 DEFAULT_MODEL = "gemma-3-270m"  # the packaged backbone used when a config names none
 DATASETS = ("meld", "iemocap", "jsonl")  # the loaders of erc_llm.data
-FINETUNE_MODES = ("lora", "full")  # erc_llm.finetune: a PEFT adapter, or every weight
+FINETUNE_MODES = ("lora", "full")  # erc_llm.training.finetune: a PEFT adapter, or every weight
 FULL_WEIGHTS = "finetuned.safetensors"  # a fully fine-tuned run's weights, in its adapter/ folder
 HISTORY_MODES = ("predicted", "gold")  # what a decoder writes into earlier turns' slots
-CHECKPOINT_DIR = "checkpoint"  # a training run's resumable state (erc_llm.checkpoint)
+CHECKPOINT_DIR = "checkpoint"  # a training run's resumable state (erc_llm.training.checkpoint)
 
 
 def has_checkpoint(run: str | Path) -> bool:

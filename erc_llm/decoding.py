@@ -18,11 +18,14 @@ from dataclasses import dataclass
 import torch
 import transformers
 from packaging.version import Version
+from transformers import DynamicCache
 
-from erc_llm.data.schema import Dialogue, Utterance
+from erc_llm.attention import NAME, Rows, layer_masks, register
 from erc_llm.constants import HISTORY_MODES
+from erc_llm.data.schema import Dialogue, Utterance
+from erc_llm.heads import decoder_hidden, first_token_ids, label_head, pack, packed_slot_logits
+from erc_llm.projector import embed_ids
 from erc_llm.prompting import Piece, PromptBuilder, fit_window
-
 
 # The keyword that feeds a KV cache to a forward, and the output field that returns it: transformers 5.24 renamed
 # ``past_key_values`` to ``cache`` (the old name warns there and is removed in 5.40); 5.0-5.23 know only the old one.
@@ -71,8 +74,6 @@ def _last_logprobs(model, ids: list[int], cache, soft: torch.Tensor | None = Non
     if soft is None:
         out = model(input_ids=x, **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
     else:
-        from erc_llm.projector import embed_ids
-
         out = model(inputs_embeds=embed_ids(model, x, soft), **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
     return torch.log_softmax(out.logits[0, -1].float(), dim=-1), out[CACHE_ARG]
 
@@ -83,8 +84,6 @@ def _last_label_logits(model, ids: list[int], cache, columns: list[int], soft: t
     For single-token label sets: the softmax over these equals the softmax over the labels' full-vocabulary
     log-probabilities, at a fraction of the cost (no 262k-row LM head). Also returns the slot's final hidden
     state (what a nearest-neighbour memory compares)."""
-    from erc_llm.heads import decoder_hidden, label_head
-
     x = torch.tensor([ids], dtype=torch.long, device=model.device)
     out = decoder_hidden(model, x, soft, **{CACHE_ARG: cache}, use_cache=True)
     hidden = out.last_hidden_state[0, -1]
@@ -220,12 +219,6 @@ def score_batch(states: list["StreamState"], turns: list[list[int]], softs: list
     values go back into its own cache exactly as a forward of that dialogue alone would store them, so the
     probabilities equal one-at-a-time scoring up to float rounding. Multi-token label sets and a single state go
     through ``score_ids``."""
-    from transformers import DynamicCache
-
-    from erc_llm.attention import NAME, Rows, register
-    from erc_llm.heads import label_head
-    from erc_llm.projector import embed_ids
-
     softs = softs or [None] * len(states)
     if len(states) == 1 or not states[0].trie.single_token:
         return [st.score_ids(t, s) for st, t, s in zip(states, turns, softs)]
@@ -297,8 +290,6 @@ def written_label(history: str, utt: Utterance, predicted: str) -> str:
 def batch_groups(sizes: list[int], group_tokens: int, batch: int) -> list[list[int]]:
     """Consecutive indices packed within ``group_tokens`` tokens (``erc_llm.heads.pack``), each pack then cut
     into groups of at most ``batch`` items: the dialogues that share one forward in batch evaluation."""
-    from erc_llm.heads import pack
-
     return [g[k: k + batch] for g in pack(sizes, group_tokens) for k in range(0, len(g), batch)]
 
 
@@ -428,8 +419,6 @@ class PackedTagger:
                 for k, (o, e) in enumerate(zip(out, dialogues))]
 
     def _masks(self, kd, kp, qd, qp):
-        from erc_llm.attention import layer_masks
-
         allowed = (kd[None, :] == qd[:, None]) & (kp[None, :] <= qp[:, None])
         return layer_masks(self.model.config, allowed, (qp, kp), self.model.dtype)
 
@@ -440,11 +429,6 @@ class PackedTagger:
         dialogue *k*'s turn *t* the label ``write(k, t, predicted)`` is written into its transcript. ``soft[k][t]``:
         the audio soft tokens of dialogue *k*'s turn *t* (when the prompt has audio); ``states[k]`` receives each
         turn's slot state when given."""
-        from transformers import DynamicCache
-
-        from erc_llm.heads import label_head
-        from erc_llm.projector import embed_ids
-
         b, dev = self.builder, self.model.device
         cache = DynamicCache()  # no sliding eviction: the masks do the windowing
         kd = torch.empty(0, dtype=torch.long, device=dev)
@@ -494,7 +478,6 @@ class LookaheadTagger:
                              "turns would also see the labels written after them")
         if turns < 1:
             raise ValueError(f"turns {turns}: expected >= 1 (0 is an online model; use StreamingTagger)")
-        from erc_llm.heads import first_token_ids
 
         self.model, self.builder, self.turns, self.batch = model, builder, turns, batch
         self.group_tokens = group_tokens or builder.max_tokens
@@ -530,8 +513,6 @@ class LookaheadTagger:
 
     @torch.inference_mode()
     def tag_many(self, dialogues: list[Dialogue]) -> list[list[TurnPrediction]]:
-        from erc_llm.heads import packed_slot_logits, pack
-
         jobs = [(i, piece) for i, d in enumerate(dialogues) for piece in self.pieces(d)]
         probs: dict = {}
         for group in pack([len(piece.transcript.input_ids) for _, piece in jobs], self.group_tokens):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from erc_llm.io import quiet_library_bars
+
 # ValueError covers ConfigError, DataError, ModelNotFound and UnicodeDecodeError; OSError covers missing
 # files, folders given for files, permissions and full disks.
 EXPECTED = (ValueError, OSError, KeyError)
@@ -31,6 +33,7 @@ def describe(e: BaseException) -> str:
 
 def run_command(fn: Callable[[], object], prog: str, debug: bool = False) -> int:
     """Run ``fn``; an expected failure prints ``prog: error: ...`` and returns 2 (re-raised with ``debug``)."""
+    quiet_library_bars()
     try:
         result = fn()
     except EXPECTED as e:

@@ -11,6 +11,7 @@ where it stopped. ``--processes N`` shards the dialogues over N processes (torch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,12 +19,19 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+import torch
+from accelerate import PartialState
 
+from erc_llm import stages as S
 from erc_llm.config import EvalConfig, to_dict
 from erc_llm.data import LabelSet, load_split
-from erc_llm.data.schema import DataError
-from erc_llm.io import atomic_write_jsonl, mark_output, progress
+from erc_llm.data.schema import DataError, dialogues_digest
+from erc_llm.decoding import TurnPrediction
+from erc_llm.io import atomic_write_jsonl, content_digest, mark_output, progress, sha256_file
 from erc_llm.metrics import write_evaluation
+from erc_llm.run import SHIPPED, RunSpec, load, resolve, software_versions
+from erc_llm.speakers import dataset_order
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +39,6 @@ log = logging.getLogger(__name__)
 def _fingerprint(cfg: EvalConfig, p, dialogues, stages=None, audio=None) -> str:
     """What partial results depend on, by content, never by path: settings, backbone, adapter bytes, prompts, the
     speaker store's files, the audio inputs, stage files and the data."""
-    from erc_llm.data.schema import dialogues_digest
-    from erc_llm.io import content_digest, sha256_file
-
     keep = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "threads", "limit", "batch", "processes")}
     adapter = p.run_dir / "adapter" / "adapter_model.safetensors" if p.run_dir else None
     return content_digest(keep, p.manifest.get("sha256"), p.manifest.get("path"), p.builder.templates.version,
@@ -47,7 +52,6 @@ def _audio_digest(audio) -> str | None:
     """Content of a split's audio inputs (the projector inputs of every utterance)."""
     if audio is None:
         return None
-    import hashlib
 
     h = hashlib.sha256()
     for uid in sorted(audio.inputs):
@@ -105,8 +109,6 @@ def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1, 
     inside a long dialogue. Dialogues restored from ``partial`` still feed a speaker memory, in order. With
     ``stages`` that hold a memory, each row also carries the memory's distribution for the turn's slot state.
     """
-    from erc_llm.decoding import TurnPrediction
-
     done, started = _load_partial(partial, fingerprint)
     if done or started:
         log.info("resuming: %d of %d dialogues done, %d turns of unfinished ones kept, in %s", len(done),
@@ -177,8 +179,6 @@ def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1, 
 
 def model_source(cfg: EvalConfig) -> str | None:
     """The run to load: ``--run``, else the shipped model; None with ``--zero-shot`` (the bare backbone)."""
-    from erc_llm.run import SHIPPED
-
     if cfg.zero_shot:
         return None
     return cfg.run or SHIPPED
@@ -187,15 +187,11 @@ def model_source(cfg: EvalConfig) -> str | None:
 def model_labels(cfg: EvalConfig) -> tuple[str, ...] | None:
     """The label set a trained model fixes (a jsonl folder then needs no train split to infer one); None for
     the bare backbone, whose labels come from ``--labels`` or the data's train split."""
-    from erc_llm.run import RunSpec, resolve
-
     source = model_source(cfg)
     return RunSpec.read(resolve(source)).labels if source else None
 
 
 def load_predictor(cfg: EvalConfig, labels: LabelSet):
-    from erc_llm.run import load
-
     return load(model_source(cfg), model=cfg.model, dtype=cfg.dtype, labels=labels, prompts=cfg.prompts,
                 max_tokens=cfg.max_tokens, max_utterance_tokens=cfg.max_utterance_tokens, speaker_options=cfg)
 
@@ -207,10 +203,6 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     process tags every N-th dialogue and the first one merges the shards into the same ``predictions.jsonl``
     and ``metrics.json`` a single process writes; each shard resumes on its own.
     """
-    import torch
-
-    from erc_llm.run import software_versions
-
     shard = Shard.from_env()
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // shard.world))
     fixed = () if cfg.labels else model_labels(cfg)
@@ -233,8 +225,6 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
     p = load_predictor(cfg, labels)
     labels, history = p.labels, p.history_mode(cfg.history)
     if p.speakers is not None and p.speakers.settings.history:
-        from erc_llm.speakers import dataset_order
-
         if shard.world > 1:
             raise ValueError("a model with cross-dialogue speaker history tags dialogues in story order, one after "
                              "another; it cannot be sharded across processes: run it with --processes 1")
@@ -287,10 +277,6 @@ def evaluate(cfg: EvalConfig, command: str = "") -> dict:
 def apply_stages(stages, cfg: EvalConfig, p, dialogues, rows: list[dict]) -> dict:
     """Replace every row's probabilities and prediction by the stages' final (calibrated) distribution, keeping
     the adapter's (``adapter_probabilities``) and each stage's; returns what was applied, with per-stage metrics."""
-    import numpy as np
-
-    from erc_llm import stages as S
-
     names = list(p.labels.labels)
     llm = np.array([[r["probabilities"][k] for k in names] for r in rows])
     memory = np.array([[r["memory_probabilities"][k] for k in names] for r in rows]) if stages.memory else None
@@ -327,9 +313,6 @@ class Shard:
         self.rank, self.world = rank, world
         self.state = None
         if world > 1:
-            import torch
-            from accelerate import PartialState
-
             self.state = PartialState(cpu=not torch.cuda.is_available())
 
     @classmethod

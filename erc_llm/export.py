@@ -17,8 +17,11 @@ import shlex
 import shutil
 from pathlib import Path
 
+import yaml
+
+from erc_llm.config import TrainConfig, defaults
 from erc_llm.io import atomic_dir, atomic_write_json, claim_output, mark_output, sha256_file
-from erc_llm.run import RunSpec, resolve, write_checksums
+from erc_llm.run import RunSpec, load, resolve, write_checksums
 from erc_llm.stages import STAGES_DIR, describe
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -27,8 +30,8 @@ RUN_LOCATION = ("data_dir", "out", "resume", "overwrite")  # where a run is, not
 
 
 def _write_adapter(src: Path, dst: Path, dtype: str) -> None:
-    import torch
-    from safetensors.torch import load_file, save_file
+    import torch  # loads torch; importing this module must not
+    from safetensors.torch import load_file, save_file  # loads torch; importing this module must not
 
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy(src / "adapter_config.json", dst / "adapter_config.json")
@@ -128,10 +131,6 @@ def train_command(config: dict, base_config: str) -> str:
     """The ``erc_llm/train.py`` command that reproduces a run's ``config.yaml`` (``config``): ``--config
     base_config`` plus one flag for every field whose value differs from that file (or from the schema's default
     where the file does not set it); data and output folders are left as ``DATA`` and ``RUN``."""
-    import yaml
-
-    from erc_llm.config import TrainConfig, defaults
-
     base = defaults(TrainConfig)
     base.update(yaml.safe_load(Path(base_config).read_text()) or {})
     flags = []
@@ -147,8 +146,6 @@ def train_command(config: dict, base_config: str) -> str:
 
 def record_reference(run: str | Path, dialogues, out: Path) -> dict:
     """fp32 label probabilities of ``dialogues`` and the adapter's sha256, for the packaging check."""
-    from erc_llm.run import load
-
     p = load(run, dtype="float32")
     tagger = p.tagger("predicted", batch=1)
     rows = [{"dialogue_id": d.id, "labels": [t.label for t in preds], "probs": [t.probs for t in preds]}

@@ -2,7 +2,7 @@
 labels' token columns, the decoder's last hidden states, the slot logits of one transcript or of several packed
 into one forward, and the packing of items into groups. Pure tensor code; no model loading, no I/O.
 
-Training (``erc_llm.objective``, ``erc_llm.train``) and the decoders (``erc_llm.decoding``) import these from here,
+Training (``erc_llm.training.objective``, ``erc_llm.train``) and the decoders (``erc_llm.decoding``) import these from here,
 so inference never imports training code."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from erc_llm.attention import layer_masks, lookahead_masks
+from erc_llm.projector import embed_ids
 from erc_llm.prompting import PromptBuilder, Transcript
 
 
@@ -41,8 +43,6 @@ def label_head(model, hidden: torch.Tensor, token_ids: list[int]) -> torch.Tenso
 
 def decoder_hidden(model, input_ids: torch.Tensor, soft: torch.Tensor | None = None, **kw):
     """Last hidden states of the transformer body (no LM head); ``soft`` fills audio placeholders."""
-    from erc_llm.projector import embed_ids
-
     body = model.get_decoder()
     if soft is None:
         return body(input_ids=input_ids, **kw)
@@ -56,8 +56,6 @@ def slot_logits(model, transcript: Transcript, label_token_ids: list[int], soft:
     Gemma) off every other position. Goes through ``model(...)`` so a DDP wrapper sees the forward.
     ``soft``: the audio soft tokens of the kept turns, in order.
     """
-    from erc_llm.projector import embed_ids
-
     device = next(model.parameters()).device
     x = torch.tensor([transcript.input_ids], dtype=torch.long, device=device)
     keep = torch.tensor(transcript.slots, dtype=torch.long, device=device)
@@ -96,9 +94,6 @@ def packed_slot_outputs(model, transcripts: list[Transcript], label_token_ids: l
     in transcript order. ``lookahead`` > 0: each slot also sees the next ``lookahead`` turns of its transcript
     (:func:`erc_llm.attention.lookahead_masks`). ``states``: also return the slots' last-layer states.
     """
-    from erc_llm.attention import layer_masks, lookahead_masks
-    from erc_llm.projector import embed_ids
-
     device = next(model.parameters()).device
     bare = getattr(model, "module", model)  # embeddings and config of the wrapped model; the forward stays wrapped
     ids, keep, sizes = [], [], []

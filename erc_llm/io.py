@@ -6,10 +6,19 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from tqdm import tqdm
+
+
+def cache_root() -> Path:
+    """Where converted weights, tokenized datasets and feature caches live (``$ERC_LLM_CACHE``, default
+    ``~/.cache/erc_llm``)."""
+    return Path(os.environ.get("ERC_LLM_CACHE", Path.home() / ".cache" / "erc_llm"))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -193,13 +202,25 @@ class _Lines:
         self.stream.flush()
 
 
+def quiet_library_bars() -> None:
+    """When stderr is a log (a file or a pipe), switch off the bars of huggingface_hub, transformers and datasets
+    (loading weights, saving a tokenized dataset): they write carriage returns. Set before those libraries are
+    imported, the environment does it; for one already imported, its own switch."""
+    if sys.stderr.isatty():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+
+
 def progress(iterable=None, **kw):
     """A tqdm bar on a terminal; when stderr is a file or a pipe (a log), one plain line at most every 30 s and
     at the end, so logs hold lines, not carriage-return bars, and log messages never land on a bar's line."""
-    import sys
-
-    from tqdm import tqdm
-
     if sys.stderr.isatty():
         return tqdm(iterable, dynamic_ncols=True, **kw)
     return tqdm(iterable, file=_Lines(sys.stderr), mininterval=30, ncols=110, **kw)

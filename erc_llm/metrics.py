@@ -9,11 +9,18 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
 
 from erc_llm.data.schema import DataError, LabelSet
 from erc_llm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from erc_llm.palette import colours
+from erc_llm.stages import calibration
 
 
 def compute_metrics(gold: list[str], pred: list[str], labels: LabelSet) -> dict:
@@ -35,10 +42,10 @@ def compute_metrics(gold: list[str], pred: list[str], labels: LabelSet) -> dict:
 
 
 def plot_confusion(gold: list[str], pred: list[str], labels: LabelSet, path: Path, title: str) -> None:
-    import matplotlib
+    import matplotlib  # heavy; only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy; only when plotting
 
     names = list(labels.labels)
     cm = confusion_matrix(gold, pred, labels=names, normalize="true")
@@ -67,8 +74,6 @@ def plot_confusion(gold: list[str], pred: list[str], labels: LabelSet, path: Pat
 def calibration_metrics(rows: list[dict], labels: LabelSet, bins: int = 15) -> dict | None:
     """Expected calibration error (top label, ``bins`` equal-width bins, in %), NLL of the gold label and the
     reliability bins, over the rows that have a gold label and probabilities (None when there are none)."""
-    from erc_llm.stages import calibration
-
     scored = [r for r in rows if r["gold"] is not None and r.get("probabilities")]
     if not scored:
         return None
@@ -77,10 +82,10 @@ def calibration_metrics(rows: list[dict], labels: LabelSet, bins: int = 15) -> d
 
 
 def plot_reliability(cal: dict, path: Path, title: str) -> None:
-    import matplotlib
+    import matplotlib  # heavy; only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy; only when plotting
 
     fig, ax = plt.subplots(figsize=(4.2, 4.2))
     ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
@@ -102,11 +107,18 @@ def plot_reliability(cal: dict, path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
+def history_phrase(history: str) -> str:
+    """How every output names what the transcript carried for earlier turns: ``none`` (a text-only history),
+    ``predicted`` or ``gold``."""
+    return "no labels in the history" if history == "none" else f"{history} history"
+
+
 def render_report(m: dict) -> str:
     lines = [
         f"# Evaluation: {m['dataset']}/{m['split']} — {m['model']}",
         "",
-        f"History: **{m['history']}**{' (DIAGNOSTIC: gold labels of earlier turns are visible)' if m['history'] == 'gold' else ''}  ",
+        f"History: **{m['history']}** ({history_phrase(m['history'])}"
+        f"{'; DIAGNOSTIC: gold labels of earlier turns are visible' if m['history'] == 'gold' else ''})  ",
         f"Dialogues: {m['dialogues']}, utterances: {m['utterances']}, seconds: {m['seconds']:.1f}, "
         f"utterances/s: {m['utterances_per_second']:.2f}" + (f" ({m['dtype']})" if m.get("dtype") else "")
         + ("; skipped on load: " + ", ".join(f"{n} ({why})" for why, n in m["skipped_on_load"].items())

@@ -37,8 +37,6 @@ from erc_llm.io import atomic_write_json
 from erc_llm.prompting import AUDIO_TOKEN
 
 
-
-
 class AudioProjector(nn.Module):
     def __init__(self, in_dim: int, hidden_size: int, k_tokens: int, frames: bool, width: int = 256,
                  target_rms: float = 1.0):

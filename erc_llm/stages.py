@@ -34,8 +34,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from erc_llm.data.schema import DataError, Dialogue
-from erc_llm.io import atomic_dir, sha256_file
+from erc_llm.audio import load_source
+from erc_llm.data.schema import DataError, Dialogue, dialogues_digest
+from erc_llm.io import atomic_dir, cache_root, content_digest, progress, sha256_file
+from erc_llm.speakers import encoder_path
 
 log = logging.getLogger(__name__)
 STAGES_DIR = "stages"
@@ -82,7 +84,7 @@ class Memory:
 
     @classmethod
     def fit(cls, states: np.ndarray, labels: np.ndarray, n_labels: int, codec: str = "fp16") -> "Memory":
-        import faiss
+        import faiss  # heavy; only where a faiss index is used
 
         if codec not in CODECS:
             raise StageError(f"memory codec {codec!r} not supported; available = {list(CODECS)}")
@@ -109,14 +111,14 @@ class Memory:
         return out / out.sum(axis=1, keepdims=True)
 
     def save(self, directory: Path) -> None:
-        import faiss
+        import faiss  # heavy; only where a faiss index is used
 
         faiss.write_index(self.index, str(directory / "memory.faiss"))
         np.save(directory / "memory_labels.npy", self.labels)
 
     @classmethod
     def load(cls, directory: Path, n_labels: int, codec: str) -> "Memory":
-        import faiss
+        import faiss  # heavy; only where a faiss index is used
 
         index = faiss.read_index(str(directory / "memory.faiss"))
         labels = np.load(directory / "memory_labels.npy", allow_pickle=False)
@@ -151,7 +153,7 @@ class Classifier:
 
     @classmethod
     def load(cls, directory: Path, audio_context: int, text_encoder: str) -> "Classifier":
-        from erc_llm.projector import AudioSpec
+        from erc_llm.projector import AudioSpec  # loads torch; importing this module must not
 
         arrays = np.load(directory / "fusion.npz", allow_pickle=False)
         spec = AudioSpec.load(directory / "fusion_audio.json") if (directory / "fusion_audio.json").is_file() else None
@@ -173,7 +175,7 @@ class Listener:
         self.last: list[tuple[str, np.ndarray]] = []
 
     def audio_input(self, speaker: str, raw: np.ndarray | None) -> np.ndarray:
-        from erc_llm.projector import speaker_normalizer
+        from erc_llm.projector import speaker_normalizer  # loads torch; importing this module must not
 
         spec = self.c.spec
         if raw is not None and raw.ndim == 2:  # frame-level features: the utterance's mean frame
@@ -205,7 +207,7 @@ class Listener:
 
 def split_normalizers(spec, table, dialogues: list[Dialogue]) -> dict:
     """speaker -> statistics of all their utterances with audio in the split (the offline mode)."""
-    from erc_llm.projector import speaker_normalizer
+    from erc_llm.projector import speaker_normalizer  # loads torch; importing this module must not
 
     rows: dict[str, list[np.ndarray]] = {}
     for d in dialogues:
@@ -217,9 +219,7 @@ def split_normalizers(spec, table, dialogues: list[Dialogue]) -> dict:
 
 
 def text_encoder(name: str):
-    from sentence_transformers import SentenceTransformer
-
-    from erc_llm.speakers import encoder_path
+    from sentence_transformers import SentenceTransformer  # heavy; only where sentences are encoded
 
     return SentenceTransformer(encoder_path(name), device="cpu")
 
@@ -285,7 +285,7 @@ def calibration(gold: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict:
 
 def choose_temperature(gold: np.ndarray, probs: np.ndarray) -> float:
     """The temperature minimising dev NLL (bounded to [0.05, 20])."""
-    from scipy.optimize import minimize_scalar
+    from scipy.optimize import minimize_scalar  # heavy; only when fitting
 
     logp = log_clip(probs)
 
@@ -297,7 +297,7 @@ def choose_temperature(gold: np.ndarray, probs: np.ndarray) -> float:
 
 
 def weighted_f1(gold: np.ndarray, probs: np.ndarray) -> float:
-    from sklearn.metrics import f1_score
+    from sklearn.metrics import f1_score  # heavy; only when fitting
 
     return 100 * f1_score(gold, probs.argmax(axis=1), average="weighted", labels=range(probs.shape[1]), zero_division=0)
 
@@ -335,8 +335,6 @@ class Stages:
 
     def digest(self) -> str:
         """Content of the stage files and settings (part of a resumable evaluation's fingerprint)."""
-        from erc_llm.io import content_digest
-
         return content_digest(self.settings, *[sha256_file(f) for f in sorted(self.files)])[:16]
 
     def save(self, run: Path) -> None:
@@ -376,8 +374,6 @@ NO_AUDIO = SimpleNamespace(values={})  # a split without audio features: every t
 
 
 def audio_table(source: str, directory: str | Path, split: str):
-    from erc_llm.audio import load_source
-
     return load_source(source, directory, split)
 
 
@@ -401,7 +397,7 @@ def apply(stages: Stages, dialogues: list[Dialogue], llm: np.ndarray, memory: np
 
 def fit_classifier(train: list[Dialogue], gold: np.ndarray, table, spec, audio_context: int, encoder_name: str,
                    embed, stage_stats: str = "online") -> Classifier:
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # heavy; only when fitting
 
     shell = Classifier(np.zeros(0), np.zeros(0), spec, audio_context, encoder_name)
     texts = split_texts(embed, train) if encoder_name else None
@@ -484,10 +480,6 @@ def slot_inputs(p, dialogues: list[Dialogue], desc: str) -> SplitInputs:
     """The adapter's distribution and slot state at every turn of ``dialogues``, from the decoder evaluation
     uses (packed where dialogues fit the token budget, streamed with truncation otherwise); cached by the content
     of the adapter, prompts and dialogues, so fitting other stages for the same adapter reads them back."""
-    from erc_llm.backbone import cache_root
-    from erc_llm.data.schema import dialogues_digest
-    from erc_llm.io import content_digest
-
     adapter = sorted((p.run_dir / "adapter").glob("*")) if p.run_dir else []
     key = content_digest("slots-v1", p.manifest.get("sha256"), [sha256_file(f) for f in adapter],
                          p.builder.templates.version, p.builder.max_tokens, p.builder.max_utterance_tokens,
@@ -505,8 +497,6 @@ def slot_inputs(p, dialogues: list[Dialogue], desc: str) -> SplitInputs:
 
 
 def _slot_inputs(p, dialogues: list[Dialogue], desc: str) -> SplitInputs:
-    from erc_llm.io import progress
-
     tagger = p.tagger("predicted", batch=8)
     preds = []
     for k in progress(range(0, len(dialogues), 16), desc=desc, unit="16 dialogues"):
@@ -564,7 +554,7 @@ def fit(p, data: dict[str, list[Dialogue]], opts) -> tuple[Stages, dict]:
 
 def _fit_fusion(stages: Stages, data, inputs, opts) -> tuple[dict, dict]:
     """Fit the classifier on train (online statistics); its probabilities on every split and its own scores."""
-    from erc_llm.projector import fit_spec
+    from erc_llm.projector import fit_spec  # loads torch; importing this module must not
 
     tables, spec = {s: None for s in data}, None
     if opts.fusion_audio_source != "none":

@@ -13,6 +13,7 @@ import io
 import json
 import re
 
+from erc_llm.data.jsonl import parse_dialogue
 from erc_llm.data.schema import DataError
 from erc_llm.data.text import normalize_speaker, normalize_text
 
@@ -46,8 +47,6 @@ def parse(name: str, content: str, max_turns: int) -> list[tuple[str, str]]:
 
 
 def _jsonl(name: str, content: str) -> list[tuple[str, str]]:
-    from erc_llm.data.jsonl import parse_dialogue
-
     n, line = next((i, ln) for i, ln in enumerate(content.splitlines(), 1) if ln.strip())
     try:
         obj = json.loads(line)

@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from erc_llm.constants import has_checkpoint  # noqa: E402
-from erc_llm.io import atomic_write_json, atomic_write_text  # noqa: E402
+from erc_llm.constants import has_checkpoint
+from erc_llm.io import atomic_write_json, atomic_write_text
 
 CONFIG = "configs/meld_ablation.yaml"
 STUDIES = {

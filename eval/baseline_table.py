@@ -3,10 +3,14 @@
     python eval/baseline_table.py
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+try:  # imported as eval.baseline_table (tests, python -m eval.baseline_table)
+    from eval import records
+except ModuleNotFoundError:  # python eval/baseline_table.py: the script's own folder is first on sys.path
+    import records
 
 ROWS = [
     ("baseline_meld_text", "text only (MiniLM) + context GRU, focal"),
@@ -23,10 +27,9 @@ def main() -> None:
     print("| system (MELD test) | seeds | weighted F1 | WA | UA | macro F1 | gates text / audio / interaction |")
     print("|---|---|---|---|---|---|---|")
     for name, label in ROWS:
-        path = root / name / "summary.json"
-        if not path.is_file():
+        if not records.exists(root / name, "summary.json"):
             continue
-        s = json.loads(path.read_text())
+        s = records.read_json(root / name, "summary.json")
         cells = [f"{s[k]['mean']:.2f} ± {s[k]['std']:.2f}" for k in ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1")]
         gates = " / ".join(f"{v:.3f}" for v in s["gates"].values()) if "gates" in s else "—"
         print(f"| {label} | {len(s['seeds'])} | " + " | ".join(cells) + f" | {gates} |")
@@ -36,8 +39,8 @@ def main() -> None:
 
 def same_seeds_row(root: Path, name: str, seeds: list[int], label: str) -> None:
     """The full model restricted to the ablations' seeds, so every ablation compares like with like."""
-    ms = [json.loads((root / name / f"seed{k}" / "metrics.json").read_text()) for k in seeds
-          if (root / name / f"seed{k}" / "metrics.json").is_file()]
+    ms = [records.read_json(root / name, f"seed{k}/metrics.json") for k in seeds
+          if records.exists(root / name, f"seed{k}/metrics.json")]
     if len(ms) != len(seeds):
         return
     cells = []

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from erc_llm.data import DATASETS, load_split  # noqa: E402
-from erc_llm.io import atomic_write_json, atomic_write_text, claim_output, mark_output  # noqa: E402
+from erc_llm.data import DATASETS, load_split
+from erc_llm.io import claim_output
 
 
 def replay(session, dialogue, table) -> list[float]:
@@ -53,9 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    from erc_llm.bench.harness import machine, write_results
     from erc_llm.session import Engine, ERCSession
     from erc_llm.stages import audio_table
-    from erc_llm.hardware import machine
 
     dialogues, labels, _ = load_split(args.dataset, "test", args.data_dir)
     dialogues = dialogues[: args.dialogues]
@@ -81,17 +79,11 @@ def main(argv: list[str] | None = None) -> None:
               "machine": machine(), "python": platform.python_version(),
               "command": "python eval/chat_latency.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     lines = ["| session | turns | p50 ms | p95 ms | mean ms | turns/s |", "|---|---|---|---|---|---|"]
-    lines = [f"Machine: {result['machine']}", "", *lines]
     lines += [f"| {n} | {r['turns']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['mean_ms']:.1f} | "
               f"{r['turns_per_second']:.2f} |" for n, r in rows.items()]
     out = claim_output(args.out, "results", inputs=[args.run, args.data_dir])
-    out.mkdir(parents=True, exist_ok=True)  # a plain folder: results are committed
-    mark_output(out, "results")
-    atomic_write_json(out / "results.json", result)
-    atomic_write_text(out / "table.md", "\n".join(lines) + f"\n\nStages: {result['stages']}\n\n"
-                      f"Command: `{result['command']}`\n")
-    print("\n".join(lines))
-
+    write_results(out, result, "Chat latency per turn, with and without the stages",
+                  f"Machine: {result['machine']}; stages: {result['stages']}.", "\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -22,11 +22,10 @@ from types import SimpleNamespace
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from erc_llm.bench import full_test  # noqa: E402
-from erc_llm.io import atomic_write_json, atomic_write_text, claim_output, mark_output  # noqa: E402
-from erc_llm.hardware import machine  # noqa: E402
+from erc_llm.bench.harness import machine, write_results
+from erc_llm.bench.inference import full_test
+from erc_llm.io import claim_output
 
 
 def predictions(folder: Path) -> tuple[list[str], np.ndarray]:
@@ -80,12 +79,8 @@ def main() -> int:
             r["command"] = r["command"].replace(str(work), "OUT")
     res = {"command": "python eval/dtype_compare.py " + " ".join(sys.argv[1:]), "corpora": corpora,
            "machine": machine()}
-    atomic_write_json(out / "results.json", res)
-    atomic_write_text(out / "table.md", f"# float32 and --dtype auto, whole test splits\n\nCommand: `{res['command']}`  \n"
-                      f"Machine: {res['machine']}; one evaluation after another in one run.\n\n" + table(res))
-    mark_output(out, "results")
-    print(table(res))
-    return 0
+    return write_results(out, res, "float32 and --dtype auto, whole test splits",
+                         f"Machine: {res['machine']}; one evaluation after another in one run.", table(res))
 
 
 if __name__ == "__main__":

@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from erc_llm.audio import extract_dir, load_feature_csv  # noqa: E402
-from erc_llm.io import atomic_write_json, atomic_write_text  # noqa: E402
+from erc_llm.audio import extract_dir, load_feature_csv
+from erc_llm.io import atomic_write_json, atomic_write_text
 
 
 def _rel(path: str) -> str:

@@ -22,10 +22,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from erc_llm.data.schema import DataError, LabelSet  # noqa: E402
-from erc_llm.metrics import read_evaluation, write_evaluation  # noqa: E402
+from erc_llm.data.schema import DataError, LabelSet
+from erc_llm.metrics import read_evaluation, write_evaluation
 
 MUST_MATCH = ("dataset", "split", "context", "labels")
 

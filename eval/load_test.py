@@ -16,7 +16,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,11 +23,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from erc_llm.data import load_split  # noqa: E402
-from erc_llm.io import atomic_write_json, atomic_write_text, claim_output, mark_output  # noqa: E402
-from erc_llm.hardware import machine  # noqa: E402
+from erc_llm.bench.harness import machine, write_results
+from erc_llm.data import load_split
+from erc_llm.io import claim_output
 
 
 def free_port() -> int:
@@ -139,12 +137,8 @@ def main() -> int:
     res = {"command": "python eval/load_test.py " + " ".join(sys.argv[1:]), "run": args.run or None,
            "dtype": args.dtype, "seconds": args.seconds, "dialogues": len(dialogues), "rows": rows, "batching": health,
            "machine": f"{machine()}; server and clients on the same cores, loopback"}
-    atomic_write_json(out / "results.json", res)
-    atomic_write_text(out / "table.md", f"# HTTP load test (loopback)\n\nCommand: `{res['command']}`  \nMachine: "
-                      f"{res['machine']}; each client count runs {args.seconds:.0f} s.\n\n" + table(res))
-    mark_output(out, "results")
-    print(table(res))
-    return 0
+    return write_results(out, res, "HTTP load test (loopback)",
+                         f"Machine: {res['machine']}; each client count runs {args.seconds:.0f} s.", table(res))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,9 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from erc_llm.data import load_split  # noqa: E402
-from erc_llm.export import export, model_card, record_reference, run_metrics, train_command  # noqa: E402
-from erc_llm.run import PRETRAINED_DIR, RunSpec, write_checksums  # noqa: E402
+from erc_llm.data import load_split
+from erc_llm.export import export, model_card, record_reference, run_metrics, train_command
+from erc_llm.run import PRETRAINED_DIR, RunSpec, write_checksums
 
 USE = """
 ## Intended use and limits

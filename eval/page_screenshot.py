@@ -12,16 +12,13 @@ import argparse
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from erc_llm.data import load_split  # noqa: E402
-from erc_llm.io import claim_output, mark_output  # noqa: E402
+from erc_llm.data import load_split
+from erc_llm.io import claim_output, mark_output
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,14 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+from erc_llm.data import DATASETS, label_counts, load_split
+from erc_llm.data.schema import LabelSet
+from erc_llm.io import atomic_write_json
+from erc_llm.metrics import compute_metrics
 
-from ensemble import probability_matrix, read_member  # noqa: E402
-
-from erc_llm.data import DATASETS, label_counts, load_split  # noqa: E402
-from erc_llm.data.schema import LabelSet  # noqa: E402
-from erc_llm.io import atomic_write_json  # noqa: E402
-from erc_llm.metrics import compute_metrics  # noqa: E402
+try:  # imported as eval.prior_shift (tests, python -m eval.prior_shift)
+    from eval.ensemble import probability_matrix, read_member
+except ModuleNotFoundError:  # python eval/prior_shift.py: the script's own folder is first on sys.path
+    from ensemble import probability_matrix, read_member
 
 TAUS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 

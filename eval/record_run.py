@@ -7,7 +7,8 @@ plots or the per-utterance ``predictions.jsonl`` (re-run the command to get them
     python eval/record_run.py runs/iemocap_init_pros_s1 \
         eval/results/iemocap_lora_gemma-3-270m_textonly_init-meld_prosody_speaker_seed1
 
-The folder it writes is what ``eval/seeds.py`` summarises and what each per-seed link of the README's tables
+With ``--pack`` the folder holds one ``record.json`` (``eval/records.py``), as every row but the headline ones
+is kept. The folder it writes is what ``eval/seeds.py`` summarises and what each per-seed link of the README's tables
 points to. It refuses a run that has not finished (no ``train_summary.json``: resume it with ``--resume true``), one
 whose test evaluation has not finished (training writes ``train_summary.json`` before it evaluates the selected
 adapter on test) and an existing results folder (a committed record is replaced only on purpose: delete it first).
@@ -25,10 +26,13 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from erc_llm.config import eval_flags
+from erc_llm.io import current_umask
 
-from erc_llm.config import eval_flags  # noqa: E402
-from erc_llm.io import current_umask  # noqa: E402
+try:  # imported as eval.record_run (tests, python -m eval.record_run)
+    from eval import records
+except ModuleNotFoundError:  # python eval/record_run.py: the script's own folder is first on sys.path
+    import records
 
 RUN_FILES = ("run.json", "config.yaml", "best.json", "train_summary.json", "log.jsonl")
 EVAL_FILES = ("metrics.json", "report.md")  # plots are not kept: metrics.json holds their numbers
@@ -112,9 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="the results folder to write (must not exist)")
     p.add_argument("--full-log", action="store_true", help="keep every step's line of log.jsonl (headline rows); "
                    "default: the dev evaluations only")
+    p.add_argument("--pack", action="store_true", help="fold the record into one record.json (eval/records.py), as "
+                   "every row but the headline ones is kept")
     args = p.parse_args(argv)
+    if args.pack and args.full_log:
+        p.error("--pack and --full-log: a packed record is a row that is not a headline one and keeps the dev curve "
+                "only; choose one")
     files = record(args.run, args.out, args.full_log)
-    print(f"{args.out}: {len(files)} files from {args.run}")
+    if args.pack:
+        records.pack(args.out)
+    print(f"{args.out}: {len(files)} files from {args.run}{' in record.json' if args.pack else ''}")
     for rel in files:
         print(f"  {rel}")
     return 0

@@ -14,10 +14,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from erc_llm.io import atomic_write_json, atomic_write_text  # noqa: E402
-
+from erc_llm.io import atomic_write_json, atomic_write_text
 
 # the second probe's cases that live beside the code they test
 CASES = ["tests/test_robustness.py", "tests/test_outputs.py",

@@ -21,9 +21,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from erc_llm.io import atomic_write_json
 
-from erc_llm.io import atomic_write_json  # noqa: E402
+try:  # imported as eval.seeds (tests, python -m eval.seeds)
+    from eval import records
+except ModuleNotFoundError:  # python eval/seeds.py: the script's own folder is first on sys.path
+    import records
 
 KEYS = ("weighted_f1", "accuracy", "unweighted_accuracy", "macro_f1")
 # where a run was written and how it was run; they do not change the model (resume: tested bit-identical) or its
@@ -53,22 +56,22 @@ def row(folder: Path, seed: int, dev_weighted_f1: float, test: dict, options: di
 
 
 def read_run(folder: Path) -> dict:
-    missing = [p for p in ("best.json", "config.yaml", "test_predicted/metrics.json") if not (folder / p).is_file()]
+    missing = [p for p in ("best.json", "config.yaml", "test_predicted/metrics.json") if not records.exists(folder, p)]
     if missing:
         raise SystemExit(f"{folder}: missing {', '.join(missing)}; expected a results folder written by a training run")
-    test = json.loads((folder / "test_predicted" / "metrics.json").read_text())
-    best = json.loads((folder / "best.json").read_text())
-    cfg = yaml.safe_load((folder / "config.yaml").read_text())
-    stages = json.loads((folder / "stages.json").read_text()) if (folder / "stages.json").is_file() else None
+    test = records.read_json(folder, "test_predicted/metrics.json")
+    best = records.read_json(folder, "best.json")
+    cfg = yaml.safe_load(records.read_text(folder, "config.yaml"))
+    stages = records.read_json(folder, "stages.json") if records.exists(folder, "stages.json") else None
     return row(folder, cfg["seed"], best["dev_predicted"]["weighted_f1"], test, recipe(cfg), stages)
 
 
 def read_ensemble(folder: Path) -> dict:
     """One ensemble of ``eval/ensemble.py`` (``dev/`` and ``test/``) as a run of its members' common seed."""
-    if not (folder / "test" / "metrics.json").is_file():
+    if not records.exists(folder, "test/metrics.json"):
         raise SystemExit(f"{folder}: missing test/metrics.json beside dev/; expected an ensemble folder written by "
                          "eval/ensemble.py for both splits")
-    dev, test = (json.loads((folder / split / "metrics.json").read_text()) for split in ("dev", "test"))
+    dev, test = (records.read_json(folder, f"{split}/metrics.json") for split in ("dev", "test"))
     configs = [m.get("config") for m in test.get("members", [])]
     problems = [f"{folder / split}: split is {m.get('split')!r}, expected {split!r}"
                 for split, m in (("dev", dev), ("test", test)) if m.get("split") != split]
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folders", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True, help="folder for summary.json")
     args = p.parse_args(argv)
-    s = summarize([read_ensemble(f) if (f / "dev" / "metrics.json").is_file() else read_run(f) for f in args.folders])
+    s = summarize([read_ensemble(f) if records.exists(f, "dev/metrics.json") else read_run(f) for f in args.folders])
     atomic_write_json(args.out / "summary.json", {**s, "command": "python eval/seeds.py " + " ".join(argv or sys.argv[1:])})
     cells = " | ".join(f"{s[k]['mean']:.2f} ± {s[k]['std']:.2f}" for k in ("dev_weighted_f1", *KEYS))
     print(f"| seeds {s['seeds']} | {cells} |")

@@ -12,14 +12,16 @@ listed in its own column, so rows over different seeds are visible as such.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from erc_llm.io import atomic_write_text
 
-from erc_llm.io import atomic_write_text  # noqa: E402
+try:  # imported as eval.seeds_table (tests, python -m eval.seeds_table)
+    from eval import records
+except ModuleNotFoundError:  # python eval/seeds_table.py: the script's own folder is first on sys.path
+    import records
 
 METRICS = (("dev_weighted_f1", "dev wF1"), ("weighted_f1", "test wF1"), ("accuracy", "WA"),
            ("unweighted_accuracy", "UA"))
@@ -29,10 +31,10 @@ def parse_row(arg: str) -> tuple[str, Path]:
     label, sep, folder = arg.rpartition("=")
     if not sep or not label.strip():
         raise SystemExit(f"row {arg!r}: expected LABEL=FOLDER, e.g. 'text-only=eval/results/NAME_seeds'")
-    path = Path(folder) / "summary.json"
-    if not path.is_file():
-        raise SystemExit(f"row {label!r}: {path} not found; write it with `python eval/seeds.py RUN... --out {folder}`")
-    return label.strip(), path
+    if not records.exists(Path(folder), "summary.json"):
+        raise SystemExit(f"row {label!r}: {Path(folder) / 'summary.json'} not found; write it with "
+                         f"`python eval/seeds.py RUN... --out {folder}`")
+    return label.strip(), Path(folder)
 
 
 def render(rows: list[tuple[str, dict]]) -> str:
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("rows", nargs="+", help="LABEL=FOLDER, FOLDER holding a summary.json of eval/seeds.py")
     p.add_argument("--out", type=Path, required=True, help="folder for table.md")
     args = p.parse_args(argv)
-    rows = [(label, json.loads(path.read_text())) for label, path in map(parse_row, args.rows)]
+    rows = [(label, records.read_json(folder, "summary.json")) for label, folder in map(parse_row, args.rows)]
     table = render(rows)
     command = "python eval/seeds_table.py " + shlex.join(argv or sys.argv[1:])
     atomic_write_text(args.out / "table.md", table + f"\nCommand:\n\n```bash\n{command}\n```\n")

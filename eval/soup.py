@@ -18,13 +18,10 @@ import argparse
 import dataclasses
 import json
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from erc_llm.io import atomic_dir, atomic_write_json  # noqa: E402
-from erc_llm.run import RunSpec  # noqa: E402
+from erc_llm.io import atomic_dir, atomic_write_json
+from erc_llm.run import RunSpec
 
 IGNORED = ("train_dtype", "backbone")  # how a member was trained, not what it computes
 BACKBONE = ("name", "source", "sha256")  # what identifies the backbone (conversion details may differ)

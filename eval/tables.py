@@ -12,11 +12,15 @@ and test figures and each stage's dev and test scores.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import yaml
+
+try:  # imported as eval.tables (tests, python -m eval.tables)
+    from eval import records
+except ModuleNotFoundError:  # python eval/tables.py: the script's own folder is first on sys.path
+    import records
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ROOT / "eval" / "rows.yaml"
@@ -33,7 +37,8 @@ def pm(stat: dict, digits: int = 2) -> str:
 def load_rows() -> list[dict]:
     rows = yaml.safe_load(ROWS.read_text(encoding="utf-8"))
     for r in rows:
-        r["summary_json"] = json.loads((ROOT / r["summary"]).read_text(encoding="utf-8"))
+        summary = ROOT / r["summary"]
+        r["summary_json"] = records.read_json(summary.parent, summary.name)
     return rows
 
 

@@ -14,13 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from sklearn.linear_model import LogisticRegression
 
 from erc_llm.data import load_split
-from erc_llm.metrics import compute_metrics
 from erc_llm.io import atomic_write_json
+from erc_llm.metrics import compute_metrics
 
 
 def encoder_path(given: str | None) -> str:

@@ -152,9 +152,9 @@ def write_lora_run(run: Path, tiny_model, tiny_model_dir, seed: int = 0, label_h
 
 def fit_toy_dialogue(model, tokenizer, steps: int = 10, lr: float = 1e-3) -> list[float]:
     """``steps`` AdamW steps of the label-slot loss on one 4-turn toy dialogue; the losses."""
-    from erc_llm.losses import label_loss
     from erc_llm.heads import first_token_ids, slot_logits
     from erc_llm.prompting import PromptBuilder
+    from erc_llm.training.losses import label_loss
 
     b = PromptBuilder(tokenizer, LABELS)
     d = toy_dialogue(4)

@@ -7,8 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from erc_llm.audio import (PROSODY_FEATURES, extract_dir, load_feature_csv, load_npy_dir, load_source, praat_prosody,
-                           read_wav)
+from erc_llm.audio import (
+    PROSODY_FEATURES,
+    extract_dir,
+    load_feature_csv,
+    load_npy_dir,
+    load_source,
+    praat_prosody,
+    read_wav,
+)
 from erc_llm.data.schema import DataError
 
 EMODB = Path(__file__).resolve().parents[2] / "shared" / "data" / "emodb"

@@ -9,7 +9,8 @@ import pytest
 
 from tests.conftest import REPO
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "eval" / "README.md"]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "eval" / "README.md",
+        *sorted((REPO / "erc_llm" / "pretrained").glob("*/README.md")), *sorted((REPO / "eval" / "results").rglob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 

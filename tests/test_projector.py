@@ -10,10 +10,19 @@ from erc_llm.audio import FeatureTable
 from erc_llm.data.schema import DataError
 from erc_llm.decoding import StreamingTagger
 from erc_llm.heads import slot_logits
-from erc_llm.projector import (SPEAKER_MIN_UTTERANCES, AudioFeed, AudioInputs, AudioModel, AudioProjector, AudioSpec,
-                               embed_ids, embedding_rms, fit_spec)
-from erc_llm.session import Engine
+from erc_llm.projector import (
+    SPEAKER_MIN_UTTERANCES,
+    AudioFeed,
+    AudioInputs,
+    AudioModel,
+    AudioProjector,
+    AudioSpec,
+    embed_ids,
+    embedding_rms,
+    fit_spec,
+)
 from erc_llm.prompting import AUDIO_TOKEN, PromptBuilder
+from erc_llm.session import Engine
 from tests.conftest import LABELS, make_model, make_sharp_model, toy_dialogue
 
 

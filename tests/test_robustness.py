@@ -190,7 +190,8 @@ def test_cli_threads_must_be_a_count(command):
 
 
 def test_training_stops_on_a_diverging_loss_without_saving_it(tmp_path, tiny_model_dir):
-    from erc_llm.train import TrainingDiverged, train
+    from erc_llm.train import train
+    from erc_llm.training.select import TrainingDiverged
 
     data = write_jsonl_dataset(tmp_path / "data", 4)
     cfg = build(TrainConfig, None, {"dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir),

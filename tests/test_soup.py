@@ -8,8 +8,7 @@ import torch
 
 from erc_llm.run import RunSpec, load
 from eval import soup as soup_script
-from tests.conftest import REPO, write_lora_run
-
+from tests.conftest import write_lora_run
 
 
 def tiny_run(tmp_path: Path, tiny_model, tiny_model_dir, seed: int, label_history: bool = False) -> Path:

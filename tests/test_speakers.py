@@ -7,8 +7,16 @@ import pytest
 from erc_llm.config import EvalConfig, build
 from erc_llm.data.schema import Dialogue, LabelSet, Utterance
 from erc_llm.evaluate import evaluate
-from erc_llm.speakers import (Coverage, NoteSettings, SpeakerContext, SpeakerStore, SpeakerTemplates, StoreError,
-                              build_store, training_notes)
+from erc_llm.speakers import (
+    Coverage,
+    NoteSettings,
+    SpeakerContext,
+    SpeakerStore,
+    SpeakerTemplates,
+    StoreError,
+    build_store,
+    training_notes,
+)
 from tests.conftest import write_dialogues
 
 LABELS = LabelSet("toy", ("neutral", "joy", "anger", "surprise"))

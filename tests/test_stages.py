@@ -160,6 +160,7 @@ def test_offline_statistics_are_named_and_differ(tmp_path, tiny_model, tiny_mode
     base = {"dataset": "jsonl", "split": "dev", "data_dir": str(data), "run": str(run), "audio_dir": str(audio)}
     online = evaluate(build(EvalConfig, None, {**base, "out": str(tmp_path / "on")}))
     offline = evaluate(build(EvalConfig, None, {**base, "stage_stats": "split", "out": str(tmp_path / "off")}))
+    assert online["stages"]["stage_stats"] == "online"
     assert offline["stages"]["stage_stats"] == "split"
     assert "OFFLINE" in (tmp_path / "off" / "report.md").read_text()
     assert "OFFLINE" not in (tmp_path / "on" / "report.md").read_text()

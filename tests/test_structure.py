@@ -8,11 +8,30 @@ import pytest
 from tests.conftest import REPO
 
 PACKAGE = REPO / "erc_llm"
-TRAINING = {"erc_llm.train", "erc_llm.finetune", "erc_llm.lora", "erc_llm.checkpoint", "erc_llm.objective",
-            "erc_llm.losses", "erc_llm.averaging", "erc_llm.teacher", "erc_llm.throughput"}
-INFERENCE = ["erc_llm.run", "erc_llm.decoding", "erc_llm.heads", "erc_llm.session", "erc_llm.server", "erc_llm.chat",
-             "erc_llm.evaluate", "erc_llm.stages", "erc_llm.export", "erc_llm.metrics", "erc_llm.prompting"]
-
+# The layers, bottom up: a module may import modules of its own layer or below, never above. Training sits
+# beside inference (above it, so it may use the decoders for dev selection); nothing of inference imports it.
+LAYERS = [
+    ("foundation", {"erc_llm", "erc_llm.constants", "erc_llm.errors", "erc_llm.io", "erc_llm.palette",
+                    "erc_llm.gguf_parts", "erc_llm.data.text"}),
+    ("data", {"erc_llm.data", "erc_llm.data.schema", "erc_llm.data.jsonl", "erc_llm.data.meld", "erc_llm.data.iemocap"}),
+    ("config", {"erc_llm.config"}),
+    ("inputs", {"erc_llm.prompting", "erc_llm.audio", "erc_llm.backbone", "erc_llm.speakers", "erc_llm.uploads"}),
+    ("model", {"erc_llm.projector", "erc_llm.attention", "erc_llm.heads"}),
+    ("decoding and stages", {"erc_llm.decoding", "erc_llm.stages"}),
+    ("run", {"erc_llm.run", "erc_llm.metrics"}),
+    ("use", {"erc_llm.evaluate", "erc_llm.session", "erc_llm.export"}),
+    ("apps", {"erc_llm.chat", "erc_llm.server"}),
+    ("training", {"erc_llm.train", "erc_llm.training", "erc_llm.training.averaging", "erc_llm.training.checkpoint",
+                  "erc_llm.training.finetune", "erc_llm.training.lora", "erc_llm.training.loop",
+                  "erc_llm.training.losses", "erc_llm.training.objective", "erc_llm.training.recipe",
+                  "erc_llm.training.select", "erc_llm.training.teacher", "erc_llm.baseline",
+                  "erc_llm.baseline.features", "erc_llm.baseline.model", "erc_llm.baseline.train"}),
+    ("tools", {"erc_llm.bench", "erc_llm.bench.harness", "erc_llm.bench.inference", "erc_llm.bench.training"}),
+    ("command line", {"erc_llm.cli"}),
+]
+LAYER = {m: i for i, (_, members) in enumerate(LAYERS) for m in members}
+TRAINING = {m for m in LAYERS[9][1]}
+INFERENCE = sorted(m for m, i in LAYER.items() if i < 9)
 
 def imports() -> dict[str, set[str]]:
     """Module -> the erc_llm modules it imports anywhere in its code."""
@@ -45,25 +64,55 @@ def test_no_import_circles():
     assert not circles, f"modules that import themselves through others: {circles}"
 
 
-def test_the_config_schema_imports_no_training_code_and_checking_a_config_loads_no_torch(tmp_path):
-    """At the top the schema imports only the standard library, yaml and dependency-free erc_llm modules; its checks
-    reach run folders (an init_adapter) at call time, and even then torch is not loaded."""
+def test_the_config_schema_imports_only_dependency_free_modules_and_checking_a_config_loads_no_torch(tmp_path):
+    """The schema reaches only the standard library, yaml and dependency-free erc_llm modules (checks that read
+    another run's files belong to training setup); building and checking a config loads neither torch nor
+    transformers."""
     import subprocess
     import sys
 
     graph = imports()
-    assert not reachable(graph, "erc_llm.config") & TRAINING
-    top = {n.module for n in ast.parse((PACKAGE / "config.py").read_text()).body
-           if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("erc_llm")}
-    assert top <= {"erc_llm.constants", "erc_llm.data.schema"}
+    assert reachable(graph, "erc_llm.config") <= {"erc_llm.constants", "erc_llm.data.schema", "erc_llm.io"}
     code = ("import sys\nfrom erc_llm.config import TrainConfig, build\ntry:\n"
-            f"    build(TrainConfig, None, {{'data_dir': '.', 'out': {str(tmp_path / 'run')!r}, "
-            "'init_adapter': 'meld-gemma3-270m', 'lora_r': 3})\nexcept ValueError as e:\n    print(e)\n"
-            "print('torch' in sys.modules)\n")
+            f"    build(TrainConfig, None, {{'data_dir': '.', 'out': {str(tmp_path / 'run')!r}, 'lora_r': 0}})\n"
+            "except ValueError as e:\n    print(e)\nprint('torch' in sys.modules, 'transformers' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert "lora_r 16, this config has 3" in done.stdout and done.stdout.strip().endswith("False"), done.stdout + done.stderr
+    assert "lora_r" in done.stdout and done.stdout.strip().endswith("False False"), done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("module", INFERENCE)
 def test_inference_never_imports_training_code(module):
     assert not reachable(imports(), module) & TRAINING
+
+
+def test_every_module_has_a_layer_and_imports_point_down():
+    graph = imports()
+    assert not sorted(set(graph) - set(LAYER)), "place new modules in LAYERS"
+    upward = sorted(f"{m} ({LAYERS[LAYER[m]][0]}) -> {d} ({LAYERS[LAYER[d]][0]})"
+                    for m, deps in graph.items() for d in deps if LAYER[d] > LAYER[m])
+    assert not upward, "imports pointing up the layers:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_catches_an_upward_import():
+    """The config schema reading run folders (config -> run) is the kind of arrow the layer test exists for."""
+    graph = {**imports(), "erc_llm.config": {"erc_llm.run"}}
+    assert any(LAYER[d] > LAYER[m] for m, deps in graph.items() for d in deps)
+
+
+def test_imports_sit_at_the_top_and_each_lazy_one_says_why():
+    """Module-top imports outnumber those inside functions at least 3 to 1, and every import inside a function
+    carries a comment with its reason (a heavy or optional dependency kept out of a light module)."""
+    top = inner = 0
+    silent = []
+    for path in PACKAGE.rglob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        lines, tree = source.splitlines(), ast.parse(source)
+        lazy = {n for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        every = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        top += len(every) - len(lazy)
+        inner += len(lazy)
+        silent += [f"{path.relative_to(REPO)}:{n.lineno}" for n in lazy
+                   if "#" not in " ".join(lines[n.lineno - 1:n.end_lineno])]
+    assert top >= 3 * inner, (top, inner)
+    assert not silent, f"imports inside functions without a reason: {silent}"

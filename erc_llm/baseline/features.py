@@ -14,6 +14,7 @@ from erc_llm.audio import Normalizer, load_meld_prosody
 from erc_llm.data import Dialogue, LabelSet
 from erc_llm.data.schema import DataError
 from erc_llm.io import atomic_dir
+from erc_llm.speakers import encoder_path as resolve
 
 log = logging.getLogger(__name__)
 AUDIO_SOURCES = ("none", "meld_prosody")
@@ -31,8 +32,6 @@ CLASS_VAD = {
 
 def encoder_path(given: str) -> str:
     """The sentence encoder: ``given`` (a dir or hub id), else the packaged all-MiniLM-L6-v2."""
-    from erc_llm.speakers import encoder_path as resolve
-
     return resolve(given)
 
 
@@ -42,7 +41,7 @@ def text_embeddings(dialogues: list[Dialogue], encoder: str, cache: Path) -> dic
     key = hashlib.sha256(json.dumps([encoder, texts]).encode()).hexdigest()[:16]
     path = cache / "features" / f"text-{key}"
     if not (path / "emb.npy").is_file():
-        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import SentenceTransformer  # heavy; only where sentences are encoded
 
         model = SentenceTransformer(encoder, device="cpu")
         emb = model.encode([t for _, t in texts], batch_size=64, normalize_embeddings=True, show_progress_bar=True)

@@ -23,9 +23,9 @@ from erc_llm.baseline.features import audio_features, dialogue_arrays, encoder_p
 from erc_llm.baseline.model import FusedERC
 from erc_llm.config import BaselineConfig, build, to_dict
 from erc_llm.data import LabelSet, label_counts, load_split
-from erc_llm.io import atomic_write_json
+from erc_llm.io import atomic_write_json, cache_root
 from erc_llm.metrics import compute_metrics, write_evaluation
-from erc_llm.losses import class_weights, per_example_loss
+from erc_llm.training.losses import class_weights, per_example_loss
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")
@@ -44,8 +44,6 @@ class Prepared:
 
 
 def prepare(cfg: BaselineConfig) -> Prepared:
-    from erc_llm.backbone import cache_root
-
     dialogues = {}
     dialogues["train"], labels, report = load_split(cfg.dataset, "train", cfg.data_dir, tuple(cfg.labels) or None)
     log.info(report.summary())

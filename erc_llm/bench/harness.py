@@ -1,16 +1,23 @@
-"""The machine a benchmark runs on: matmul peak, the FLOPs of a forward, a process's peak memory, the CPU's name.
+"""The benchmark harness: the machine (matmul peak, the CPU's name), the FLOPs of a forward, a child process's wall
+time and peak memory, and synthetic dialogues of a chosen length.
 
-Shared by the decoding benchmark (``erc_llm.bench``), the training benchmark (``erc_llm.throughput``) and the
-result scripts in ``eval/``.
+Shared by the inference benchmark (``erc_llm.bench.inference``), the training benchmark
+(``erc_llm.bench.training``) and the result scripts in ``eval/``.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from erc_llm.backbone import native_bf16_cpu
+from erc_llm.data.schema import Dialogue, Utterance
+from erc_llm.io import atomic_write_json, atomic_write_text, mark_output
 
 
 def matmul_peak(dtype=torch.float32, n: int = 2048, reps: int = 8) -> float:
@@ -55,7 +62,39 @@ def machine() -> str:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         cpu = "unknown CPU"
-    from erc_llm.backbone import native_bf16_cpu
 
     bf16 = {"amx_bf16": "AMX", "avx512_bf16": "avx512_bf16"}.get(native_bf16_cpu(), "no native bf16")
     return f"{cpu}, {os.cpu_count()} cores, {bf16}"
+
+
+def synthetic(dialogues: list[Dialogue], length: int) -> Dialogue:
+    """A dialogue of ``length`` real utterances, taken in order across consecutive dialogues."""
+    utts = [u for d in dialogues for u in d.utterances][:length]
+    return Dialogue(f"len{length}", [Utterance(u.speaker, u.text, u.emotion, f"len{length}_{i}") for i, u in enumerate(utts)])
+
+
+def run_child(cmd: list[str]) -> tuple[float, int]:
+    """Run ``cmd``; its wall seconds and peak RSS in kB (``VmHWM``, polled)."""
+
+    t = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a child's progress output never blocks it
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        hwm = 0
+        while child.poll() is None:
+            hwm = max(hwm, vm_hwm_kb(child.pid))
+            time.sleep(0.2)
+        if child.returncode:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed ({child.returncode}): {err.read()[-2000:]}")
+    return time.perf_counter() - t, hwm
+
+
+def write_results(out: Path, result: dict, title: str, note: str, table: str) -> int:
+    """A benchmark's record in ``out``: ``results.json`` (``result``, holding its ``command``) and ``table.md``
+    (``title``, the command, ``note`` — the machine and how it ran — and the table), marked as benchmark output;
+    the table is printed too."""
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "table.md", f"# {title}\n\nCommand: `{result['command']}`  \n{note}\n\n{table}")
+    mark_output(out, "results")
+    print(table)
+    return 0

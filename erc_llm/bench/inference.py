@@ -16,18 +16,28 @@ matmul peak, time against dialogue length, and (``--full-test``) MELD test end t
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from erc_llm.backbone import DEFAULT_MODEL, load_for_training
+from erc_llm.bench.harness import forward_flops, machine, matmul_peak, run_child, synthetic
+from erc_llm.config import TrainConfig
+from erc_llm.data import MELD_LABELS, load_split
 from erc_llm.data.schema import Dialogue
-from erc_llm.hardware import forward_flops, machine, matmul_peak, vm_hwm_kb
-from erc_llm.throughput import synthetic
+from erc_llm.decoding import PackedTagger, StreamingTagger
+from erc_llm.heads import decoder_hidden, first_token_ids, slot_logits
+from erc_llm.io import atomic_write_json, atomic_write_text
+from erc_llm.run import SHIPPED
+from erc_llm.run import load as load_predictor
+from erc_llm.training.lora import wrap_lora
+from erc_llm.training.losses import label_loss
 
 WINDOW = 12
 
@@ -35,8 +45,6 @@ WINDOW = 12
 @torch.inference_mode()
 def forward_rate(model, ids: list[int], reps: int = 3) -> dict:
     """Our forward: the transformer body over ``ids`` (the label head on one position is negligible)."""
-    from erc_llm.heads import decoder_hidden
-
     x = torch.tensor([ids])
     decoder_hidden(model, x)
     best = float("inf")
@@ -82,8 +90,6 @@ def naive_tag(model, tokenizer, builder, dialogue: Dialogue, max_new_tokens: int
 
 
 def ours_tag(model, builder, dialogue: Dialogue) -> tuple[list[str], int]:
-    from erc_llm.decoding import StreamingTagger
-
     preds = [p.label for p in StreamingTagger(model, builder).tag(dialogue)]
     return preds, len(builder.build(dialogue, preds).input_ids)
 
@@ -93,9 +99,6 @@ def ours_tag(model, builder, dialogue: Dialogue) -> tuple[list[str], int]:
 def train_rates(model, builder, dialogues: list[Dialogue]) -> dict:
     """Supervised labels/s: (a) a windowed prompt per utterance, full-vocabulary logits at every position,
     one backward each; (b) one forward per dialogue, label logits at the slots only. Interleaved."""
-    from erc_llm.losses import label_loss
-    from erc_llm.heads import first_token_ids, slot_logits
-
     firsts = first_token_ids(builder)
     secs = {"naive": 0.0, "ours": 0.0}
     n = 0
@@ -135,20 +138,10 @@ def full_test(args, dtype: str, out: Path, dataset: str = "meld") -> dict:
 
     Peak RSS is the child's own high-water mark (``VmHWM`` in /proc, polled): ``getrusage`` of children
     would count the pages a forked child shares with this (large) process before it execs."""
-    import json
-
     cmd = [sys.executable, "-m", "erc_llm.cli", "evaluate", "--dataset", dataset, "--split", "test", "--data-dir",
            args.data_dir, "--dtype", dtype, "--out", str(out)] + (["--run", args.run] if args.run else []) + (
            ["--zero-shot", "true", "--model", args.model or "gemma-3-270m"] if args.zero_shot else [])
-    t = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    hwm = 0
-    while child.poll() is None:
-        hwm = max(hwm, vm_hwm_kb(child.pid))
-        time.sleep(0.2)
-    wall = time.perf_counter() - t
-    if child.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {child.returncode}")
+    wall, hwm = run_child(cmd)
     m = json.loads((out / "metrics.json").read_text())
     return {"dtype": dtype, "ran_as": m.get("dtype", dtype), "wall_seconds": wall, "utterances": m["utterances"], "utterances_per_second": m["utterances_per_second"],
             "weighted_f1": m.get("weighted_f1"), "peak_rss_gb": hwm / 1024**2, "command": " ".join(cmd[2:])}
@@ -163,9 +156,6 @@ def threads() -> int:
 def load(args, dtype: str):
     """(model, tokenizer, prompt builder, manifest) of ``--run`` (default: the shipped model) or, with
     ``--zero-shot``, the bare backbone."""
-    from erc_llm.data import MELD_LABELS
-    from erc_llm.run import SHIPPED, load as load_predictor
-
     p = load_predictor(None if args.zero_shot else (args.run or SHIPPED), model=args.model, dtype=dtype,
                        labels=MELD_LABELS)
     return p.model, p.tokenizer, p.builder, {**p.manifest, "name": p.name}
@@ -174,8 +164,6 @@ def load(args, dtype: str):
 def compare_eval(models: dict, dialogues: list[Dialogue], pack: int = 8) -> dict:
     """Interleaved chunk by chunk (``pack`` dialogues): naive (fp32), ours per dtype, ours packed; accuracy on
     the same utterances."""
-    from erc_llm.decoding import PackedTagger
-
     names = ["naive", *models["ours"], "ours_bf16_packed"]
     stats = {name: {"seconds": 0.0, "tokens": 0, "correct": 0, "failures": 0} for name in names}
     model, tok, builder = models["naive"]
@@ -264,22 +252,7 @@ def render(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["training"]:  # training throughput: erc_llm/throughput.py
-        from erc_llm.throughput import main as training_main
-
-        return training_main(argv[1:])
-    if argv[:1] == ["decoding"]:  # batch evaluation speed by corpus and dialogue length
-        from erc_llm.throughput import decoding_main
-
-        return decoding_main(argv[1:])
-
-    from erc_llm.data import load_split
-    from erc_llm.io import atomic_write_json, atomic_write_text
-
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="eval/bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="MELD csv folder")
     p.add_argument("--run", default="", help="trained run or shipped model name (adapter merged for every path; "
@@ -309,13 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         "eval": compare_eval(models, sample),
         "scaling": scaling(models, test, [int(x) for x in args.lengths.split(",")]),
     }
-    from erc_llm.backbone import DEFAULT_MODEL, load_for_training
-    from erc_llm.config import TrainConfig
-    from erc_llm.lora import wrap_lora
 
     name = manifest.get("path") or args.model or DEFAULT_MODEL
     lora, _, _ = load_for_training(name, "float32")
-    result["train"] = train_rates(wrap_lora(lora, TrainConfig(data_dir=".")), builder, train[: args.train_dialogues])
+    result["train"] = train_rates(wrap_lora(lora, TrainConfig(data_dir=".").lora_options()), builder, train[: args.train_dialogues])
     del lora
     if args.full_test:
         out = Path(args.out)

@@ -6,7 +6,7 @@ measured matmul peak, peak memory, and cost per token against dialogue length (t
 *Before* is the original loop (float32 weights, masked sdpa attention, one forward per dialogue:
 ``--dtype float32 --attention sdpa --pack-tokens 0``); *after* is the recipe as configured (``--dtype auto``:
 bfloat16 weights where the CPU computes bf16 natively, with the adapters under bf16 autocast; block attention;
-dialogues packed into one forward; the vectorised LoRA dropout of ``erc_llm.lora``; activation checkpointing
+dialogues packed into one forward; the vectorised LoRA dropout of ``erc_llm.training.lora``; activation checkpointing
 where the recipe turns it on). Each
 recipe runs as a real ``erc_llm/train.py`` child process for the same steps on the same dialogues;
 tokens/s is the optimisation time only (as ``train_summary.json`` reports it) and peak RSS is the child's
@@ -15,45 +15,34 @@ tokens/s is the optimisation time only (as ``train_summary.json`` reports it) an
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
-from erc_llm.data.schema import Dialogue, Utterance
-from erc_llm.hardware import forward_flops, machine, matmul_peak, vm_hwm_kb
+from erc_llm.attention import register
+from erc_llm.backbone import load_backbone, load_for_training, resolve_dtype
+from erc_llm.bench.harness import forward_flops, machine, matmul_peak, run_child, synthetic
+from erc_llm.config import TrainConfig, build
+from erc_llm.data import load_split
+from erc_llm.decoding import StreamingTagger
+from erc_llm.heads import first_token_ids, slot_logits
+from erc_llm.io import atomic_write_json, atomic_write_text
+from erc_llm.prompting import PromptBuilder, Templates
+from erc_llm.run import RunSpec
+from erc_llm.training.lora import compute_context, wrap_lora
+from erc_llm.training.losses import label_loss
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PATHS = {"before": ["--dtype", "float32", "--attention", "sdpa", "--pack-tokens", "0", "--activation-checkpointing", "false"],
          "after": ["--dtype", "auto", "--attention", "block"]}
 RECIPES = {"meld": ("configs/meld.yaml", "meld_dir"), "iemocap": ("configs/iemocap.yaml", "iemocap_dir")}
-
-
-def synthetic(dialogues: list[Dialogue], length: int) -> Dialogue:
-    """A dialogue of ``length`` real utterances, taken in order across consecutive dialogues."""
-    utts = [u for d in dialogues for u in d.utterances][:length]
-    return Dialogue(f"len{length}", [Utterance(u.speaker, u.text, u.emotion, f"len{length}_{i}") for i, u in enumerate(utts)])
-
-
-def run_child(cmd: list[str]) -> tuple[float, int]:
-    """Run ``cmd``; its wall seconds and peak RSS in kB (``VmHWM``, polled)."""
-
-    t = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a child's progress output never blocks it
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
-        hwm = 0
-        while child.poll() is None:
-            hwm = max(hwm, vm_hwm_kb(child.pid))
-            time.sleep(0.2)
-        if child.returncode:
-            err.seek(0)
-            raise RuntimeError(f"{' '.join(cmd)} failed ({child.returncode}): {err.read()[-2000:]}")
-    return time.perf_counter() - t, hwm
 
 
 def recipe_run(config: str, data_dir: str, path: str, steps: int, work: Path, threads: int) -> dict:
@@ -66,9 +55,6 @@ def recipe_run(config: str, data_dir: str, path: str, steps: int, work: Path, th
            "--threads", str(threads), *PATHS[path]]
     wall, hwm = run_child(cmd)
     summary = json.loads((out / "train_summary.json").read_text())
-    from erc_llm.run import RunSpec
-
-    import yaml
 
     dtype = RunSpec.read(out).train_dtype
     checkpointing = bool(yaml.safe_load((out / "config.yaml").read_text()).get("activation_checkpointing"))
@@ -87,10 +73,6 @@ def train_flops_per_token(model, tokens: int) -> float:
 
 def avg_tokens(config: str, data_dir: str, tokenizer) -> float:
     """Mean transcript length of the recipe's training dialogues (its prompt, its token budget)."""
-    from erc_llm.config import TrainConfig, build
-    from erc_llm.data import load_split
-    from erc_llm.prompting import PromptBuilder, Templates
-
     cfg = build(TrainConfig, str(REPO / config), {"data_dir": data_dir, "out": tempfile.mkdtemp()})
     dialogues, labels, _ = load_split(cfg.dataset, "train", data_dir, tuple(cfg.labels) or None)
     b = PromptBuilder(tokenizer, labels, Templates.load(context=cfg.context), cfg.max_tokens, cfg.max_utterance_tokens)
@@ -101,16 +83,6 @@ def avg_tokens(config: str, data_dir: str, tokenizer) -> float:
 def length_scaling(model_name: str, data_dir: str, lengths: list[int], reps: int = 1) -> list[dict]:
     """Training (one dialogue forward+backward) and decoding (streaming, predicted history) tokens/s for
     synthetic dialogues of real IEMOCAP utterances, before and after; no truncation (budget above length)."""
-    from erc_llm.attention import register
-    from erc_llm.backbone import load_backbone, load_for_training, resolve_dtype
-    from erc_llm.config import TrainConfig
-    from erc_llm.data import load_split
-    from erc_llm.decoding import StreamingTagger
-    from erc_llm.losses import label_loss
-    from erc_llm.heads import first_token_ids, slot_logits
-    from erc_llm.prompting import PromptBuilder
-    from erc_llm.lora import compute_context, wrap_lora
-
     dialogues, labels, _ = load_split("jsonl", "train", data_dir)
     rows = []
     models = {}
@@ -118,7 +90,7 @@ def length_scaling(model_name: str, data_dir: str, lengths: list[int], reps: int
         m, tok, _ = load_for_training(model_name, dtype)
         if attn == "block":
             m.set_attn_implementation(register())
-        models[path] = (wrap_lora(m, TrainConfig(data_dir=".")).train(), tok)
+        models[path] = (wrap_lora(m, TrainConfig(data_dir=".").lora_options()).train(), tok)
     dec, tok, _ = load_backbone(model_name, resolve_dtype("auto"))
     for n in [lengths[0], *lengths]:  # the first pass warms up (allocator, kernels) and is not reported
         d = synthetic(dialogues, n)
@@ -144,8 +116,6 @@ def length_scaling(model_name: str, data_dir: str, lengths: list[int], reps: int
 
 
 def run(args) -> dict:
-    from erc_llm.backbone import load_backbone
-
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     model, tok, manifest = load_backbone(args.model)
@@ -184,8 +154,6 @@ def evaluate_child(args: list[str], out: Path) -> dict:
 
 def long_dialogue_dir(data_dir: str, turns: int, work: Path) -> Path:
     """A JSONL data folder whose test split is one dialogue of ``turns`` real IEMOCAP training utterances."""
-    from erc_llm.data import load_split
-
     dialogues, _, _ = load_split("jsonl", "train", data_dir)
     utts = [u for d in dialogues for u in d.utterances]
     d = synthetic([type(dialogues[0])("all", utts * (turns // len(utts) + 1))], turns)
@@ -211,7 +179,6 @@ def decoding(args) -> dict:
             work / "iemocap")
         c = result["corpora"]
         result["iemocap_vs_meld"] = c["iemocap"]["utterances_per_second"] / c["meld"]["utterances_per_second"]
-        from erc_llm.run import RunSpec
 
         labels = ",".join(RunSpec.read(Path(args.iemocap_run)).labels)
         result["long_dialogue"] = []
@@ -266,8 +233,6 @@ def render(r: dict) -> str:
 
 
 def _parser(prog: str, description: str):
-    import argparse
-
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--meld-dir", required=True, help="MELD csv folder")
     p.add_argument("--iemocap-dir", required=True, help="IEMOCAP JSONL folder ({train,dev,test}.jsonl)")
@@ -276,8 +241,6 @@ def _parser(prog: str, description: str):
 
 
 def _save(out: str, stem: str, result: dict, text: str) -> int:
-    from erc_llm.io import atomic_write_json, atomic_write_text
-
     atomic_write_json(Path(out) / f"{stem}.json", result)
     atomic_write_text(Path(out) / f"{stem}.md", text)
     print(text)

@@ -12,9 +12,9 @@ from erc_llm.data.iemocap import load_iemocap
 from erc_llm.data.jsonl import infer_labels, load_jsonl
 from erc_llm.data.meld import load_meld
 from erc_llm.data.schema import (
+    BAD_ROW_MODES,
     IEMOCAP_LABELS,
     MELD_LABELS,
-    BAD_ROW_MODES,
     DataError,
     Dialogue,
     LabelSet,
@@ -50,7 +50,7 @@ def load_split(
 
 def to_hf_dataset(dialogues: list[Dialogue]):
     """Export dialogues as a ``datasets.Dataset``, one row per dialogue (nested turns)."""
-    import datasets
+    import datasets  # heavy; only for the tokenized cache
 
     rows = [
         {

@@ -16,8 +16,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from erc_llm.data.schema import (BAD_ROW_MODES, DataError, Dialogue, LabelSet, LoadReport, Utterance, check_unique_ids,
-                                 label_counts, problem_reason, raise_problems)
+from erc_llm.data.schema import (
+    BAD_ROW_MODES,
+    DataError,
+    Dialogue,
+    LabelSet,
+    LoadReport,
+    Utterance,
+    check_unique_ids,
+    label_counts,
+    problem_reason,
+    raise_problems,
+)
 from erc_llm.data.text import normalize_speaker, normalize_text
 
 

@@ -9,9 +9,18 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from erc_llm.data.schema import (MELD_LABELS, DataError, Dialogue, LoadReport, Utterance, check_unique_ids, problem_reason,
-                                 raise_problems)
+from erc_llm.data.schema import (
+    MELD_LABELS,
+    DataError,
+    Dialogue,
+    LoadReport,
+    Utterance,
+    check_unique_ids,
+    problem_reason,
+    raise_problems,
+)
 from erc_llm.data.text import normalize_speaker, normalize_text
+from erc_llm.io import atomic_write_text
 
 SPLITS = ("train", "dev", "test")
 REQUIRED_COLUMNS = ("Utterance", "Speaker", "Emotion", "Dialogue_ID", "Utterance_ID")
@@ -114,8 +123,6 @@ def _season_episode(u: Utterance) -> dict:
 
 def download_meld(out_dir: str | Path, timeout: float = 30.0) -> list[Path]:
     """Fetch the three official CSVs into ``out_dir`` (atomic per file)."""
-    from erc_llm.io import atomic_write_text
-
     written = []
     for split in SPLITS:
         url = DOWNLOAD_URL.format(split=split)

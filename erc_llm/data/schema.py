@@ -6,6 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from erc_llm.io import content_digest
+
 
 class DataError(ValueError):
     """Bad input data. The message names the file, the line/row and field, and what was expected."""
@@ -130,7 +132,5 @@ def check_unique_ids(dialogues: list[Dialogue], source: str) -> None:
 
 def dialogues_digest(dialogues: Iterable[Dialogue]) -> str:
     """Content fingerprint of dialogues: ids, speakers, texts, gold labels and audio references, in order."""
-    from erc_llm.io import content_digest
-
     return content_digest([[d.id, [[u.utterance_id, u.speaker, u.text, u.emotion, u.audio] for u in d.utterances]]
                            for d in dialogues])

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from erc_llm.training.averaging import WeightAverage, restore_average
 from erc_llm.constants import CHECKPOINT_DIR
-from erc_llm.training.finetune import load_trainable_state, trainable_state
 from erc_llm.io import atomic_dir, atomic_write_json, atomic_write_text
+from erc_llm.training.averaging import WeightAverage, restore_average
+from erc_llm.training.finetune import load_trainable_state, trainable_state
 from erc_llm.training.losses import SlotBank
 
 LOG_FILE = "log.jsonl"

@@ -45,10 +45,10 @@ def test_lora_changes_adapter_only(tiny_model_dir):
     """A few optimizer steps: base weights bit-identical, LoRA weights moved."""
     from erc_llm.backbone import load_for_training
     from erc_llm.config import TrainConfig
-    from erc_llm.lora import wrap_lora
+    from erc_llm.training.lora import wrap_lora
 
     model, tok, _ = load_for_training(str(tiny_model_dir))
-    model = wrap_lora(model, TrainConfig(data_dir=".", lora_r=4))
+    model = wrap_lora(model, TrainConfig(data_dir=".", lora_r=4).lora_options())
     base0 = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     lora0 = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     assert lora0 and all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
@@ -232,7 +232,8 @@ def test_on_policy_history_writes_the_labels_the_model_itself_would_write(tmp_pa
     from erc_llm.config import TrainConfig, build
     from erc_llm.data import load_split
     from erc_llm.decoding import StreamingTagger
-    from erc_llm.train import fit, history_labels, setup
+    from erc_llm.training.loop import fit, history_labels
+    from erc_llm.training.recipe import setup
 
     data = write_jsonl_dataset(tmp_path / "data", 4)
     base = {"dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir), "labels": list(LABELS.labels),
@@ -259,7 +260,9 @@ def test_on_policy_history_with_audio_writes_what_each_dialogue_alone_writes(tmp
     alone with its own turns' soft tokens."""
     from erc_llm.config import TrainConfig, build
     from erc_llm.decoding import rollout
-    from erc_llm.train import eval_mode, history_labels, setup
+    from erc_llm.training.loop import history_labels
+    from erc_llm.training.recipe import setup
+    from erc_llm.training.select import eval_mode
 
     data = write_jsonl_dataset(tmp_path / "data", 4)
     r = setup(build(TrainConfig, None, {
@@ -278,7 +281,7 @@ def test_on_policy_history_with_audio_writes_what_each_dialogue_alone_writes(tmp
 def test_epoch_order_short_first_sorts_only_the_first_epoch():
     """Curriculum short_first: epoch 0 shortest first over the same randomly cut subset as without it; later
     epochs are the plain shuffle; every order is a whole number of steps."""
-    from erc_llm.train import epoch_order
+    from erc_llm.training.recipe import epoch_order
 
     lengths = [50, 10, 40, 10, 30, 20, 60, 5, 25, 35, 45]
     plain = epoch_order(len(lengths), 3, 0, 1, 2)
@@ -291,19 +294,19 @@ def test_epoch_order_short_first_sorts_only_the_first_epoch():
 
 def test_curriculum_short_first_trains_on_the_shortest_dialogues_first(tmp_path, tiny_model_dir, monkeypatch):
     """The first step of a short_first run sees the shortest transcripts; an unknown curriculum is a config error."""
-    import erc_llm.train as train_mod
     from erc_llm.config import ConfigError, TrainConfig, build
+    from erc_llm.training import loop, recipe
 
     data = write_jsonl_dataset(tmp_path / "data", 6)
     cfg = {"dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir), "labels": list(LABELS.labels),
            "batch_dialogues": 2, "max_steps": 1, "eval_every": 100, "save_every": 100, "test_eval": False,
            "dtype": "float32", "curriculum": "short_first", "out": str(tmp_path / "run")}
-    r = train_mod.setup(build(TrainConfig, None, cfg))
+    r = recipe.setup(build(TrainConfig, None, cfg))
     seen = []
-    real = train_mod.history_labels
-    monkeypatch.setattr(train_mod, "history_labels", lambda r_, batch, rows: seen.append(batch) or real(r_, batch, rows))
-    train_mod.fit(r)
-    usable = set(train_mod.epoch_order(6, 0, 0, 1, 2))
+    real = loop.history_labels
+    monkeypatch.setattr(loop, "history_labels", lambda r_, batch, rows: seen.append(batch) or real(r_, batch, rows))
+    loop.fit(r)
+    usable = set(recipe.epoch_order(6, 0, 0, 1, 2))
     assert sorted(r.lengths[i] for i in seen[0]) == sorted(r.lengths[i] for i in usable)[:2]
     with pytest.raises(ConfigError, match="curriculum.*short_first"):
         build(TrainConfig, None, {**cfg, "curriculum": "longest"})
@@ -313,8 +316,8 @@ def test_contrastive_term_enters_the_loss_and_fills_the_bank(tmp_path, tiny_mode
     """With contrastive_weight the first step's loss grows by the weighted term (same data, same start), the
     bank holds every labelled slot seen and a resumed run gets it back from the checkpoint; a temperature without
     the term, or resuming without it, is an error."""
-    import erc_llm.train as train_mod
     from erc_llm.config import ConfigError, TrainConfig, build
+    from erc_llm.training import loop, recipe
 
     data = write_jsonl_dataset(tmp_path / "data", 4)
     cfg = {"dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir), "labels": list(LABELS.labels),
@@ -322,17 +325,17 @@ def test_contrastive_term_enters_the_loss_and_fills_the_bank(tmp_path, tiny_mode
            "dtype": "float32", "lr": 0.01}
     losses = {}
     for weight in (0.0, 1.0):
-        r = train_mod.setup(build(TrainConfig, None, {**cfg, "contrastive_weight": weight, "out": str(tmp_path / f"r{weight}")}))
-        train_mod.fit(r)
+        r = recipe.setup(build(TrainConfig, None, {**cfg, "contrastive_weight": weight, "out": str(tmp_path / f"r{weight}")}))
+        loop.fit(r)
         losses[weight] = json.loads((tmp_path / f"r{weight}" / "log.jsonl").read_text().splitlines()[0])["loss"]
         if weight:
-            slots = sum(len(r.data[i]["labels"]) for i in train_mod.epoch_order(len(r.data), 0, 0, 1, 2)[:2])
+            slots = sum(len(r.data[i]["labels"]) for i in recipe.epoch_order(len(r.data), 0, 0, 1, 2)[:2])
             assert len(r.bank.labels) == slots
-            resumed = train_mod.setup(build(TrainConfig, None, {**cfg, "contrastive_weight": weight, "resume": True,
+            resumed = recipe.setup(build(TrainConfig, None, {**cfg, "contrastive_weight": weight, "resume": True,
                                                                 "out": str(tmp_path / f"r{weight}")}))
             assert torch.equal(resumed.bank.z, r.bank.z) and torch.equal(resumed.bank.labels, r.bank.labels)
             with pytest.raises(ValueError, match="trained with a contrastive term"):
-                train_mod.setup(build(TrainConfig, None, {**cfg, "resume": True, "out": str(tmp_path / f"r{weight}")}))
+                recipe.setup(build(TrainConfig, None, {**cfg, "resume": True, "out": str(tmp_path / f"r{weight}")}))
         else:
             assert r.bank is None
     assert losses[1.0] > losses[0.0] + 0.1
@@ -343,7 +346,7 @@ def test_contrastive_term_enters_the_loss_and_fills_the_bank(tmp_path, tiny_mode
 def test_eval_mode_restores_each_modules_previous_mode_also_on_error():
     """Dev decoding and on-policy rollouts run in eval mode; afterwards each module is back in the mode it
     was in (a module that was in eval mode stays there), even when decoding raises."""
-    from erc_llm.train import eval_mode
+    from erc_llm.training.select import eval_mode
 
     training, frozen = torch.nn.Dropout(), torch.nn.Dropout().eval()
     with eval_mode(training, None, frozen):
@@ -358,7 +361,7 @@ def test_lr_schedule_shapes_the_learning_rate_after_warm_up(tmp_path, tiny_model
     """Warm-up to the peak, then linear or cosine decay to 0, or a constant peak: the schedule the optimizer
     actually gets from the config."""
     from erc_llm.config import TrainConfig, build
-    from erc_llm.train import setup
+    from erc_llm.training.recipe import setup
 
     data = write_jsonl_dataset(tmp_path / "data", 4)
     curves = {}
@@ -393,7 +396,7 @@ def test_run_prompts_are_the_custom_folder_completed_by_the_packaged_support_tem
     the speaker-note and audio templates, so the run can take speaker notes or audio at inference."""
     from erc_llm.config import TrainConfig
     from erc_llm.prompting import PROMPTS_DIR, Templates
-    from erc_llm.train import write_run_files
+    from erc_llm.training.recipe import write_run_files
 
     custom = REPO / "configs" / "prompts" / "meld_described"
     cfg = TrainConfig(prompts=str(custom), out=str(tmp_path / "run"))
@@ -421,7 +424,7 @@ def test_init_adapter_starts_training_from_the_trained_runs_weights(tmp_path, ti
     run records where it started."""
     import yaml
 
-    from erc_llm.train import setup
+    from erc_llm.training.recipe import setup
 
     init = write_lora_run(tmp_path / "trained", tiny_model, tiny_model_dir)
     saved = _adapter(init)
@@ -436,16 +439,16 @@ def test_init_adapter_starts_training_from_the_trained_runs_weights(tmp_path, ti
 
 
 def test_init_adapter_of_another_shape_is_refused_up_front_or_at_load(tmp_path, tiny_model, tiny_model_dir):
-    from erc_llm.train import setup
+    from erc_llm.training.recipe import setup
 
     init = write_lora_run(tmp_path / "trained", tiny_model, tiny_model_dir)
     with pytest.raises(ValueError, match=r"init_adapter: .* was trained with lora_r 4, this config has 8; set lora_r: 4"):
-        _init_config(tmp_path, tiny_model_dir, init, lora_r=8)
+        setup(_init_config(tmp_path, tiny_model_dir, init, lora_r=8))
     with pytest.raises(ValueError, match=r"init_adapter: 'runs/nowhere': run 'runs/nowhere' not found; .*shipped models"):
-        _init_config(tmp_path, tiny_model_dir, Path("runs/nowhere"))
+        setup(_init_config(tmp_path, tiny_model_dir, Path("runs/nowhere")))
     (init / "reference.json").write_text(json.dumps({"adapter_sha256": "0" * 64}))  # a packaged model, altered
     with pytest.raises(ValueError, match=r"init_adapter: .*does not match the sha256 recorded when the model was packaged"):
-        _init_config(tmp_path, tiny_model_dir, init)
+        setup(_init_config(tmp_path, tiny_model_dir, init))
     (init / "reference.json").unlink()
     # all-linear cannot be compared before the model exists: the load names the tensors without saved weights
     cfg = _init_config(tmp_path, tiny_model_dir, init, lora_targets=["all-linear"])
@@ -459,7 +462,7 @@ def test_full_finetuning_from_a_lora_run_starts_from_its_merged_weights(tmp_path
     refused up front."""
     from erc_llm.backbone import load_backbone
     from erc_llm.run import RunSpec, trained_weights
-    from erc_llm.train import setup
+    from erc_llm.training.recipe import setup
 
     init = write_lora_run(tmp_path / "trained", tiny_model, tiny_model_dir)
     cfg = _init_config(tmp_path, tiny_model_dir, init, finetune="full", lora_r=8)  # the adapter's r is 4
@@ -475,16 +478,17 @@ def test_full_finetuning_from_a_lora_run_starts_from_its_merged_weights(tmp_path
     assert ours[changed[0]].requires_grad
     RunSpec(model=str(tmp_path / "another"), labels=LABELS.labels).write(init)
     with pytest.raises(ValueError, match=r"init_adapter: .* was trained on model .*another.*, this config has"):
-        _init_config(tmp_path, tiny_model_dir, init, finetune="full")
+        setup(_init_config(tmp_path, tiny_model_dir, init, finetune="full", out=str(tmp_path / "out2")))
 
 
 def test_ema_run_saves_the_averaged_weights_and_a_resumed_run_continues_the_average(tmp_path, tiny_model_dir,
                                                                                     monkeypatch):
     """ema_decay: dev evaluates, and run/adapter holds, the moving average, while the optimizer goes on with the
     live weights; a run stopped after a checkpoint and resumed ends with the same average as an uninterrupted one."""
-    import erc_llm.train as train_module
     from erc_llm.config import TrainConfig, build
-    from erc_llm.train import fit, setup
+    from erc_llm.training import loop
+    from erc_llm.training.loop import fit
+    from erc_llm.training.recipe import setup
 
     data = write_jsonl_dataset(tmp_path / "data", 4)
     base = {"dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir), "labels": list(LABELS.labels),
@@ -506,14 +510,14 @@ def test_ema_run_saves_the_averaged_weights_and_a_resumed_run_continues_the_aver
     class Stop(Exception):
         pass
 
-    real_save = train_module.save_checkpoint
+    real_save = loop.save_checkpoint
 
     def save_then_stop(run, model, finetune, optimizer, scheduler, state, *rest):
         real_save(run, model, finetune, optimizer, scheduler, state, *rest)
         if state["step"] == 2:
             raise Stop
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
     with pytest.raises(Stop):
         fit(setup(build(TrainConfig, None, {**base, "out": str(tmp_path / "run")})))
     monkeypatch.undo()
@@ -531,8 +535,8 @@ def test_ema_run_saves_the_averaged_weights_and_a_resumed_run_continues_the_aver
 def test_a_dialogue_longer_than_max_tokens_is_trained_on_every_turn(tmp_path, tiny_model_dir, caplog):
     """A 30-turn dialogue with a 128-token budget is trained as several transcripts: one step over it and a
     3-turn dialogue trains all 33 labelled turns (not only the last window), and the log says so."""
-    import erc_llm.train as train_mod
     from erc_llm.config import TrainConfig, build
+    from erc_llm.training import loop, recipe
     from tests.conftest import toy_dialogue, write_dialogues
 
     data = write_jsonl_dataset(tmp_path / "data", 2)
@@ -541,9 +545,9 @@ def test_a_dialogue_longer_than_max_tokens_is_trained_on_every_turn(tmp_path, ti
            "batch_dialogues": 2, "max_steps": 1, "eval_every": 100, "save_every": 100, "test_eval": False,
            "dtype": "float32", "max_tokens": 128, "max_utterance_tokens": 16, "out": str(tmp_path / "run")}
     with caplog.at_level("INFO", logger="erc_llm.train"):
-        r = train_mod.setup(build(TrainConfig, None, cfg))
+        r = recipe.setup(build(TrainConfig, None, cfg))
     assert "1 of 2 training dialogues exceed max_tokens 128" in caplog.text
-    train_mod.fit(r)
+    loop.fit(r)
     assert r.state["labels_seen"] == 33
     assert math.isfinite(json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])["loss"])
 
@@ -551,7 +555,7 @@ def test_a_dialogue_longer_than_max_tokens_is_trained_on_every_turn(tmp_path, ti
 def test_parameter_sharding_setups_are_refused_with_the_supported_ones_named():
     from accelerate.utils import DistributedType
 
-    from erc_llm.train import sharding_problem
+    from erc_llm.training.recipe import sharding_problem
 
     for kind, stage in ((DistributedType.FSDP, None), (DistributedType.DEEPSPEED, 3)):
         problem = sharding_problem(kind, stage)
@@ -563,11 +567,10 @@ def test_parameter_sharding_setups_are_refused_with_the_supported_ones_named():
 
 
 def test_training_under_fsdp_stops_before_loading_data(tmp_path, monkeypatch):
-    import accelerate
     from accelerate.utils import DistributedType
 
     from erc_llm.config import TrainConfig
-    from erc_llm.train import setup
+    from erc_llm.training import recipe
 
     class ShardingAccelerator:
         distributed_type = DistributedType.FSDP
@@ -576,16 +579,16 @@ def test_training_under_fsdp_stops_before_loading_data(tmp_path, monkeypatch):
         def __init__(self, **kwargs):
             pass
 
-    monkeypatch.setattr(accelerate, "Accelerator", ShardingAccelerator)
+    monkeypatch.setattr(recipe, "Accelerator", ShardingAccelerator)
     with pytest.raises(ValueError, match="FSDP, which shards parameters"):
-        setup(TrainConfig(data_dir=str(tmp_path / "no-data"), out=str(tmp_path / "run")))
+        recipe.setup(TrainConfig(data_dir=str(tmp_path / "no-data"), out=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
 
 
 def test_epoch_order_draws_a_fraction_of_the_joint_corpus_afresh_every_epoch():
     """Without a joint corpus the order is the plain shuffle; with one, every dialogue of the dataset and a seeded
     draw of `fraction` of the joint corpus's are in each epoch, a different draw each epoch."""
-    from erc_llm.train import epoch_order
+    from erc_llm.training.recipe import epoch_order
 
     assert epoch_order(10, 3, 0, 1, 1, joint=0, fraction=0.5) == epoch_order(10, 3, 0, 1, 1)
     epochs = [epoch_order(30, 3, e, 1, 1, joint=20, fraction=0.25) for e in range(3)]
@@ -600,9 +603,9 @@ def test_epoch_order_draws_a_fraction_of_the_joint_corpus_afresh_every_epoch():
 def test_joint_training_scores_each_corpus_over_its_own_label_set(tmp_path, tiny_model_dir, monkeypatch, caplog):
     """A joint corpus with another label set: its dialogues are prompted with their own labels and their loss is
     over those labels' columns with their own class weights; dev, the run's label set and test stay the dataset's."""
-    import erc_llm.train as train_mod
     from erc_llm.config import ConfigError, TrainConfig, build
     from erc_llm.data.schema import Dialogue, Utterance
+    from erc_llm.training import loop, recipe
     from tests.conftest import write_dialogues
 
     data = write_jsonl_dataset(tmp_path / "data", 4)
@@ -617,7 +620,7 @@ def test_joint_training_scores_each_corpus_over_its_own_label_set(tmp_path, tiny
            "dtype": "float32", "joint_dataset": "jsonl", "joint_data_dir": str(joint_dir), "joint_fraction": 0.5,
            "out": str(tmp_path / "run")}
     with caplog.at_level("INFO", logger="erc_llm"):
-        r = train_mod.setup(build(TrainConfig, None, cfg))
+        r = recipe.setup(build(TrainConfig, None, cfg))
     assert "joint corpus: every training dialogue fits max_tokens 2048" in caplog.text  # reported per corpus
     target, joint = r.corpora
     assert joint.builder.labels.labels == ("happy", "sad", "neutral") and r.joint == 6 and len(r.data) == 10
@@ -625,10 +628,10 @@ def test_joint_training_scores_each_corpus_over_its_own_label_set(tmp_path, tiny
     header = joint.builder.tokenizer.decode(r.data[4]["header"])
     assert "happy" in header and "anger" not in header
     seen = []
-    real = train_mod.piece_loss
-    monkeypatch.setattr(train_mod, "piece_loss", lambda r_, lg, t, keep, d, piece, w: seen.append(
+    real = loop.piece_loss
+    monkeypatch.setattr(loop, "piece_loss", lambda r_, lg, t, keep, d, piece, w: seen.append(
         (d >= 4, lg.shape[1], w is joint.weights, int(t[keep].max()))) or real(r_, lg, t, keep, d, piece, w))
-    train_mod.fit(r)
+    loop.fit(r)
     assert len(seen) == r.total * 2 and r.state["epoch"] == 1  # whole steps of 2 dialogues, 3 per epoch
     assert r.total == 2 * ((4 + 3) // 2)  # 4 dialogues and 3 of the 6 joint ones, cut to whole steps of 2
     assert {(j, k, w) for j, k, w, _ in seen} == {(False, 4, False), (True, 3, True)}

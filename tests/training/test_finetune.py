@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from tests.conftest import LABELS, REPO, fit_toy_dialogue, make_model, write_jsonl_dataset
-from tests.test_train import _args, _env
+from tests.training.test_train import _args, _env
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])  # tied and untied output head
 def test_full_finetune_moves_layer_weights_and_keeps_embeddings(arch, tiny_tokenizer):
     from erc_llm.config import TrainConfig
-    from erc_llm.finetune import make_trainable, trainable_state
+    from erc_llm.training.finetune import make_trainable, trainable_state
 
-    model = make_trainable(make_model(len(tiny_tokenizer), arch).train(), TrainConfig(data_dir=".", finetune="full"))
+    model = make_trainable(make_model(len(tiny_tokenizer), arch).train(), "full", TrainConfig(data_dir=".").lora_options())
     emb0 = model.get_input_embeddings().weight.detach().clone()
     head0 = model.get_output_embeddings().weight.detach().clone()
     state0 = {n: t.clone() for n, t in trainable_state(model, "full").items()}
@@ -66,11 +66,11 @@ def test_full_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path, tin
     from transformers import get_linear_schedule_with_warmup
 
     from erc_llm.config import TrainConfig
-    from erc_llm.finetune import make_trainable, trainable_state
-    from erc_llm.checkpoint import load_checkpoint, save_checkpoint
+    from erc_llm.training.checkpoint import load_checkpoint, save_checkpoint
+    from erc_llm.training.finetune import make_trainable, trainable_state
 
     def fresh():
-        m = make_trainable(make_model(len(tiny_tokenizer), "gemma3", seed=1).train(), TrainConfig(data_dir=".", finetune="full"))
+        m = make_trainable(make_model(len(tiny_tokenizer), "gemma3", seed=1).train(), "full", TrainConfig(data_dir=".").lora_options())
         o = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
         return m, o, get_linear_schedule_with_warmup(o, 0, 10)
 

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from erc_llm.bench import main, naive_tag, parse_label
-from erc_llm.hardware import forward_flops
+from erc_llm.bench import main
+from erc_llm.bench.harness import forward_flops
+from erc_llm.bench.inference import naive_tag, parse_label
 from erc_llm.decoding import StreamingTagger
 from erc_llm.prompting import PromptBuilder
 from tests.conftest import LABELS, make_model, toy_dialogue
@@ -75,8 +76,8 @@ def test_bench_end_to_end_writes_json_and_table(tiny_model_dir, meld_dir, tmp_pa
 def test_long_dialogue_folder_is_one_loadable_dialogue_of_n_turns(tmp_path):
     """The decoding bench's synthetic long dialogue: real training utterances repeated in order up to N turns, one
     dialogue in test.jsonl that the JSONL loader accepts with the run's labels."""
+    from erc_llm.bench.training import long_dialogue_dir
     from erc_llm.data import load_split
-    from erc_llm.throughput import long_dialogue_dir
     from tests.conftest import write_jsonl_dataset
 
     data = write_jsonl_dataset(tmp_path / "data", 3)  # 3 + 4 + 5 = 12 training utterances

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from erc_llm.config import TrainConfig
-from erc_llm.lora import LoraDropout, compute_context, enable_activation_checkpointing, wrap_lora
-from erc_llm.losses import label_loss
 from erc_llm.heads import first_token_ids, slot_logits
 from erc_llm.prompting import PromptBuilder
+from erc_llm.training.lora import LoraDropout, compute_context, enable_activation_checkpointing, wrap_lora
+from erc_llm.training.losses import label_loss
 from tests.conftest import LABELS, make_model, toy_dialogue
 
 
@@ -45,7 +45,7 @@ def test_dropout_is_identity_in_eval_and_repeats_under_a_seed():
 
 
 def test_wrap_lora_replaces_every_dropout(tiny_tokenizer):
-    model = wrap_lora(make_model(len(tiny_tokenizer), "gemma3"), TrainConfig(data_dir=".", lora_r=4, lora_dropout=0.1))
+    model = wrap_lora(make_model(len(tiny_tokenizer), "gemma3"), TrainConfig(data_dir=".", lora_r=4, lora_dropout=0.1).lora_options())
     adapted = [m for m in model.modules() if hasattr(m, "lora_A") and len(m.lora_A)]
     assert adapted and all(isinstance(m.lora_dropout["default"], LoraDropout) for m in adapted)
     assert all(m.lora_dropout["default"].p == 0.1 for m in adapted)
@@ -66,7 +66,7 @@ def _grads(model, tok, context):
 def test_bf16_backbone_trains_adapters_as_float32_does(tiny_tokenizer):
     """A bfloat16 backbone under the compute context: loss and adapter gradients match the float32 backbone's
     within bf16 precision; the adapter weights and gradients stay float32; no float32 copies of inputs."""
-    cfg = TrainConfig(data_dir=".", lora_r=4, lora_dropout=0.0)
+    cfg = TrainConfig(data_dir=".", lora_r=4, lora_dropout=0.0).lora_options()
     ref = wrap_lora(make_model(len(tiny_tokenizer), "gemma3"), cfg).train()
     bf = wrap_lora(make_model(len(tiny_tokenizer), "gemma3").to(torch.bfloat16), cfg).train()
     for n, p in bf.named_parameters():
@@ -94,7 +94,7 @@ def test_bf16_backbone_trains_adapters_as_float32_does(tiny_tokenizer):
 
 def test_activation_checkpointing_gives_the_same_gradients(tiny_tokenizer):
     """Recomputing layers in the backward (dropout masks included: the RNG state is replayed) changes no gradient."""
-    cfg = TrainConfig(data_dir=".", lora_r=4, lora_dropout=0.1)
+    cfg = TrainConfig(data_dir=".", lora_r=4, lora_dropout=0.1).lora_options()
     results = []
     for checkpointing in (False, True):
         model = wrap_lora(make_model(len(tiny_tokenizer), "gemma3"), cfg).train()

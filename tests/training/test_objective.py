@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from erc_llm.losses import SlotBank, class_weights, label_loss, supervised_contrastive
 from erc_llm.heads import first_token_ids, packed_slot_outputs, slot_logits
-from erc_llm.objective import batch_pieces, corrupt_history, long_dialogue_report
 from erc_llm.prompting import PromptBuilder
+from erc_llm.training.losses import SlotBank, class_weights, label_loss, supervised_contrastive
+from erc_llm.training.objective import batch_pieces, corrupt_history, long_dialogue_report
 from tests.conftest import LABELS, toy_dialogue
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from erc_llm.averaging import WeightAverage
+from erc_llm.training.averaging import WeightAverage
 
 
 def test_average_follows_the_warmed_up_decay():

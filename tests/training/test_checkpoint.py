@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from erc_llm.checkpoint import append_log, load_checkpoint, save_checkpoint, truncate_log
 from erc_llm.constants import has_checkpoint
+from erc_llm.training.checkpoint import append_log, load_checkpoint, save_checkpoint, truncate_log
 
 
 def _parts(seed: int):

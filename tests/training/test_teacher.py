@@ -28,7 +28,7 @@ def _train_dialogues(tmp_path):
 
 
 def test_targets_are_the_teachers_probabilities_turn_by_turn_in_label_set_order(tmp_path):
-    from erc_llm.teacher import Teacher
+    from erc_llm.training.teacher import Teacher
 
     _, dialogues = _train_dialogues(tmp_path)
     onehot = lambda gold: {lab: float(lab == gold) for lab in reversed(LABELS.labels)}  # noqa: E731
@@ -42,7 +42,7 @@ def test_targets_are_the_teachers_probabilities_turn_by_turn_in_label_set_order(
 
 def test_a_teacher_that_does_not_cover_the_training_split_is_refused_naming_what_is_missing(tmp_path):
     from erc_llm.data.schema import DataError
-    from erc_llm.teacher import Teacher
+    from erc_llm.training.teacher import Teacher
 
     _, dialogues = _train_dialogues(tmp_path)
     uniform = lambda gold: {lab: 1 / len(LABELS.labels) for lab in LABELS.labels}  # noqa: E731
@@ -61,7 +61,7 @@ def test_a_teacher_that_does_not_cover_the_training_split_is_refused_naming_what
 
 
 def test_distillation_with_a_one_hot_teacher_is_cross_entropy_and_a_soft_teacher_pulls_towards_it():
-    from erc_llm.losses import class_weights, distillation_loss, label_loss
+    from erc_llm.training.losses import class_weights, distillation_loss, label_loss
 
     torch.manual_seed(0)
     logits, targets = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 1])
@@ -83,7 +83,8 @@ def test_training_with_a_teacher_that_agrees_with_gold_matches_training_without(
     gives other losses; a teacher of another split stops training before the model is loaded."""
     from erc_llm.config import TrainConfig, build
     from erc_llm.data.schema import DataError
-    from erc_llm.train import fit, setup
+    from erc_llm.training.loop import fit
+    from erc_llm.training.recipe import setup
 
     data, dialogues = _train_dialogues(tmp_path)
     base = {"dataset": "jsonl", "data_dir": str(data), "model": str(tiny_model_dir), "labels": list(LABELS.labels),
