@@ -4,7 +4,9 @@
     python eval/tables.py --check    # exit 1 if a table is stale (tests run this)
 
 Rows are listed in ``eval/rows.yaml`` (corpus, system, the training command of one seed, the results folders);
-every number comes from ``summary.json`` (``eval/seeds.py``) of each row. The README gets the headline table
+every number comes from ``summary.json`` (``eval/seeds.py``) of each row. The earlier results rows of
+docs/results.md and the lever table of docs/levers.md are hand-kept in ``eval/recorded.yaml`` (each row's cells and
+its results folders): every ``{value}`` cell is filled from the row's results (:func:`figures`). The README gets the headline table
 (mean ± std test weighted F1, WA, UA, macro F1, ECE); docs/results.md the full rows: the command, per-seed dev
 and test figures and each stage's dev and test scores.
 """
@@ -15,16 +17,20 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 try:  # imported as eval.tables (tests, python -m eval.tables)
-    from eval import records
+    from eval import records, seeds
 except ModuleNotFoundError:  # python eval/tables.py: the script's own folder is first on sys.path
     import records
+    import seeds
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ROOT / "eval" / "rows.yaml"
-TARGETS = {"headline": ROOT / "README.md", "package": ROOT / "docs" / "results.md"}
+RECORDED = ROOT / "eval" / "recorded.yaml"
+TARGETS = {"headline": ROOT / "README.md", "package": ROOT / "docs" / "results.md", "results": ROOT / "docs" / "results.md",
+           "levers": ROOT / "docs" / "levers.md"}
 
 
 def pm(stat: dict, digits: int = 2) -> str:
@@ -80,6 +86,63 @@ def package(rows: list[dict]) -> str:
     return "\n".join(out).rstrip()
 
 
+FIGURES = {"dev": "dev_weighted_f1", "test": "weighted_f1", "wa": "accuracy", "ua": "unweighted_accuracy",
+           "macro": "macro_f1"}
+
+
+def _stat(values: list[float]) -> dict:
+    v = np.array(values, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+
+
+def _runs(folder: Path) -> list[dict]:
+    """The seed rows of one results folder: a seed summary, a training run, an ensemble or one evaluation."""
+    if records.exists(folder, "summary.json"):
+        s = records.read_json(folder, "summary.json")
+        return [{k: s[k]["values"][i] for k in FIGURES.values() if k in s} for i in range(len(s["weighted_f1"]["values"]))]
+    if records.exists(folder, "best.json"):
+        return [seeds.read_run(folder)]
+    if records.exists(folder, "dev/metrics.json") and records.exists(folder, "test/metrics.json"):
+        dev, test = (records.read_json(folder, f"{split}/metrics.json") for split in ("dev", "test"))
+        return [{"dev_weighted_f1": dev["weighted_f1"], **{k: test[k] for k in seeds.KEYS}}]
+    for rel in ("metrics.json", "test/metrics.json", "test_predicted/metrics.json"):
+        if records.exists(folder, rel):
+            m = records.read_json(folder, rel)
+            return [{k: m[k] for k in seeds.KEYS if k in m}]
+    return []
+
+
+def figures(results: str | list[str]) -> dict[str, str]:
+    """The figures of a recorded row, formatted as its table shows them: ``seeds`` and, where recorded, dev and
+    test weighted F1, WA, UA and macro F1 (mean ± sample std over seeds)."""
+    runs = [r for folder in ([results] if isinstance(results, str) else results) for r in _runs(ROOT / folder)]
+    if not runs:
+        return {}
+    out = {"seeds": str(len(runs))}
+    for kind, key in FIGURES.items():
+        if all(key in r for r in runs):
+            out[kind] = pm(_stat([r[key] for r in runs]))
+    return out
+
+
+def recorded(section: dict) -> str:
+    """A hand-kept table (``eval/recorded.yaml``) with every ``{value}`` cell filled from the row's results."""
+    kinds = section["figures"]
+    lines = [section["header"], "|" + "---|" * len(kinds)]
+    for row in section["rows"]:
+        figs = figures(row["results"]) if row.get("results") else {}
+        cells = []
+        for cell, kind in zip(row["cells"], kinds):
+            if "{value}" in cell:
+                if kind not in figs:
+                    raise SystemExit(f"eval/recorded.yaml: a {kind} cell of the row {' | '.join(row['cells'][:2])[:70]!r} asks for "
+                                     f"a figure its results ({row.get('results')}) do not hold")
+                cell = cell.replace("{value}", figs[kind])
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def replace(text: str, name: str, body: str) -> str:
     start, end = f"<!-- {name}:start (eval/tables.py) -->", f"<!-- {name}:end -->"
     if start not in text or end not in text:
@@ -92,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if a generated table differs from what is committed")
     args = ap.parse_args(argv)
-    rows = load_rows()
+    rows, hand_kept = load_rows(), yaml.safe_load(RECORDED.read_text(encoding="utf-8"))
     stale = []
-    for name, body in (("headline", headline(rows)), ("package", package(rows))):
+    for name, body in (("headline", headline(rows)), ("package", package(rows)),
+                       ("results", recorded(hand_kept["results"])), ("levers", recorded(hand_kept["levers"]))):
         path = TARGETS[name]
         old = path.read_text(encoding="utf-8")
         new = replace(old, name, body)

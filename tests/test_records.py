@@ -63,3 +63,22 @@ def test_the_committed_results_stay_within_their_budget():
     files, size = records.budget()
     assert files <= records.MAX_FILES, f"eval/results holds {files} files; pack rows that are not headline ones"
     assert size <= records.MAX_BYTES, f"eval/results holds {size / 2**20:.1f} MB"
+
+
+def test_a_hand_kept_row_takes_its_figures_from_its_results_and_refuses_one_they_lack(tmp_path):
+    from eval import tables
+
+    runs = [write_result(tmp_path / f"r_seed{s}", s, 50.0 + 2 * s, 60.0 + 2 * s) for s in range(3)]
+    records.pack(runs[1])  # a packed seed reads like a loose one
+    section = {"header": "| variant | seeds | dev wF1 | test wF1 | kept? |", "figures": [None, "seeds", "dev", "test", None],
+               "rows": [{"results": [str(r) for r in runs], "cells": ["x", "{value}", "**{value}** (3 seeds)", "{value}", "no"]},
+                        {"cells": ["y", "1", "51.00", "—", "as measured"]}]}
+    assert tables.recorded(section).splitlines()[2:] == ["| x | 3 | **52.00 ± 2.00** (3 seeds) | 62.00 ± 2.00 | no |",
+                                                         "| y | 1 | 51.00 | — | as measured |"]
+    evaluation = tmp_path / "eval_only"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text(json.dumps({"weighted_f1": 61.0, "accuracy": 1, "unweighted_accuracy": 1,
+                                                         "macro_f1": 1}))
+    section["rows"] = [{"results": str(evaluation), "cells": ["z", "1", "{value}", "61.00", ""]}]
+    with pytest.raises(SystemExit, match=r"a dev cell of the row 'z \| 1' asks for a figure its results"):
+        tables.recorded(section)
