@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from erc_llm.backbone import DEFAULT_MODEL, load_for_training
-from erc_llm.bench.harness import forward_flops, machine, matmul_peak, run_child, synthetic
+from erc_llm.bench.harness import forward_flops, machine, matmul_peak, run_child, synthetic, write_results
 from erc_llm.config import TrainConfig
 from erc_llm.data import MELD_LABELS, load_split
 from erc_llm.data.schema import Dialogue
@@ -294,3 +294,44 @@ def main(argv: list[str]) -> int:
     atomic_write_text(Path(args.out) / "bench.md", render(result))
     print(render(result))
     return 0
+
+
+# ------------------------------------------------------------------------------ stages
+
+def stages_main(argv: list[str]) -> int:
+    """A run with stages (memory, fusion, calibration) against its adapter alone, on one split, in one run:
+    each ``erc-llm evaluate`` in a child process, alternating, the same dtype and threads."""
+    p = argparse.ArgumentParser(prog="erc-llm bench stages", description=stages_main.__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="a trained run with stages (train.py with memory / fusion on)")
+    p.add_argument("--dataset", default="meld", choices=("meld", "jsonl"))
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--audio-dir", default="", help="the split's audio features for the fusion stage (default: the run's)")
+    p.add_argument("--repeats", type=int, default=1, help="alternating pairs of evaluations (the median is reported)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--out", default="eval/results/bench_stages")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    rows = {"adapter alone": [], "with stages": []}
+    for k in range(args.repeats):
+        for name, on in (("adapter alone", "false"), ("with stages", "true")):
+            folder = out / f"{'stages' if on == 'true' else 'adapter'}_{k}"
+            cmd = [sys.executable, "-m", "erc_llm.cli", "evaluate", "--dataset", args.dataset, "--split", args.split,
+                   "--data-dir", args.data_dir, "--run", args.run, "--stages", on, "--dtype", args.dtype,
+                   "--out", str(folder)] + (["--audio-dir", args.audio_dir] if args.audio_dir else [])
+            wall, hwm = run_child(cmd)
+            m = json.loads((folder / "metrics.json").read_text())
+            rows[name].append({"wall_seconds": wall, "utterances_per_second": m["utterances_per_second"],
+                               "weighted_f1": m["weighted_f1"], "ece": m.get("ece"), "peak_rss_gb": hwm / 1024**2,
+                               "dtype": m.get("dtype"), "command": " ".join(cmd[2:])})
+    summary = {name: {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in
+                      ("utterances_per_second", "weighted_f1", "peak_rss_gb")} for name, runs in rows.items()}
+    ratio = summary["with stages"]["utterances_per_second"] / summary["adapter alone"]["utterances_per_second"]
+    result = {"command": "erc-llm bench stages " + " ".join(argv), "machine": machine(), "run": args.run,
+              "split": f"{args.dataset}/{args.split}", "runs": rows, "median": summary, "speed_ratio": ratio}
+    table = "\n".join(["| | utterances/s | weighted F1 | peak RSS GB |", "|---|---|---|---|"] + [
+        f"| {name} | {s['utterances_per_second']:.2f} | {s['weighted_f1']:.2f} | {s['peak_rss_gb']:.2f} |"
+        for name, s in summary.items()]) + f"\n\nWith stages: {100 * ratio:.0f}% of the adapter's utterances/s.\n"
+    note = (f"Machine: {result['machine']}; {args.repeats} "
+            f"alternating pair(s) of `erc-llm evaluate` on {args.dataset}/{args.split} (medians).")
+    return write_results(out, result, f"Stages against the adapter alone ({args.dataset}/{args.split})", note, table)

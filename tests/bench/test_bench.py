@@ -10,7 +10,7 @@ from erc_llm.bench.harness import forward_flops
 from erc_llm.bench.inference import naive_tag, parse_label
 from erc_llm.decoding import StreamingTagger
 from erc_llm.prompting import PromptBuilder
-from tests.conftest import LABELS, make_model, toy_dialogue
+from tests.conftest import LABELS, REPO, make_model, toy_dialogue
 
 
 def test_parse_label_takes_the_first_label_named():
@@ -88,3 +88,21 @@ def test_long_dialogue_folder_is_one_loadable_dialogue_of_n_turns(tmp_path):
     assert len(d.utterances) == 30
     assert [u.text for u in d.utterances] == (texts * 3)[:30]
     assert len({u.utterance_id for u in d.utterances}) == 30
+
+
+def test_stages_bench_times_the_adapter_alone_and_the_stages_on_the_same_split(tmp_path, tiny_model, tiny_model_dir,
+                                                                               monkeypatch):
+    from erc_llm.bench.inference import stages_main
+    from tests.test_stages import fitted_run
+
+    data, audio, run, _ = fitted_run(tmp_path, tiny_model, tiny_model_dir)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    out = tmp_path / "bench"
+    assert stages_main(["--run", str(run), "--dataset", "jsonl", "--split", "dev", "--data-dir", str(data),
+                        "--audio-dir", str(audio), "--dtype", "float32", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    alone, staged = (json.loads((out / name / "metrics.json").read_text()) for name in ("adapter_0", "stages_0"))
+    assert alone["stages"] is None and staged["stages"]["applied"][:2] == ["memory", "fusion"]
+    assert result["median"]["with stages"]["weighted_f1"] == staged["weighted_f1"]
+    assert result["speed_ratio"] == pytest.approx(staged["utterances_per_second"] / alone["utterances_per_second"])
+    assert "of the adapter's utterances/s" in (out / "table.md").read_text()
