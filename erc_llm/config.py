@@ -499,7 +499,8 @@ class TrainConfig(StageOptions, AudioOptions, SpeakerOptions):
     overwrite: bool = _f(False, "replace an existing run directory (without it, training refuses a non-empty --out "
                          "unless --resume true)")
     test_eval: bool = _f(True, "after training, evaluate the best adapter on test with predicted history")
-    test_gold: bool = _f(True, "also evaluate test with gold history (a diagnostic of exposure bias)")
+    test_gold: bool = _f(True, "also evaluate test with gold history (a diagnostic of exposure bias), for a run that "
+                         "writes labels into the history (label_history true); a text-only run logs that it has none")
     threads: int = _f(0, "torch CPU threads per process (0 = cores / processes)", ge=0)
 
     def lora_options(self) -> LoraOptions:

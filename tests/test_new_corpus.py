@@ -47,6 +47,7 @@ def test_label_a_test_only_folder_then_train_from_the_model_with_the_jsonl_recip
     assert test["history"] == "none" and test["context"] == "online"
     assert "History: **none**" in (run / "eval" / "test_predicted" / "report.md").read_text()
     assert not (run / "eval" / "test_gold").exists()  # no labels in the history: a gold one would be the same run
+    assert "test_gold: no gold-history evaluation" in r.stderr  # said, not silently skipped
     assert json.loads((run / "run.json").read_text())["label_history"] is False
     assert yaml.safe_load((run / "config.yaml").read_text())["init_adapter"] == str(start)
     assert "\r" not in r.stderr  # a log file of the run holds lines, not carriage-return progress bars

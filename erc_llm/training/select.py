@@ -114,7 +114,9 @@ def test_evaluation(cfg: TrainConfig, run: Path) -> dict:
     """The best adapter on the test split, with predicted history (the figure) and gold (diagnostic)."""
     out = {}
     extra = eval_flags(cfg.labels, cfg.on_bad_row)  # so the recorded command reproduces this evaluation
-    # a text-only history (label_history false) writes no labels: gold and predicted history are the same run
+    if cfg.test_gold and not cfg.label_history:  # said once, so test_gold is never a silent no-op
+        log.info("test_gold: no gold-history evaluation: with no labels in the history it would be the same run "
+                 "as eval/test_predicted")
     for history in ("predicted", "gold") if cfg.test_gold and cfg.label_history else ("predicted",):
         ecfg = build(EvalConfig, None, {
             "dataset": cfg.dataset, "split": "test", "data_dir": cfg.data_dir, "labels": cfg.labels, "run": str(run),
