@@ -20,7 +20,9 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -300,7 +302,8 @@ def main(argv: list[str]) -> int:
 
 def stages_main(argv: list[str]) -> int:
     """A run with stages (memory, fusion, calibration) against its adapter alone, on one split, in one run:
-    each ``erc-llm evaluate`` in a child process, alternating, the same dtype and threads."""
+    each ``erc-llm evaluate`` in a child process (into a temporary folder), alternating, the same dtype and
+    threads; ``results.json`` keeps every evaluation's figures and ``table.md`` the medians."""
     p = argparse.ArgumentParser(prog="erc-llm bench stages", description=stages_main.__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="a trained run with stages (train.py with memory / fusion on)")
     p.add_argument("--dataset", default="meld", choices=("meld", "jsonl"))
@@ -311,11 +314,11 @@ def stages_main(argv: list[str]) -> int:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--out", default="eval/results/bench_stages")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    out, work = Path(args.out), Path(tempfile.mkdtemp(prefix="bench_stages."))  # the evaluations' folders
     rows = {"adapter alone": [], "with stages": []}
     for k in range(args.repeats):
         for name, on in (("adapter alone", "false"), ("with stages", "true")):
-            folder = out / f"{'stages' if on == 'true' else 'adapter'}_{k}"
+            folder = work / f"{'stages' if on == 'true' else 'adapter'}_{k}"
             cmd = [sys.executable, "-m", "erc_llm.cli", "evaluate", "--dataset", args.dataset, "--split", args.split,
                    "--data-dir", args.data_dir, "--run", args.run, "--stages", on, "--dtype", args.dtype,
                    "--out", str(folder)] + (["--audio-dir", args.audio_dir] if args.audio_dir else [])
@@ -323,7 +326,8 @@ def stages_main(argv: list[str]) -> int:
             m = json.loads((folder / "metrics.json").read_text())
             rows[name].append({"wall_seconds": wall, "utterances_per_second": m["utterances_per_second"],
                                "weighted_f1": m["weighted_f1"], "ece": m.get("ece"), "peak_rss_gb": hwm / 1024**2,
-                               "dtype": m.get("dtype"), "command": " ".join(cmd[2:])})
+                               "dtype": m.get("dtype"), "stages": m.get("stages"), "command": " ".join(cmd[2:])})
+    shutil.rmtree(work)
     summary = {name: {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in
                       ("utterances_per_second", "weighted_f1", "peak_rss_gb")} for name, runs in rows.items()}
     ratio = summary["with stages"]["utterances_per_second"] / summary["adapter alone"]["utterances_per_second"]

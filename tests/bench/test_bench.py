@@ -101,8 +101,10 @@ def test_stages_bench_times_the_adapter_alone_and_the_stages_on_the_same_split(t
     assert stages_main(["--run", str(run), "--dataset", "jsonl", "--split", "dev", "--data-dir", str(data),
                         "--audio-dir", str(audio), "--dtype", "float32", "--out", str(out)]) == 0
     result = json.loads((out / "results.json").read_text())
-    alone, staged = (json.loads((out / name / "metrics.json").read_text()) for name in ("adapter_0", "stages_0"))
+    (alone,), (staged,) = result["runs"]["adapter alone"], result["runs"]["with stages"]
     assert alone["stages"] is None and staged["stages"]["applied"][:2] == ["memory", "fusion"]
+    assert "--stages false" in alone["command"] and "--stages true" in staged["command"]
     assert result["median"]["with stages"]["weighted_f1"] == staged["weighted_f1"]
     assert result["speed_ratio"] == pytest.approx(staged["utterances_per_second"] / alone["utterances_per_second"])
+    assert sorted(p.name for p in out.iterdir()) == [".erc-llm-output.json", "results.json", "table.md"]
     assert "of the adapter's utterances/s" in (out / "table.md").read_text()
