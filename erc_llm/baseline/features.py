@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def text_embeddings(dialogues: list[Dialogue], encoder: str, cache: Path) -> dic
         from sentence_transformers import SentenceTransformer  # heavy; only where sentences are encoded
 
         model = SentenceTransformer(encoder, device="cpu")
-        emb = model.encode([t for _, t in texts], batch_size=64, normalize_embeddings=True, show_progress_bar=True)
+        emb = model.encode([t for _, t in texts], batch_size=64, normalize_embeddings=True,
+                           show_progress_bar=sys.stderr.isatty())  # a log gets no carriage-return bar
         with atomic_dir(path) as tmp:
             np.save(tmp / "emb.npy", emb.astype(np.float32))
     emb = np.load(path / "emb.npy")
