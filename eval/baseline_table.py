@@ -15,6 +15,7 @@ except ModuleNotFoundError:  # python eval/baseline_table.py: the script's own f
 ROWS = [
     ("baseline_meld_text", "text only (MiniLM) + context GRU, focal"),
     ("baseline_meld_text_prosody", "**text + prosody**: VGA (λ=0.5), gates, context GRU, focal"),
+    ("baseline_meld_text_prosody_mpnet", "text + prosody with all-mpnet-base-v2 instead of MiniLM"),
     ("baseline_ablation_no_vga", "ablation: no VGA (λ=0)"),
     ("baseline_ablation_concat", "ablation: no gates (plain concat)"),
     ("baseline_ablation_no_context", "ablation: no context GRU"),
