@@ -89,6 +89,12 @@ def read_ensemble(folder: Path) -> dict:
     return row(folder, configs[0]["seed"], dev["weighted_f1"], test, {"members": members})
 
 
+def stat(values: list[float]) -> dict:
+    """mean, sample std (n - 1; 0 for one value) and the values."""
+    v = np.array(values, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+
+
 def summarize(runs: list[dict]) -> dict:
     common = set.intersection(*(set(r["recipe"]) for r in runs))  # options added later are left at their default
     differ = sorted(k for k in common if len({json.dumps(r["recipe"][k]) for r in runs}) > 1)
@@ -98,10 +104,6 @@ def summarize(runs: list[dict]) -> dict:
     seeds = [r["seed"] for r in runs]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"duplicate seeds {seeds}")
-
-    def stat(values):
-        v = np.array(values, dtype=float)
-        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
 
     out = {"seeds": seeds, "runs": [r["folder"] for r in runs], "recipe": runs[0]["recipe"],
            "dev_weighted_f1": stat([r["dev_weighted_f1"] for r in runs]), **{k: stat([r[k] for r in runs]) for k in KEYS}}

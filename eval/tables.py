@@ -17,7 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 try:  # imported as eval.tables (tests, python -m eval.tables)
@@ -90,11 +89,6 @@ FIGURES = {"dev": "dev_weighted_f1", "test": "weighted_f1", "wa": "accuracy", "u
            "macro": "macro_f1"}
 
 
-def _stat(values: list[float]) -> dict:
-    v = np.array(values, dtype=float)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
-
-
 def _runs(folder: Path) -> list[dict]:
     """The seed rows of one results folder: a seed summary, a training run, an ensemble or one evaluation."""
     if records.exists(folder, "summary.json"):
@@ -121,7 +115,7 @@ def figures(results: str | list[str]) -> dict[str, str]:
     out = {"seeds": str(len(runs))}
     for kind, key in FIGURES.items():
         if all(key in r for r in runs):
-            out[kind] = pm(_stat([r[key] for r in runs]))
+            out[kind] = pm(seeds.stat([r[key] for r in runs]))
     return out
 
 

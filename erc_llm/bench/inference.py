@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -300,6 +299,19 @@ def main(argv: list[str]) -> int:
 
 # ------------------------------------------------------------------------------ stages
 
+def _timed_evaluation(args, stages: str, folder: Path) -> dict:
+    """One ``erc-llm evaluate`` of ``args.run`` in a child process, with its stages on or off: figures, wall
+    time and peak RSS."""
+    cmd = [sys.executable, "-m", "erc_llm.cli", "evaluate", "--dataset", args.dataset, "--split", args.split,
+           "--data-dir", args.data_dir, "--run", args.run, "--stages", stages, "--dtype", args.dtype,
+           "--out", str(folder)] + (["--audio-dir", args.audio_dir] if args.audio_dir else [])
+    wall, hwm = run_child(cmd)
+    m = json.loads((folder / "metrics.json").read_text())
+    return {"wall_seconds": wall, "utterances_per_second": m["utterances_per_second"], "weighted_f1": m["weighted_f1"],
+            "ece": m.get("ece"), "peak_rss_gb": hwm / 1024**2, "dtype": m.get("dtype"), "stages": m.get("stages"),
+            "command": " ".join(cmd[2:])}
+
+
 def stages_main(argv: list[str]) -> int:
     """A run with stages (memory, fusion, calibration) against its adapter alone, on one split, in one run:
     each ``erc-llm evaluate`` in a child process (into a temporary folder), alternating, the same dtype and
@@ -314,20 +326,11 @@ def stages_main(argv: list[str]) -> int:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--out", default="eval/results/bench_stages")
     args = p.parse_args(argv)
-    out, work = Path(args.out), Path(tempfile.mkdtemp(prefix="bench_stages."))  # the evaluations' folders
-    rows = {"adapter alone": [], "with stages": []}
-    for k in range(args.repeats):
-        for name, on in (("adapter alone", "false"), ("with stages", "true")):
-            folder = work / f"{'stages' if on == 'true' else 'adapter'}_{k}"
-            cmd = [sys.executable, "-m", "erc_llm.cli", "evaluate", "--dataset", args.dataset, "--split", args.split,
-                   "--data-dir", args.data_dir, "--run", args.run, "--stages", on, "--dtype", args.dtype,
-                   "--out", str(folder)] + (["--audio-dir", args.audio_dir] if args.audio_dir else [])
-            wall, hwm = run_child(cmd)
-            m = json.loads((folder / "metrics.json").read_text())
-            rows[name].append({"wall_seconds": wall, "utterances_per_second": m["utterances_per_second"],
-                               "weighted_f1": m["weighted_f1"], "ece": m.get("ece"), "peak_rss_gb": hwm / 1024**2,
-                               "dtype": m.get("dtype"), "stages": m.get("stages"), "command": " ".join(cmd[2:])})
-    shutil.rmtree(work)
+    out, rows = Path(args.out), {"adapter alone": [], "with stages": []}
+    with tempfile.TemporaryDirectory(prefix="bench_stages.") as work:  # the evaluations' folders
+        for k in range(args.repeats):
+            for name, on in (("adapter alone", "false"), ("with stages", "true")):
+                rows[name].append(_timed_evaluation(args, on, Path(work) / f"stages_{on}_{k}"))
     summary = {name: {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in
                       ("utterances_per_second", "weighted_f1", "peak_rss_gb")} for name, runs in rows.items()}
     ratio = summary["with stages"]["utterances_per_second"] / summary["adapter alone"]["utterances_per_second"]
