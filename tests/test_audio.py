@@ -17,9 +17,10 @@ from erc_llm.audio import (
     read_wav,
 )
 from erc_llm.data.schema import DataError
+from tests.conftest import SHARED
 
-EMODB = Path(__file__).resolve().parents[2] / "shared" / "data" / "emodb"
-needs_emodb = pytest.mark.skipif(not (EMODB / "wav").is_dir(), reason="../shared/data/emodb not present")
+EMODB = SHARED / "emodb"
+needs_emodb = pytest.mark.skipif(not (EMODB / "wav").is_dir(), reason=f"EmoDB not present at {EMODB}")
 FIXTURES = Path(__file__).parent / "fixtures"
 
 

@@ -98,16 +98,15 @@ def test_cli_export_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
 
 
 needs_shipped = pytest.mark.skipif(not (PRETRAINED_DIR / SHIPPED / REFERENCE).is_file(), reason="no shipped model")
-MELD_DIR = REPO.parent / "shared" / "data" / "meld"
 
 
 @pytest.mark.slow
 @needs_shipped
-def test_shipped_model_reproduces_its_packaging_predictions():
+def test_shipped_model_reproduces_its_packaging_predictions(meld_dir):
     from erc_llm.data import load_split
 
     ref = json.loads((PRETRAINED_DIR / SHIPPED / REFERENCE).read_text())
-    dev, _, _ = load_split("meld", "dev", MELD_DIR)
+    dev, _, _ = load_split("meld", "dev", meld_dir)
     dev = {d.id: d for d in dev}
     tagger = load(SHIPPED, dtype="float32").tagger("predicted")
     for row in ref["dialogues"]:
@@ -132,7 +131,7 @@ def test_a_corrupted_shipped_adapter_is_refused(tmp_path):
 
 @pytest.mark.slow
 @needs_shipped
-def test_shipped_model_with_plain_peft_on_three_meld_dialogues(tmp_path):
+def test_shipped_model_with_plain_peft_on_three_meld_dialogues(tmp_path, meld_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -145,7 +144,7 @@ def test_shipped_model_with_plain_peft_on_three_meld_dialogues(tmp_path):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), str(out)).eval()
     tok = AutoTokenizer.from_pretrained(path)
     ours = load(out).tagger("predicted")
-    for d in load_split("meld", "dev", MELD_DIR)[0][:3]:
+    for d in load_split("meld", "dev", meld_dir)[0][:3]:
         plain = plain_peft_probs(model, tok, out, spec.labels, d, spec.label_history)
         for a, b in zip([t.probs for t in ours.tag(d)], plain):
             assert a == pytest.approx(b, abs=1e-4)
