@@ -13,7 +13,15 @@ from pathlib import Path
 
 import yaml
 
-from erc_llm.constants import CHECKPOINT_DIR, DATASETS, DEFAULT_MODEL, FINETUNE_MODES, HISTORY_MODES, has_checkpoint
+from erc_llm.constants import (
+    CHECKPOINT_DIR,
+    DATASETS,
+    DECODE_BATCH,
+    DEFAULT_MODEL,
+    FINETUNE_MODES,
+    HISTORY_MODES,
+    has_checkpoint,
+)
 from erc_llm.data.schema import BAD_ROW_MODES
 from erc_llm.io import OutputError, claim_output
 
@@ -177,9 +185,9 @@ class EvalConfig(SpeakerOptions):
     max_utterance_tokens: int = _f(0, "longest utterance text in tokens; longer ones are cut (0 = the run's; 96 "
                                    "zero-shot)", ge=0)
     limit: int = _f(0, "evaluate only the first N dialogues (0 = all)", ge=0)
-    batch: int = _f(8, "dialogues decoded together, packed into one forward per turn step, at most 2 x max_tokens "
-                    "transcript tokens a group (1 = one at a time; runs with speaker memory or audio decode one at "
-                    "a time)", ge=1)
+    batch: int = _f(DECODE_BATCH, "dialogues in flight: each step scores the next turn of each in one packed forward, and a "
+                    "finished dialogue's place goes to the next one (1 = one at a time; runs with speaker memory "
+                    "decode one at a time)", ge=1)
     dtype: str = _f("auto", "compute dtype: auto = bfloat16 where the CPU (AMX / avx512_bf16) or GPU has native bf16 "
                     "matmuls (about 2x faster), else float32; recorded in metrics.json", ("auto", "float32", "bfloat16"))
     threads: int = _f(0, "torch CPU threads (0 = all cores)", ge=0)

@@ -11,6 +11,7 @@ DATASETS = ("meld", "iemocap", "jsonl")  # the loaders of erc_llm.data
 FINETUNE_MODES = ("lora", "full")  # erc_llm.training.finetune: a PEFT adapter, or every weight
 FULL_WEIGHTS = "finetuned.safetensors"  # a fully fine-tuned run's weights, in its adapter/ folder
 HISTORY_MODES = ("predicted", "gold")  # what a decoder writes into earlier turns' slots
+DECODE_BATCH = 16  # dialogues in flight in batch decoding (evaluate's --batch default, dev passes, stages)
 CHECKPOINT_DIR = "checkpoint"  # a training run's resumable state (erc_llm.training.checkpoint)
 
 

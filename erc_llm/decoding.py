@@ -13,14 +13,15 @@ the gold label (``history="gold"``).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import transformers
 from packaging.version import Version
 from transformers import DynamicCache
 
-from erc_llm.attention import NAME, Rows, layer_masks, register
+from erc_llm.attention import NAME, Rows, register
 from erc_llm.constants import HISTORY_MODES
 from erc_llm.data.schema import Dialogue, Utterance
 from erc_llm.heads import decoder_hidden, first_token_ids, label_head, pack, packed_slot_logits
@@ -287,12 +288,6 @@ def written_label(history: str, utt: Utterance, predicted: str) -> str:
     return utt.emotion
 
 
-def batch_groups(sizes: list[int], group_tokens: int, batch: int) -> list[list[int]]:
-    """Consecutive indices packed within ``group_tokens`` tokens (``erc_llm.heads.pack``), each pack then cut
-    into groups of at most ``batch`` items: the dialogues that share one forward in batch evaluation."""
-    return [g[k: k + batch] for g in pack(sizes, group_tokens) for k in range(0, len(g), batch)]
-
-
 class StreamingTagger:
     """Label every turn of a dialogue with the constrained decoder over one KV cache.
 
@@ -339,125 +334,94 @@ class StreamingTagger:
         return preds
 
 
-class PackedTagger:
-    """Several dialogues per forward: at every step, the new tokens of each unfinished dialogue are packed
-    into one sequence over one shared KV cache, with an attention mask that lets a token see only earlier
-    tokens of its own dialogue (and, on sliding-window layers, only those within the window) and position
-    ids that count within its own dialogue. Each dialogue therefore sees exactly what
-    :class:`StreamingTagger` shows it, while the weights are read once per step for all of them (on a CPU,
-    small forwards are bound by reading the weights).
+@dataclass
+class _InFlight:
+    """A dialogue being decoded by :class:`PackedTagger`: its stream and what it has produced so far."""
 
-    Used for batch evaluation, training's dev passes and on-policy rollouts (``rollout_many``) when every
-    label is one token and there is no cross-dialogue state (no speaker memory); a dialogue longer than the
-    token budget goes through :class:`StreamingTagger` (which truncates). ``audio``: an AudioFeed when the
-    prompt carries audio soft tokens (each turn's, as :class:`StreamingTagger` computes them).
+    k: int  # index into the job list
+    state: StreamState
+    probs: list = field(default_factory=list)
+    slots: list = field(default_factory=list)
+
+    @property
+    def t(self) -> int:  # the next turn to score
+        return len(self.probs)
+
+
+class PackedTagger:
+    """Continuous batching over dialogues: up to ``batch`` dialogues are in flight, each over its own KV cache
+    (a :class:`StreamState`); at every step the next turn of each goes into one packed forward
+    (:func:`score_batch`: no padding, each token attends only to its own dialogue), and when a dialogue ends
+    the next one waiting takes its place, so the forward stays full until the last dialogues. Each dialogue sees
+    exactly what :class:`StreamingTagger` shows it (over-budget transcripts are shortened the same way), while
+    the weights are read once per step for all of them (on a CPU, small forwards are bound by reading them).
+
+    Used for batch evaluation, training's dev passes and on-policy rollouts (``rollout_many``) when there is
+    no cross-dialogue state (no speaker memory). ``audio``: an AudioFeed when the prompt carries audio soft
+    tokens (each turn's, as :class:`StreamingTagger` computes them).
     """
 
-    def __init__(self, model, builder: PromptBuilder, history: str = "predicted", batch: int = 8,
-                 group_tokens: int | None = None, audio=None):
+    def __init__(self, model, builder: PromptBuilder, history: str = "predicted", batch: int = 8, audio=None):
+        if batch < 1:
+            raise ValueError(f"batch {batch}: expected at least 1 dialogue in flight")
         self.single = StreamingTagger(model, builder, history, audio=audio)
         self.model, self.builder, self.history, self.batch, self.audio = model, builder, history, batch, audio
-        # a group's shared cache (the keys every query of a step is scored against) stays within this many tokens
-        self.group_tokens = group_tokens or 2 * builder.max_tokens
         self.labels = builder.labels
-        self.columns = [ids[0] for ids in self.single.trie.label_ids]
 
-    def size(self, dialogue: Dialogue) -> int:
-        """Tokens the dialogue's whole transcript takes (longest label written after every turn)."""
-        return self._size(*self._encode(dialogue))
+    def tag_stream(self, dialogues: list[Dialogue]) -> Iterator[tuple[int, list[TurnPrediction]]]:
+        """``(index, predictions)`` of every dialogue, in the order they finish (a short dialogue started later
+        can finish before a long one)."""
+        encoded = [(self.builder.header_ids(d), [self.builder.turn_ids(u) for u in d.utterances]) for d in dialogues]
+        soft = ((lambda k, t: self.audio.soft_tokens([dialogues[k].utterances[t].utterance_id]))
+                if self.audio else None)
 
-    def fits(self, dialogue: Dialogue) -> bool:
-        return self._fits(*self._encode(dialogue))
+        def write(k: int, t: int, label: str) -> str:
+            return written_label(self.history, dialogues[k].utterances[t], label)
 
-    def _encode(self, dialogue: Dialogue) -> tuple[list[int], list[list[int]]]:
-        return self.builder.header_ids(dialogue), [self.builder.turn_ids(u) for u in dialogue.utterances]
-
-    def _size(self, header: list[int], turns: list[list[int]]) -> int:
-        longest = max(len(a) for a in self.builder.label_ids) + len(self.builder.suffix_ids)
-        return len(header) + sum(len(t) + longest for t in turns)
-
-    def _fits(self, header: list[int], turns: list[list[int]]) -> bool:
-        return self.single.trie.single_token and self._size(header, turns) <= self.builder.max_tokens
-
-    def groups(self, sizes: list[int]) -> list[list[int]]:
-        """Consecutive indices grouped by at most ``batch`` dialogues and ``group_tokens`` tokens: every query
-        attends over the whole shared cache (masked), so long dialogues go in smaller groups."""
-        return batch_groups(sizes, self.group_tokens, self.batch)
-
-    def _packed_groups(self, encoded: list[tuple[list[int], list[list[int]]]]) -> list[list[int]]:
-        """Indices into ``encoded`` of the dialogues that share a forward, group by group; a dialogue in no group
-        does not fit and is decoded alone."""
-        packable = [i for i, e in enumerate(encoded) if self._fits(*e)]
-        return [[packable[j] for j in g] for g in self.groups([self._size(*encoded[i]) for i in packable])]
+        for k, probs, slots in self._stream(encoded, write, soft):
+            yield k, [TurnPrediction(u.utterance_id, self.labels.labels[int(p.argmax())], p.tolist(), h)
+                      for u, p, h in zip(dialogues[k].utterances, probs, slots)]
 
     def tag_many(self, dialogues: list[Dialogue]) -> list[list[TurnPrediction]]:
-        encoded = [self._encode(d) for d in dialogues]
+        """Predictions of every dialogue, in input order."""
         out: list = [None] * len(dialogues)
-        for members in self._packed_groups(encoded):
-            soft = ([[self.audio.soft_tokens([u.utterance_id]) for u in dialogues[i].utterances] for i in members]
-                    if self.audio else None)
-            states: list[list] = [[] for _ in members]
-            probs = self._decode_group([encoded[i] for i in members], lambda k, t, label: written_label(
-                self.history, dialogues[members[k]].utterances[t], label), soft, states)
-            for i, ps, hs in zip(members, probs, states):
-                out[i] = [TurnPrediction(u.utterance_id, self.labels.labels[int(p.argmax())], p.tolist(), h)
-                          for u, p, h in zip(dialogues[i].utterances, ps, hs)]
-        return [self.single.tag(d) if o is None else o for o, d in zip(out, dialogues)]
+        for k, preds in self.tag_stream(dialogues):
+            out[k] = preds
+        return out
 
     def rollout_many(self, dialogues: list[tuple[list[int], list[list[int]]]], soft=None) -> list[list[int]]:
-        """:func:`rollout` of several tokenized dialogues ``(header, turns)`` (``PromptBuilder.encode``), packed
-        into one forward per turn step like ``tag_many``; a dialogue over the token budget (or with multi-token
-        labels) goes through :func:`rollout` alone. ``soft(k, t)``: the audio soft tokens of dialogue *k*'s turn
-        *t* when the prompt has audio. On-policy history in training: the caller puts the model in eval mode."""
+        """:func:`rollout` of several tokenized dialogues ``(header, turns)`` (``PromptBuilder.encode``) decoded
+        together; ``soft(k, t)``: the audio soft tokens of dialogue *k*'s turn *t* when the prompt has audio.
+        On-policy history in training: the caller puts the model in eval mode."""
         out: list = [None] * len(dialogues)
-        for members in self._packed_groups(dialogues):
-            group_soft = ([[soft(i, t) for t in range(len(dialogues[i][1]))] for i in members] if soft else None)
-            probs = self._decode_group([dialogues[i] for i in members], lambda k, t, label: label, group_soft)
-            for i, ps in zip(members, probs):
-                out[i] = [int(p.argmax()) for p in ps]
-        return [o if o is not None else rollout(self.model, self.builder, *e, (lambda t, k=k: soft(k, t)) if soft else None)
-                for k, (o, e) in enumerate(zip(out, dialogues))]
-
-    def _masks(self, kd, kp, qd, qp):
-        allowed = (kd[None, :] == qd[:, None]) & (kp[None, :] <= qp[:, None])
-        return layer_masks(self.model.config, allowed, (qp, kp), self.model.dtype)
+        for k, probs, _ in self._stream(dialogues, lambda k, t, label: label, soft):
+            out[k] = [int(p.argmax()) for p in probs]
+        return out
 
     @torch.inference_mode()
-    def _decode_group(self, encoded: list[tuple[list[int], list[list[int]]]], write,
-                      soft: list[list[torch.Tensor]] | None = None, states: list[list] | None = None) -> list[list[torch.Tensor]]:
-        """Label probabilities of every turn of tokenized dialogues ``(header, turns)`` decoded together; after
-        dialogue *k*'s turn *t* the label ``write(k, t, predicted)`` is written into its transcript. ``soft[k][t]``:
-        the audio soft tokens of dialogue *k*'s turn *t* (when the prompt has audio); ``states[k]`` receives each
-        turn's slot state when given."""
-        b, dev = self.builder, self.model.device
-        cache = DynamicCache()  # no sliding eviction: the masks do the windowing
-        kd = torch.empty(0, dtype=torch.long, device=dev)
-        kp = torch.empty(0, dtype=torch.long, device=dev)
-        pending = [list(h) for h, _ in encoded]
-        turns = [ts for _, ts in encoded]
-        pos = [0] * len(encoded)
-        out: list[list[torch.Tensor]] = [[] for _ in encoded]
-        for t in range(max(len(ts) for ts in turns)):
-            act = [i for i, ts in enumerate(turns) if t < len(ts)]
-            feeds = [pending[i] + turns[i][t] for i in act]
-            ids = torch.tensor([x for f in feeds for x in f], device=dev)
-            qd = torch.tensor([i for i, f in zip(act, feeds) for _ in f], device=dev)
-            qp = torch.tensor([pos[i] + j for i, f in zip(act, feeds) for j in range(len(f))], device=dev)
-            kd, kp = torch.cat([kd, qd]), torch.cat([kp, qp])
-            x = ({"input_ids": ids[None]} if soft is None else
-                 {"inputs_embeds": embed_ids(self.model, ids[None], torch.cat([soft[i][t] for i in act]))})
-            hidden = self.model.get_decoder()(**x, position_ids=qp[None], **{CACHE_ARG: cache},
-                                              attention_mask=self._masks(kd, kp, qd, qp), use_cache=True).last_hidden_state[0]
-            ends = torch.tensor([len(f) for f in feeds], device=dev).cumsum(0) - 1
-            probs = torch.softmax(label_head(self.model, hidden[ends], self.columns).float(), dim=-1)
-            if states is not None:
-                for i, h in zip(act, hidden[ends].float().cpu().numpy()):
-                    states[i].append(h)
-            for i, f, p in zip(act, feeds, probs):
-                pending[i] = b.answer_ids(write(i, t, self.labels.labels[int(p.argmax())]))
-                pos[i] += len(f)
-                out[i].append(p)
-        return out
+    def _stream(self, encoded: list[tuple[list[int], list[list[int]]]], write, soft=None):
+        """Yields ``(k, probs, slot_states)`` per tokenized dialogue ``(header, turns)`` as it finishes; after
+        dialogue *k*'s turn *t* the label ``write(k, t, predicted)`` goes into its transcript."""
+        waiting = iter(range(len(encoded)))
+        live: list[_InFlight] = []
+        while True:
+            while len(live) < self.batch and (k := next(waiting, None)) is not None:
+                if not encoded[k][1]:
+                    yield k, [], []
+                    continue
+                live.append(_InFlight(k, StreamState(self.model, self.builder, self.single.trie, encoded[k][0])))
+            if not live:
+                return
+            turns = [encoded[x.k][1][x.t] for x in live]
+            probs = score_batch([x.state for x in live], turns, [soft(x.k, x.t) for x in live] if soft else None)
+            for x, p in zip(live, probs):
+                x.state.commit(write(x.k, x.t, self.labels.labels[int(p.argmax())]))
+                x.slots.append(x.state.slot_state)
+                x.probs.append(p)
+            for x in live:
+                if x.t == len(encoded[x.k][1]):
+                    yield x.k, x.probs, x.slots
+            live = [x for x in live if x.t < len(encoded[x.k][1])]
 
 
 class LookaheadTagger:
@@ -493,14 +457,11 @@ class LookaheadTagger:
         enc = self.builder.encode(dialogue)
         return self.builder.pieces(enc["header"], enc["turns"], [0] * len(enc["turns"]), self.turns)
 
-    def size(self, dialogue: Dialogue) -> int:
-        return sum(len(p.transcript.input_ids) for p in self.pieces(dialogue))
-
-    def fits(self, dialogue: Dialogue) -> bool:
-        return True
-
-    def groups(self, sizes: list[int]) -> list[list[int]]:
-        return batch_groups(sizes, self.group_tokens, self.batch)
+    def tag_stream(self, dialogues: list[Dialogue]) -> Iterator[tuple[int, list[TurnPrediction]]]:
+        """``(index, predictions)`` of every dialogue, ``batch`` dialogues per :meth:`tag_many` call."""
+        for k in range(0, len(dialogues), self.batch):
+            for j, preds in enumerate(self.tag_many(dialogues[k:k + self.batch])):
+                yield k + j, preds
 
     def tag(self, dialogue: Dialogue, resume: list[TurnPrediction] = (), on_turn=None) -> list[TurnPrediction]:
         """Predictions for every turn (one forward; ``resume``'s predictions are kept, ``on_turn`` is called

@@ -103,11 +103,12 @@ def _row(d, u, p, labels, stages=None) -> dict:
 def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1, stages=None) -> list[dict]:
     """Tag every dialogue, resuming from ``partial``; returns one row per utterance.
 
-    ``batch`` dialogues at a time go through ``tagger.tag_many`` (a PackedTagger); dialogues it cannot pack
-    (longer than the token budget) and every dialogue of a one-at-a-time run are tagged turn by turn, with
-    each turn written to ``partial`` as it is labelled: progress shows per turn and a killed run resumes
-    inside a long dialogue. Dialogues restored from ``partial`` still feed a speaker memory, in order. With
-    ``stages`` that hold a memory, each row also carries the memory's distribution for the turn's slot state.
+    With ``batch`` > 1 the dialogues go through ``tagger.tag_stream`` (a PackedTagger keeps ``batch`` of them
+    in flight), each written to ``partial`` when it finishes; a dialogue a killed run had started turn by turn
+    and every dialogue of a one-at-a-time run are tagged turn by turn, with each turn written to ``partial``
+    as it is labelled: progress shows per turn and a killed run resumes inside a long dialogue. Dialogues
+    restored from ``partial`` still feed a speaker memory, in order. With ``stages`` that hold a memory, each
+    row also carries the memory's distribution for the turn's slot state.
     """
     done, started = _load_partial(partial, fingerprint)
     if done or started:
@@ -145,34 +146,20 @@ def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1, 
 
             finish(d, single.tag(d, resume=resume, on_turn=on_turn))
 
-        chunk: list = []
-        sizes: list[int] = []  # transcript tokens of the chunk's dialogues
-
-        def flush():
-            for d, preds in zip(chunk, tagger.tag_many(chunk)):
-                finish(d, preds)
-                bar.update(len(d))
-            chunk.clear()
-            sizes.clear()
-
+        streamed = batch > 1 and hasattr(tagger, "tag_stream")
         for d in dialogues:
             if d.id in done:
                 if speakers is not None:
                     key = "gold" if tagger.history == "gold" else "predicted"
                     speakers.observe(d, [r[key] for r in done[d.id]])
                 bar.update(len(d))
-            elif batch > 1 and tagger.fits(d) and d.id not in started:
-                size = tagger.size(d)
-                if chunk and len(tagger.groups(sizes + [size])) > 1:  # d starts the next group
-                    flush()
-                chunk.append(d)
-                sizes.append(size)
-                if len(chunk) >= batch:
-                    flush()
-            else:
+            elif not streamed or d.id in started:
                 one(d)
-        if chunk:
-            flush()
+        if streamed:  # dialogues written as they finish: a killed run loses at most those in flight
+            todo = [d for d in dialogues if d.id not in done]
+            for k, preds in tagger.tag_stream(todo):
+                finish(todo[k], preds)
+                bar.update(len(todo[k]))
         bar.close()
     return [r for d in dialogues for r in done[d.id]]
 

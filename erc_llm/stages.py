@@ -35,6 +35,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from erc_llm.audio import load_source
+from erc_llm.constants import DECODE_BATCH
 from erc_llm.data.schema import DataError, Dialogue, dialogues_digest
 from erc_llm.io import atomic_dir, cache_root, content_digest, progress, sha256_file
 from erc_llm.speakers import encoder_path
@@ -497,11 +498,13 @@ def slot_inputs(p, dialogues: list[Dialogue], desc: str) -> SplitInputs:
 
 
 def _slot_inputs(p, dialogues: list[Dialogue], desc: str) -> SplitInputs:
-    tagger = p.tagger("predicted", batch=8)
-    preds = []
-    for k in progress(range(0, len(dialogues), 16), desc=desc, unit="16 dialogues"):
-        chunk = dialogues[k:k + 16]
-        preds.extend(tagger.tag_many(chunk) if hasattr(tagger, "tag_many") else [tagger.tag(d) for d in chunk])
+    tagger = p.tagger("predicted", batch=DECODE_BATCH)
+    if hasattr(tagger, "tag_stream"):
+        preds: list = [None] * len(dialogues)
+        for k, ps in progress(tagger.tag_stream(dialogues), total=len(dialogues), desc=desc, unit="dialogue"):
+            preds[k] = ps
+    else:
+        preds = [tagger.tag(d) for d in progress(dialogues, desc=desc, unit="dialogue")]
     turns = [t for ts in preds for t in ts]
     gold = np.array([p.labels.index(u.emotion) if u.emotion is not None else -1 for d in dialogues for u in d.utterances])
     states = None if any(t.state is None for t in turns) else np.stack([t.state for t in turns]).astype(np.float32)

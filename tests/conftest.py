@@ -114,6 +114,14 @@ def toy_dialogue(n: int = 4, did: str = "d1") -> Dialogue:
     return Dialogue(did, [Utterance(s, t, e, f"{did}_{i}") for i, (s, t, e) in enumerate((lines * 20)[:n])])
 
 
+def over_budget(builder, dialogue: Dialogue) -> bool:
+    """Whether the whole transcript (the longest label after every turn) exceeds the builder's token budget, so
+    decoding must shorten it."""
+    e = builder.encode(dialogue)
+    longest = max(len(ids) for ids in builder.label_ids) + len(builder.suffix_ids)
+    return len(e["header"]) + sum(len(t) + longest for t in e["turns"]) > builder.max_tokens
+
+
 def write_dialogues(path: Path, dialogues) -> Path:
     """``dialogues`` as a file of the generic JSONL format (one dialogue per line)."""
     import json

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from erc_llm.data.schema import Dialogue, LabelSet, Utterance
 from erc_llm.decoding import CACHE_ARG, LabelTrie, PackedTagger, StreamingTagger, StreamState, rollout, score_batch
 from erc_llm.prompting import PromptBuilder
-from tests.conftest import LABELS, make_model, make_sharp_model, make_tokenizer, toy_dialogue
+from tests.conftest import LABELS, make_model, make_sharp_model, make_tokenizer, over_budget, toy_dialogue
 
 
 @torch.inference_mode()
@@ -107,7 +107,7 @@ def test_rollout_of_tokenized_turns_writes_what_the_tagger_predicts(tiny_tokeniz
 
 def test_packed_rollouts_write_what_each_dialogue_alone_writes(tiny_tokenizer):
     """On-policy rollouts of a training step's dialogues packed into one forward per turn step: the same labels
-    as one dialogue at a time, also for a dialogue over the token budget (decoded alone, with truncation)."""
+    as one dialogue at a time, also for a dialogue over the token budget (shortened as it is alone)."""
     model = make_sharp_model(len(tiny_tokenizer))
     builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=600, max_utterance_tokens=24)
     ds = [toy_dialogue(n, f"d{n}") for n in (6, 60, 2, 11)]
@@ -115,7 +115,7 @@ def test_packed_rollouts_write_what_each_dialogue_alone_writes(tiny_tokenizer):
         d.utterances[0].text = f"variant {i} " + d.utterances[0].text
     encoded = [builder.encode(d) for d in ds]
     tagger = PackedTagger(model, builder, batch=4)
-    assert [tagger.size(d) > 600 for d in ds] == [False, True, False, False]
+    assert [over_budget(builder, d) for d in ds] == [False, True, False, False]
     got = tagger.rollout_many([(e["header"], e["turns"]) for e in encoded])
     assert got == [rollout(model, builder, e["header"], e["turns"]) for e in encoded]
     assert all(len(set(g)) > 1 for g in got if len(g) > 5), "the written labels should vary within a dialogue"
@@ -227,22 +227,27 @@ def test_a_batch_takes_one_turn_per_dialogue(tiny_tokenizer, tiny_model):
     assert other._turn is None and other.cache is None  # refused before anything changed
 
 
-def test_packed_groups_bound_the_shared_cache(tiny_tokenizer, tiny_model):
-    """Groups hold at most ``batch`` dialogues and ``group_tokens`` transcript tokens (a longer dialogue goes
-    alone), in order; grouping changes no prediction."""
+def test_continuous_batching_keeps_the_forward_full_and_yields_dialogues_as_they_finish(tiny_tokenizer, tiny_model,
+                                                                                          monkeypatch):
+    """At most ``batch`` dialogues in flight; a finished dialogue's place goes to the next one at once (every
+    forward is full until the queue is empty); each dialogue comes out when its last turn is scored, with the
+    predictions it gets alone."""
+    import erc_llm.decoding as decoding
+
     builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=4096)
-    tagger = PackedTagger(tiny_model, builder, batch=3, group_tokens=100)
-    assert tagger.groups([40, 40, 40, 10, 150, 30, 30, 30, 30]) == [[0, 1], [2, 3], [4], [5, 6, 7], [8]]
-    assert PackedTagger(tiny_model, builder).group_tokens == 2 * 4096
-    ds = [toy_dialogue(n, f"d{n}") for n in (4, 6, 2, 5)]
-    sizes = [tagger.size(d) for d in ds]
-    small = PackedTagger(tiny_model, builder, batch=8, group_tokens=max(sizes) + 1)  # every dialogue alone
-    assert small.groups(sizes) == [[0], [1], [2], [3]]
-    ref = PackedTagger(tiny_model, builder, batch=8, group_tokens=10**6).tag_many(ds)
-    for r, g in zip(ref, small.tag_many(ds)):
-        assert [p.label for p in r] == [p.label for p in g]
-        for a, b in zip(r, g):
+    ds = [toy_dialogue(n, f"d{n}") for n in (1, 7, 3, 12, 5)]
+    sizes, real = [], decoding.score_batch
+    monkeypatch.setattr(decoding, "score_batch", lambda states, *a: sizes.append(len(states)) or real(states, *a))
+    streamed = list(PackedTagger(tiny_model, builder, batch=2).tag_stream(ds))
+    assert [k for k, _ in streamed] == [0, 2, 1, 4, 3]
+    assert sizes == [2] * 12 + [1] * 4  # 28 turns in 16 forwards
+    for k, preds in streamed:
+        alone = StreamingTagger(tiny_model, builder).tag(ds[k])
+        assert [p.label for p in preds] == [p.label for p in alone]
+        for a, b in zip(alone, preds):
             assert a.probs == pytest.approx(b.probs, abs=1e-4)
+    with pytest.raises(ValueError, match="at least 1 dialogue"):
+        PackedTagger(tiny_model, builder, batch=0)
 
 
 def test_text_only_history_decoding_equals_full_forward(tiny_tokenizer, tiny_model):

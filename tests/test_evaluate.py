@@ -145,6 +145,43 @@ def test_packed_batch_evaluation_writes_the_same_predictions(tmp_path, tiny_mode
         assert x["probabilities"] == pytest.approx(y["probabilities"], abs=1e-4)
 
 
+def test_batched_evaluation_killed_midway_resumes_without_redoing_finished_dialogues(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch):
+    """Batched decoding writes each dialogue when it finishes: after a kill, the finished ones are kept and only
+    the others are decoded again, and the result equals an uninterrupted run."""
+    from erc_llm.decoding import PackedTagger
+
+    cfg = _cfg(tmp_path, tiny_model_dir, batch=2)
+    full = evaluate(cfg)
+    rows_full = (tmp_path / "out" / "predictions.jsonl").read_text()
+    (tmp_path / "out" / "predictions.jsonl").unlink()
+    real = PackedTagger.tag_stream
+
+    def killed_after_one(self, dialogues):
+        for n, item in enumerate(real(self, dialogues)):
+            if n == 1:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(PackedTagger, "tag_stream", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(cfg)
+    partial = [json.loads(x) for x in (tmp_path / "out" / "predictions.partial.jsonl").read_text().splitlines()]
+    kept = [r["dialogue_id"] for r in partial if "predictions" in r]
+    assert len(kept) == 1
+    seen = []
+    monkeypatch.setattr(PackedTagger, "tag_stream", lambda self, ds: seen.extend(d.id for d in ds) or real(self, ds))
+    resumed = evaluate(cfg)
+    assert kept[0] not in seen and len(seen) == full["dialogues"] - 1
+    assert resumed["weighted_f1"] == pytest.approx(full["weighted_f1"])
+    a = [json.loads(x) for x in rows_full.splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["utterance_id"] for r in a] == [r["utterance_id"] for r in b]
+    assert [r["predicted"] for r in a] == [r["predicted"] for r in b]
+    for x, y in zip(a, b):  # other dialogues share the forwards now: equal up to float rounding
+        assert x["probabilities"] == pytest.approx(y["probabilities"], abs=1e-4)
+
+
 def test_a_folder_with_only_a_test_split_takes_the_label_set_from_the_model(tmp_path, tiny_model, tiny_model_dir):
     from tests.conftest import toy_dialogue, write_dialogues, write_lora_run
 

@@ -23,7 +23,7 @@ from erc_llm.projector import (
 )
 from erc_llm.prompting import AUDIO_TOKEN, PromptBuilder
 from erc_llm.session import Engine
-from tests.conftest import LABELS, make_model, make_sharp_model, toy_dialogue
+from tests.conftest import LABELS, make_model, make_sharp_model, over_budget, toy_dialogue
 
 
 def _table(ids, dim=8, frames=False, seed=0):
@@ -177,7 +177,7 @@ def test_live_session_normalises_with_the_speakers_turns_so_far(tiny_model):
 
 def test_packed_decoding_with_audio_equals_one_dialogue_at_a_time(tiny_tokenizer):
     """Dialogues with audio soft tokens packed into one forward per turn step (batch evaluation, dev passes) get
-    the probabilities each gets through its own KV cache, also one over the token budget (decoded alone)."""
+    the probabilities each gets through its own KV cache, also one over the token budget (shortened as alone)."""
     from erc_llm.decoding import PackedTagger, make_tagger
 
     torch.manual_seed(0)
@@ -190,7 +190,8 @@ def test_packed_decoding_with_audio_equals_one_dialogue_at_a_time(tiny_tokenizer
     feed = AudioFeed(inputs, proj)
     builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=700, max_utterance_tokens=16, audio_tokens=2)
     tagger = make_tagger(model, builder, "predicted", 3, audio=feed)
-    assert isinstance(tagger, PackedTagger) and [tagger.fits(d) for d in ds] == [True, True, True, False]
+    assert isinstance(tagger, PackedTagger)
+    assert [over_budget(builder, d) for d in ds] == [False, False, False, True]
     ref = [StreamingTagger(model, builder, "predicted", audio=feed).tag(d) for d in ds]
     for r, g in zip(ref, tagger.tag_many(ds)):
         assert [p.label for p in r] == [p.label for p in g]
@@ -212,8 +213,8 @@ def test_packed_rollouts_with_audio_write_what_each_dialogue_alone_writes(tiny_t
     builder = PromptBuilder(tiny_tokenizer, LABELS, max_tokens=700, max_utterance_tokens=16, audio_tokens=2)
     encoded = [builder.encode(d) for d in ds]
     soft = lambda k, t: inputs.soft_tokens(proj, [ds[k].utterances[t].utterance_id])  # noqa: E731
-    tagger = PackedTagger(model, builder, batch=4)
-    assert [tagger.fits(d) for d in ds] == [True, True, True, False]
+    tagger = PackedTagger(model, builder, batch=2)
+    assert [over_budget(builder, d) for d in ds] == [False, False, False, True]
     with torch.inference_mode():
         got = tagger.rollout_many([(e["header"], e["turns"]) for e in encoded], soft)
         alone = [rollout(model, builder, e["header"], e["turns"], lambda t, k=k: soft(k, t))

@@ -12,6 +12,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 from erc_llm.config import EvalConfig, TrainConfig, build, eval_flags
+from erc_llm.constants import DECODE_BATCH
 from erc_llm.decoding import make_tagger
 from erc_llm.evaluate import evaluate
 from erc_llm.io import atomic_dir, atomic_write_json
@@ -50,8 +51,7 @@ def dev_metrics(model, builder: PromptBuilder, dialogues, history: str, speakers
     """Dev metrics; ``speakers`` = a fresh SpeakerContext (dialogues must then be in dataset order);
     ``audio`` = an AudioFeed of the dev split; ``lookahead`` > 0: a look-ahead model (whole-dialogue forwards)."""
     with eval_mode(model, audio.projector if audio else None):
-        # the decoder of `erc-llm evaluate` at its default --batch 8
-        tagger = make_tagger(model, builder, history, 8, speakers, audio, lookahead)
+        tagger = make_tagger(model, builder, history, DECODE_BATCH, speakers, audio, lookahead)  # as `erc-llm evaluate`
         predictions = (tagger.tag_many(dialogues) if hasattr(tagger, "tag_many")
                        else [tagger.tag(d) for d in dialogues])
     gold, pred = [], []
