@@ -26,11 +26,11 @@ short sequences, dropout) goes to transformers' own ``sdpa`` unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -78,7 +78,7 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
                     sliding_window: int | None = None, **kwargs):
     """transformers attention interface: query (B, H, T, D), key/value (B, Hkv, S, D) -> ((B, T, H, D), None)."""
     if kwargs.get("erc_rows") is not None:  # turns of several dialogues packed over their own caches
-        return row_attention(query, key, value, kwargs["erc_rows"], scaling, sliding_window)
+        return row_attention(query, module.layer_idx, kwargs["erc_rows"], scaling, sliding_window)
     t, s = query.shape[2], key.shape[2]
     plain = t != s or t <= BLOCK or dropout > 0 or kwargs.get("position_bias") is not None
     if plain or (attention_mask is not None and attention_mask.dtype != torch.bool):
@@ -103,13 +103,15 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
 @dataclass
 class Rows:
     """How the turns of several dialogues sit in one packed forward over their own KV caches (``decoding.score_batch``):
-    the packed cache of a layer holds each dialogue's cached keys one after another (``held[kind][b]`` of them:
-    sliding-window layers hold fewer), then the new tokens of every dialogue (``widths[b]`` each, in the same
-    order). ``masks[kind][b]``: which of dialogue *b*'s cached and new keys each of its new tokens sees."""
+    dialogue *b* has ``held[kind][b]`` cached keys on layers of that kind (sliding-window layers hold fewer) and
+    ``widths[b]`` new tokens, packed one dialogue after another. ``masks[kind][b]``: which of dialogue *b*'s
+    cached and new keys each of its new tokens sees. ``kv[layer]``: each dialogue's cached + new keys and values
+    of that layer, put there by :class:`RoutedCache` for the attention that follows."""
 
     held: dict[str, list[int]]
     widths: list[int]
     masks: dict[str, list[torch.Tensor]]
+    kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, held: dict[str, list[int]], widths: list[int], starts: list[int], window: int | None, device) -> "Rows":
@@ -127,21 +129,33 @@ class Rows:
         return cls(held, widths, masks)
 
 
-def row_attention(query, key, value, rows: Rows, scaling: float | None, sliding_window: int | None):
-    """Attention of packed turns, each over its own dialogue's keys only: query (1, H, sum(widths), D); key/value
-    (1, Hkv, sum(held) + sum(widths), D) as :class:`Rows` lays them out. One small attention per dialogue, so
-    nothing is computed between dialogues and no token is padding."""
+class RoutedCache(DynamicCache):
+    """The cache a packed forward over several dialogues is given: each layer's new keys and values go straight
+    into each dialogue's own cache (split by ``rows.widths``), and what each dialogue's tokens attend to (its
+    cached + new keys, as its cache returns them) waits in ``rows.kv`` for :func:`row_attention`. Nothing is
+    copied into a shared cache; the model sees an empty one."""
+
+    def __init__(self, caches: list, rows: Rows):
+        super().__init__()
+        self.caches, self.rows = caches, rows
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        ends = torch.tensor(self.rows.widths).cumsum(0).tolist()
+        self.rows.kv[layer_idx] = [c.update(key_states[:, :, e - n:e], value_states[:, :, e - n:e], layer_idx)
+                                   for c, e, n in zip(self.caches, ends, self.rows.widths)]
+        return key_states, value_states
+
+
+def row_attention(query, layer: int, rows: Rows, scaling: float | None, sliding_window: int | None):
+    """Attention of packed turns, each over its own dialogue's keys only: query (1, H, sum(widths), D), the keys
+    and values of ``rows.kv[layer]``. One small attention per dialogue, so nothing is computed between dialogues
+    and no token is padding."""
     kind = "sliding_attention" if sliding_window and "sliding_attention" in rows.held else "full_attention"
-    held = rows.held[kind]
-    cached, q0, first_new = 0, 0, sum(held)  # new tokens sit after every cached key, in query order
-    out = []
-    for h, n, mask in zip(held, rows.widths, rows.masks[kind]):
-        new = first_new + q0
-        k = torch.cat([key[:, :, cached:cached + h], key[:, :, new:new + n]], dim=2)
-        v = torch.cat([value[:, :, cached:cached + h], value[:, :, new:new + n]], dim=2)
+    out, q0 = [], 0
+    for (k, v), n, mask in zip(rows.kv.pop(layer), rows.widths, rows.masks[kind]):
         out.append(F.scaled_dot_product_attention(query[:, :, q0:q0 + n], k, v, attn_mask=mask, scale=scaling,
                                                   enable_gqa=k.shape[1] != query.shape[1]))
-        cached, q0 = cached + h, q0 + n
+        q0 += n
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
 

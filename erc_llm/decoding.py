@@ -21,7 +21,7 @@ import transformers
 from packaging.version import Version
 from transformers import DynamicCache
 
-from erc_llm.attention import NAME, Rows, register
+from erc_llm.attention import NAME, RoutedCache, Rows, register
 from erc_llm.constants import HISTORY_MODES
 from erc_llm.data.schema import Dialogue, Utterance
 from erc_llm.heads import decoder_hidden, first_token_ids, label_head, pack, packed_slot_logits
@@ -238,27 +238,19 @@ def score_batch(states: list["StreamState"], turns: list[list[int]], softs: list
     types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
     widths = [len(f) for f, _ in prepared]
     starts = [st.cache.get_seq_length() for st in states]
-    packed = DynamicCache()  # no eviction: the masks do the windowing
     held: dict[str, list[int]] = {}
     for layer, kind in enumerate(types):
-        kv = [_cached(st.cache, layer) for st in states]
-        held.setdefault(kind, [0 if x is None else x[0].shape[-2] for x in kv])
-        if any(x is not None for x in kv):
-            packed.update(torch.cat([x[0] for x in kv if x is not None], dim=2),
-                          torch.cat([x[1] for x in kv if x is not None], dim=2), layer)
+        held.setdefault(kind, [0 if x is None else x[0].shape[-2] for x in (_cached(st.cache, layer) for st in states)])
     rows = Rows.build(held, widths, starts, getattr(cfg, "sliding_window", None), dev)
     ids = torch.tensor([[t for f, _ in prepared for t in f]], device=dev)
     pos = torch.tensor([[s + j for s, w in zip(starts, widths) for j in range(w)]], device=dev)
     parts = [x for _, x in prepared if x is not None]
     x = {"input_ids": ids} if not parts else {"inputs_embeds": embed_ids(model, ids, torch.cat(parts))}
     masks = {kind: None for kind in held} if len(held) > 1 else None  # row_attention builds its own
-    out = model.get_decoder()(**x, position_ids=pos, attention_mask=masks, **{CACHE_ARG: packed}, use_cache=True,
+    routed = RoutedCache([st.cache for st in states], rows)  # new keys go straight into each dialogue's cache
+    out = model.get_decoder()(**x, position_ids=pos, attention_mask=masks, **{CACHE_ARG: routed}, use_cache=True,
                               erc_rows=rows)
-    total, ends = sum(widths), torch.tensor(widths).cumsum(0)
-    for layer in range(len(types)):
-        new_k, new_v = packed.layers[layer].keys[:, :, -total:], packed.layers[layer].values[:, :, -total:]
-        for st, end, n in zip(states, ends.tolist(), widths):
-            st.cache.layers[layer].update(new_k[:, :, end - n:end], new_v[:, :, end - n:end])
+    ends = torch.tensor(widths).cumsum(0)
     hidden = out.last_hidden_state[0, ends - 1]
     probs = torch.softmax(label_head(model, hidden, states[0].columns).float(), dim=-1)
     for st, h in zip(states, hidden.float().cpu().numpy()):
