@@ -39,10 +39,13 @@ def client(base: str, dialogues, start: int, until: float, participants: str = "
            think: float = 0.0) -> tuple[list[float], list[str]]:
     """Turn latencies (seconds) and failures of one client replaying dialogues from ``start`` until ``until``;
     ``participants``: "given" opens each dialogue with its speakers (as batch evaluation reads them), "joining"
-    with none (each speaker joins with their first turn); ``think``: seconds between a reply and the next turn."""
+    with none (each speaker joins with their first turn); ``think``: the mean pause between a reply and the next
+    turn, drawn from an exponential distribution (clients do not march in step: requests arrive as a Poisson
+    stream per client), also before the first turn."""
     import httpx
 
     lat, failed, k = [], [], start
+    rng = np.random.default_rng(start)
     with httpx.Client(base_url=base, timeout=300) as c:
         while time.perf_counter() < until:
             d = dialogues[k % len(dialogues)]
@@ -51,8 +54,8 @@ def client(base: str, dialogues, start: int, until: float, participants: str = "
             try:
                 key = c.post("/dialogues", json={"participants": who}).raise_for_status().json()["id"]
                 for u in d.utterances:
-                    if think and lat:
-                        time.sleep(think)
+                    if think:
+                        time.sleep(rng.exponential(think))
                     if time.perf_counter() >= until:
                         break
                     t = time.perf_counter()
@@ -129,8 +132,9 @@ def main() -> int:
                         "equal batch evaluation's); joining: opens with none, and each new speaker makes the server "
                         "re-read the transcript under the new participant list")
     p.add_argument("--think-ms", default="0",
-                   help="comma-separated pauses of each client between a reply and its next turn (0 = closed loop: "
-                        "the server saturated; MELD test turns last 2.46 s at the median, 3.31 s on average)")
+                   help="comma-separated mean pauses of each client between a reply and its next turn, exponentially "
+                        "distributed (0 = closed loop: the server saturated; MELD test turns last 2.46 s at the "
+                        "median, 3.31 s on average)")
     p.add_argument("--out", default=str(ROOT / "eval" / "results" / "http_load"))
     args = p.parse_args()
     out = claim_output(args.out, "results", inputs=[args.data_dir])
