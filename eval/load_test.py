@@ -73,15 +73,16 @@ def client(base: str, dialogues, start: int, until: float, participants: str = "
 def measure(base: str, dialogues, clients: int, seconds: float, participants: str = "given",
             think: float = 0.0) -> dict:
     until = time.perf_counter() + seconds
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(clients) as pool:
         parts = list(pool.map(lambda i: client(base, dialogues, i, until, participants, think), range(clients)))
     wall = time.perf_counter() - t0
+    client_cores = (time.process_time() - cpu0) / wall  # the load generator's own share of the shared cores
     lat = np.array([x for xs, _ in parts for x in xs])
     failed = [f for _, fs in parts for f in fs]
     ms = {f"p{q}_ms": 1000 * float(np.percentile(lat, q)) for q in (50, 95, 99)} if lat.size else {}
     return {"clients": clients, "turn_requests": int(lat.size), "failed": len(failed), "failures": failed[:5],
-            "wall_seconds": wall, "requests_per_second": lat.size / wall, **ms}
+            "wall_seconds": wall, "requests_per_second": lat.size / wall, "client_cpu_cores": client_cores, **ms}
 
 
 def server(args, port: int, max_batch: int) -> subprocess.Popen:

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -109,3 +110,16 @@ def test_auto_dtype_follows_the_cpu(monkeypatch):
     assert backbone.resolve_dtype("auto") == "bfloat16" and backbone.resolve_dtype("float32") == "float32"
     monkeypatch.setattr(backbone, "native_bf16_cpu", lambda: None)
     assert backbone.resolve_dtype("auto") == "float32"
+
+
+def test_loading_bounds_onednn_primitive_cache_unless_the_user_set_it(tiny_model_dir, monkeypatch):
+    """Decoding changes the token count every step; oneDNN's default cache of one bf16 primitive per shape then
+    grows into the peak memory. Loading sets a small capacity for the process, and keeps a value the user set."""
+    from erc_llm.backbone import ONEDNN_CACHE_CAPACITY, load_backbone
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    load_backbone(str(tiny_model_dir))
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE_CAPACITY)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+    load_backbone(str(tiny_model_dir))
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
