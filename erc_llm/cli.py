@@ -23,13 +23,14 @@ from erc_llm.backbone import (
     resolve_dtype,
     verify_cache,
 )
-from erc_llm.config import BaselineConfig, EvalConfig, StagesConfig, add_arguments, from_args
+from erc_llm.config import BaselineConfig, EvalConfig, StagesConfig
 from erc_llm.data import label_counts, load_split
 from erc_llm.data.meld import download_meld
 from erc_llm.errors import run_command
 from erc_llm.export import export
 from erc_llm.io import claim_output
 from erc_llm.metrics import history_phrase
+from erc_llm.options import add_arguments, from_args
 from erc_llm.run import SHIPPED, fit_run
 from erc_llm.speakers import NoteSettings, SpeakerContext, SpeakerStore, SpeakerTemplates, build_store
 from erc_llm.stages import describe

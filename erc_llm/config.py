@@ -1,17 +1,13 @@
 """One typed configuration schema. YAML files in ``configs/`` are instances of it; the CLI is
-generated from it; unknown keys are errors; validation reports every problem at once.
+generated from it; unknown keys are errors; validation reports every problem at once (the machinery for all
+three is ``erc_llm.options``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import math
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
 
 from erc_llm.constants import (
     CHECKPOINT_DIR,
@@ -24,26 +20,11 @@ from erc_llm.constants import (
 )
 from erc_llm.data.schema import BAD_ROW_MODES
 from erc_llm.io import OutputError, claim_output
+from erc_llm.options import choice_problems
+from erc_llm.options import option as _f  # every field below: default, help text, choices, bounds
 
 _STATS_HELP = ("online (the speaker's turns so far, as in a live session) or split (OFFLINE: each speaker's "
                "statistics over the whole split, later turns included)")
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def _f(default, help: str, choices: tuple | None = None, *, ge: float | None = None, gt: float | None = None,
-       le: float | None = None, lt: float | None = None):
-    """A documented field; numbers may carry bounds (``ge``/``gt``/``le``/``lt``) that :func:`build` checks,
-    together with finiteness, for every number of every config."""
-    meta = {"help": help}
-    if choices:
-        meta["choices"] = choices
-    meta.update({k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None})
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -185,9 +166,9 @@ class EvalConfig(SpeakerOptions):
     max_utterance_tokens: int = _f(0, "longest utterance text in tokens; longer ones are cut (0 = the run's; 96 "
                                    "zero-shot)", ge=0)
     limit: int = _f(0, "evaluate only the first N dialogues (0 = all)", ge=0)
-    batch: int = _f(DECODE_BATCH, "dialogues in flight: each step scores the next turn of each in one packed forward, and a "
-                    "finished dialogue's place goes to the next one (1 = one at a time; runs with speaker memory "
-                    "decode one at a time)", ge=1)
+    batch: int = _f(DECODE_BATCH, "dialogues in flight: each step scores the next turn of each in one packed "
+                    "forward, and a finished dialogue's place goes to the next one (1 = one at a time; runs with "
+                    "speaker memory decode one at a time)", ge=1)
     dtype: str = _f("auto", "compute dtype: auto = bfloat16 where the CPU (AMX / avx512_bf16) or GPU has native bf16 "
                     "matmuls (about 2x faster), else float32; recorded in metrics.json", ("auto", "float32", "bfloat16"))
     threads: int = _f(0, "torch CPU threads (0 = all cores)", ge=0)
@@ -236,7 +217,7 @@ def _out_problems(out: str, kind: str = "", inputs: tuple = (), replace: bool = 
 
 def _common_problems(cfg) -> list[str]:
     """Choices, the data folder and the label set: checks every config with a dataset shares."""
-    p = _check_choices(cfg)
+    p = choice_problems(cfg)
     if not cfg.data_dir:
         p.append("data_dir: required — the folder holding the dataset files")
     elif not Path(cfg.data_dir).exists():
@@ -250,113 +231,6 @@ def _common_problems(cfg) -> list[str]:
     elif len(set(canonical)) < len(canonical):
         p.append(f"labels: {list(cfg.labels)} repeats a label (labels are matched case-insensitively)")
     return p
-
-
-def _check_choices(cfg) -> list[str]:
-    out = []
-    for f in dataclasses.fields(cfg):
-        choices = f.metadata.get("choices")
-        value = getattr(cfg, f.name)
-        if choices and value not in choices:
-            out.append(f"{f.name}: {value!r} is not valid; expected one of {list(choices)}")
-    return out
-
-
-def _number_problems(cfg) -> list[str]:
-    """Every int/float field: finite, and within the bounds its field declares."""
-    out = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if not math.isfinite(value):
-            out.append(f"{f.name}: {value} is not a finite number")
-            continue
-        m = f.metadata
-        for key, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
-                              ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
-            if key in m and not ok(value, m[key]):
-                out.append(f"{f.name}: {value} is out of range; expected {word} {m[key]}")
-    return out
-
-
-def _coerce(name: str, tp, value):
-    tp = {"str": str, "int": int, "float": float, "bool": bool, "list": list}.get(tp, tp) if isinstance(tp, str) else tp
-    if tp is bool and isinstance(value, str):
-        if value.lower() in ("1", "true", "yes"):
-            return True
-        if value.lower() in ("0", "false", "no"):
-            return False
-        raise ConfigError(f"{name}: expected true/false, got {value!r}")
-    if tp is list:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return value
-    try:
-        return tp(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
-
-
-def build(cls, yaml_path: str | None = None, overrides: dict | None = None):
-    """Instance of ``cls`` from a YAML file plus overrides; raises ConfigError listing all problems."""
-    values: dict = {}
-    problems: list[str] = []
-    if yaml_path:
-        try:
-            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"config {yaml_path}: cannot read ({e})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config {yaml_path}: expected a mapping of keys to values")
-        values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in sorted(set(values) - known):
-        problems.append(f"{key}: unknown key; available keys = {sorted(known)}")
-    kwargs = {}
-    for key in sorted(set(values) & known):
-        try:
-            kwargs[key] = _coerce(key, hints[key], values[key])
-        except ConfigError as e:
-            problems.append(str(e))
-    cfg = cls(**kwargs) if not problems else None
-    if cfg is not None:
-        problems.extend(_number_problems(cfg))
-        problems.extend(q for q in cfg.problems() if q not in problems)
-    if problems:
-        src = f" ({yaml_path})" if yaml_path else ""
-        raise ConfigError(f"{len(problems)} config problem(s){src}:\n  - " + "\n  - ".join(problems))
-    return cfg
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One ``--flag`` per field (defaults left to the dataclass so YAML values are not overridden)."""
-    parser.add_argument("--config", help="YAML config file (an instance of this schema)")
-    default = defaults(cls)
-    for f in dataclasses.fields(cls):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-            choices=f.metadata.get("choices"), help=f"{f.metadata['help']} (default: {default[f.name]!r})",
-        )
-
-
-def defaults(cls) -> dict:
-    """The schema's default value of every field."""
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(cls)}
-
-
-def from_args(cls, args: argparse.Namespace):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return build(cls, args.config, {k: v for k, v in vars(args).items() if k in names})
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 def eval_flags(labels: list[str], on_bad_row: str, audio_dir: str = "") -> str:

@@ -24,12 +24,13 @@ import torch
 from accelerate import PartialState
 
 from erc_llm import stages as S
-from erc_llm.config import EvalConfig, to_dict
+from erc_llm.config import EvalConfig
 from erc_llm.data import LabelSet, load_split
 from erc_llm.data.schema import DataError, dialogues_digest
 from erc_llm.decoding import TurnPrediction
 from erc_llm.io import atomic_write_jsonl, content_digest, mark_output, progress, sha256_file
 from erc_llm.metrics import write_evaluation
+from erc_llm.options import to_dict
 from erc_llm.run import SHIPPED, RunSpec, load, resolve, software_versions
 from erc_llm.speakers import dataset_order
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from erc_llm.config import TrainConfig, defaults
+from erc_llm.config import TrainConfig
 from erc_llm.io import atomic_dir, atomic_write_json, claim_output, mark_output, sha256_file
+from erc_llm.options import defaults
 from erc_llm.run import RunSpec, load, resolve, write_checksums
 from erc_llm.stages import STAGES_DIR, describe
 

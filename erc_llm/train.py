@@ -27,10 +27,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python erc_llm/train.py` / `accelerate launch erc_llm/train.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from erc_llm.config import TrainConfig, add_arguments, from_args
+from erc_llm.config import TrainConfig
 from erc_llm.errors import run_command
 from erc_llm.io import atomic_write_json
 from erc_llm.metrics import history_phrase
+from erc_llm.options import add_arguments, from_args
 from erc_llm.training.loop import fit
 from erc_llm.training.recipe import setup
 from erc_llm.training.select import fit_stages, test_evaluation

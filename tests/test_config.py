@@ -1,6 +1,7 @@
 import pytest
 
-from erc_llm.config import ConfigError, EvalConfig, build, eval_flags
+from erc_llm.config import EvalConfig, eval_flags
+from erc_llm.options import ConfigError, build
 
 
 def test_unknown_keys_and_all_problems_reported_at_once(tmp_path):
@@ -66,7 +67,8 @@ def test_training_configs_are_valid(name, meld_dir, tmp_path):
 
 
 def test_speaker_and_audio_options_are_validated_together(tmp_path):
-    from erc_llm.config import ConfigError, TrainConfig, build
+    from erc_llm.config import TrainConfig
+    from erc_llm.options import ConfigError, build
 
     with pytest.raises(ConfigError) as e:
         build(TrainConfig, None, {"data_dir": str(tmp_path), "speaker_bios": True, "speaker_top_k": 0,
@@ -83,7 +85,8 @@ def test_speaker_and_audio_options_are_validated_together(tmp_path):
 
 
 def test_history_noise_and_on_policy_need_written_labels(tmp_path):
-    from erc_llm.config import ConfigError, TrainConfig
+    from erc_llm.config import TrainConfig
+    from erc_llm.options import ConfigError
 
     with pytest.raises(ConfigError, match=r"history_noise: 0.2 corrupts written labels, but label_history is false"):
         build(TrainConfig, None, {"data_dir": str(tmp_path), "dataset": "jsonl", "history_noise": "0.2"})
@@ -95,7 +98,8 @@ def test_history_noise_and_on_policy_need_written_labels(tmp_path):
 
 
 def test_lookahead_needs_a_text_only_online_transcript_without_memory_or_audio(tmp_path):
-    from erc_llm.config import ConfigError, TrainConfig
+    from erc_llm.config import TrainConfig
+    from erc_llm.options import ConfigError
 
     with pytest.raises(ConfigError) as e:
         build(TrainConfig, None, {"data_dir": str(tmp_path), "dataset": "jsonl", "lookahead": "2",
@@ -110,7 +114,8 @@ def test_lookahead_needs_a_text_only_online_transcript_without_memory_or_audio(t
 
 
 def test_a_teacher_must_be_an_evaluation_folder_and_its_weight_needs_it(tmp_path):
-    from erc_llm.config import ConfigError, TrainConfig
+    from erc_llm.config import TrainConfig
+    from erc_llm.options import ConfigError
 
     base = {"data_dir": str(tmp_path), "dataset": "jsonl"}
     with pytest.raises(ConfigError, match=r"(?s)2 config problem.*teacher_weight: 0.0 is out of range; expected > 0.*"

@@ -4,10 +4,11 @@ import peft
 import pytest
 import transformers
 
-from erc_llm.config import EvalConfig, build
+from erc_llm.config import EvalConfig
 from erc_llm.data.schema import LabelSet
 from erc_llm.evaluate import evaluate
 from erc_llm.metrics import compute_metrics
+from erc_llm.options import build
 from erc_llm.run import RunSpec
 from tests.conftest import write_jsonl_dataset
 

@@ -66,7 +66,8 @@ def test_train_command_rebuilds_the_run_config(tmp_path, monkeypatch):
 
     import yaml
 
-    from erc_llm.config import TrainConfig, add_arguments, from_args, to_dict
+    from erc_llm.config import TrainConfig
+    from erc_llm.options import add_arguments, from_args, to_dict
 
     monkeypatch.chdir(REPO)
     data = tmp_path / "meld"

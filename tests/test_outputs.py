@@ -74,7 +74,8 @@ def test_speakers_build_refuses_a_foreign_folder(tmp_path, precious):
 
 
 def test_training_overwrite_never_deletes_an_input_or_a_foreign_folder(tmp_path, tiny_model_dir, precious):
-    from erc_llm.config import TrainConfig, build
+    from erc_llm.config import TrainConfig
+    from erc_llm.options import build
 
     out = tmp_path / "work"
     data = write_jsonl_dataset(out / "data")  # the data inside the folder that --overwrite would replace
@@ -89,7 +90,8 @@ def test_training_overwrite_never_deletes_an_input_or_a_foreign_folder(tmp_path,
 
 
 def test_evaluation_refuses_a_foreign_folder_and_the_run_folder(tmp_path, tiny_model, tiny_model_dir, precious):
-    from erc_llm.config import EvalConfig, build
+    from erc_llm.config import EvalConfig
+    from erc_llm.options import build
 
     data = write_jsonl_dataset(tmp_path / "data")
     run = write_lora_run(tmp_path / "run", tiny_model, tiny_model_dir)

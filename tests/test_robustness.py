@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from erc_llm.config import ConfigError, EvalConfig, TrainConfig, build
+from erc_llm.config import EvalConfig, TrainConfig
 from erc_llm.data import DataError, load_split
+from erc_llm.options import ConfigError, build
 from tests.conftest import LABELS, toy_dialogue, write_jsonl_dataset
 
 BIN = Path(sys.executable).parent

@@ -241,8 +241,9 @@ def test_page_uploads_a_transcript_draws_a_timeline_and_downloads_what_evaluate_
                                                                                           tmp_path):
     """Upload a 20-turn transcript in headless Chromium: one timeline lane per speaker and a mark per turn; the
     downloaded JSONL holds the probabilities batch evaluation gives the same dialogue."""
-    from erc_llm.config import EvalConfig, build
+    from erc_llm.config import EvalConfig
     from erc_llm.evaluate import evaluate
+    from erc_llm.options import build
     from tests.conftest import toy_dialogue, write_dialogues
 
     dialogue = toy_dialogue(20, "talk")

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from erc_llm.config import EvalConfig, build
+from erc_llm.config import EvalConfig
 from erc_llm.data.schema import Dialogue, LabelSet, Utterance
 from erc_llm.evaluate import evaluate
+from erc_llm.options import build
 from erc_llm.speakers import (
     Coverage,
     NoteSettings,

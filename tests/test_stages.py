@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from erc_llm import stages as S
-from erc_llm.config import EvalConfig, StageOptions, TrainConfig, build
+from erc_llm.config import EvalConfig, StageOptions, TrainConfig
 from erc_llm.data import load_split
 from erc_llm.evaluate import evaluate
+from erc_llm.options import build
 from erc_llm.run import RunSpec, fit_run, load
 from erc_llm.session import ERCSession
 from tests.conftest import write_jsonl_dataset, write_lora_run

@@ -12,7 +12,7 @@ PACKAGE = REPO / "erc_llm"
 # beside inference (above it, so it may use the decoders for dev selection); nothing of inference imports it.
 LAYERS = [
     ("foundation", {"erc_llm", "erc_llm.constants", "erc_llm.errors", "erc_llm.io", "erc_llm.palette",
-                    "erc_llm.gguf_parts", "erc_llm.data.text"}),
+                    "erc_llm.gguf_parts", "erc_llm.data.text", "erc_llm.options"}),
     ("data", {"erc_llm.data", "erc_llm.data.schema", "erc_llm.data.jsonl", "erc_llm.data.meld", "erc_llm.data.iemocap"}),
     ("config", {"erc_llm.config"}),
     ("inputs", {"erc_llm.prompting", "erc_llm.audio", "erc_llm.backbone", "erc_llm.speakers", "erc_llm.uploads"}),
@@ -72,8 +72,9 @@ def test_the_config_schema_imports_only_dependency_free_modules_and_checking_a_c
     import sys
 
     graph = imports()
-    assert reachable(graph, "erc_llm.config") <= {"erc_llm.constants", "erc_llm.data.schema", "erc_llm.io"}
-    code = ("import sys\nfrom erc_llm.config import TrainConfig, build\ntry:\n"
+    assert reachable(graph, "erc_llm.config") <= {"erc_llm.constants", "erc_llm.data.schema", "erc_llm.io",
+                                                  "erc_llm.options"}
+    code = ("import sys\nfrom erc_llm.config import TrainConfig\nfrom erc_llm.options import build\ntry:\n"
             f"    build(TrainConfig, None, {{'data_dir': '.', 'out': {str(tmp_path / 'run')!r}, 'lora_r': 0}})\n"
             "except ValueError as e:\n    print(e)\nprint('torch' in sys.modules, 'transformers' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

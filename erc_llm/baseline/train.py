@@ -21,10 +21,11 @@ import torch
 
 from erc_llm.baseline.features import audio_features, dialogue_arrays, encoder_path, text_embeddings
 from erc_llm.baseline.model import FusedERC
-from erc_llm.config import BaselineConfig, build, to_dict
+from erc_llm.config import BaselineConfig
 from erc_llm.data import LabelSet, label_counts, load_split
 from erc_llm.io import atomic_write_json, cache_root
 from erc_llm.metrics import compute_metrics, write_evaluation
+from erc_llm.options import build, to_dict
 from erc_llm.training.losses import class_weights, per_example_loss
 
 log = logging.getLogger(__name__)

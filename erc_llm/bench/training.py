@@ -29,11 +29,12 @@ import yaml
 from erc_llm.attention import register
 from erc_llm.backbone import load_backbone, load_for_training, resolve_dtype
 from erc_llm.bench.harness import forward_flops, machine, matmul_peak, run_child, synthetic
-from erc_llm.config import TrainConfig, build
+from erc_llm.config import TrainConfig
 from erc_llm.data import load_split
 from erc_llm.decoding import StreamingTagger
 from erc_llm.heads import first_token_ids, slot_logits
 from erc_llm.io import atomic_write_json, atomic_write_text
+from erc_llm.options import build
 from erc_llm.prompting import PromptBuilder, Templates
 from erc_llm.run import RunSpec
 from erc_llm.training.lora import compute_context, wrap_lora

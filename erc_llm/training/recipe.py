@@ -23,11 +23,12 @@ from transformers import get_scheduler
 from erc_llm.attention import register
 from erc_llm.audio import load_source
 from erc_llm.backbone import load_for_training
-from erc_llm.config import ConfigError, TrainConfig, to_dict
+from erc_llm.config import TrainConfig
 from erc_llm.data import LabelSet, label_counts, load_split
 from erc_llm.data.schema import dialogues_digest
 from erc_llm.heads import first_token_ids
 from erc_llm.io import atomic_dir, atomic_write_text, cache_root, content_digest, mark_output
+from erc_llm.options import ConfigError, to_dict
 from erc_llm.projector import AudioInputs, AudioModel, AudioProjector, embedding_rms, fit_spec
 from erc_llm.prompting import PROMPTS_DIR, PromptBuilder, Templates
 from erc_llm.run import RunSpec, init_adapter_problems, software_versions

@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast_object_list
 
-from erc_llm.config import EvalConfig, TrainConfig, build, eval_flags
+from erc_llm.config import EvalConfig, TrainConfig, eval_flags
 from erc_llm.constants import DECODE_BATCH
 from erc_llm.decoding import make_tagger
 from erc_llm.evaluate import evaluate
 from erc_llm.io import atomic_dir, atomic_write_json
 from erc_llm.metrics import compute_metrics
+from erc_llm.options import build
 from erc_llm.prompting import PromptBuilder
 from erc_llm.run import fit_run
 from erc_llm.training.averaging import WeightAverage

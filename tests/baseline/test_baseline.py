@@ -103,7 +103,7 @@ def test_baseline_cli_end_to_end(tmp_path, monkeypatch, capsys):
 def test_same_utterance_ids_in_different_splits_keep_their_own_text(tmp_path, monkeypatch):
     """MELD reuses ids (dia0_utt0) in train, dev and test: each split must embed its own text."""
     from erc_llm.baseline.train import prepare
-    from erc_llm.config import build
+    from erc_llm.options import build
 
     monkeypatch.setenv("ERC_LLM_CACHE", str(tmp_path / "cache"))
     data = write_jsonl_dataset(tmp_path / "data", 2)

@@ -81,8 +81,9 @@ def test_distillation_with_a_one_hot_teacher_is_cross_entropy_and_a_soft_teacher
 def test_training_with_a_teacher_that_agrees_with_gold_matches_training_without(tmp_path, tiny_model_dir):
     """The teacher's wiring: one-hot soft targets give the same losses as gold labels; a uniform teacher
     gives other losses; a teacher of another split stops training before the model is loaded."""
-    from erc_llm.config import TrainConfig, build
+    from erc_llm.config import TrainConfig
     from erc_llm.data.schema import DataError
+    from erc_llm.options import build
     from erc_llm.training.loop import fit
     from erc_llm.training.recipe import setup
 

@@ -229,9 +229,10 @@ def test_on_policy_history_writes_the_labels_the_model_itself_would_write(tmp_pa
     """on_policy: 1 writes what the model writes at test time (turn-by-turn decoding with predicted history,
     current weights), not gold, and leaves the model training; on_policy: 0 writes gold; a run logs how often
     the written labels were right."""
-    from erc_llm.config import TrainConfig, build
+    from erc_llm.config import TrainConfig
     from erc_llm.data import load_split
     from erc_llm.decoding import StreamingTagger
+    from erc_llm.options import build
     from erc_llm.training.loop import fit, history_labels
     from erc_llm.training.recipe import setup
 
@@ -258,8 +259,9 @@ def test_on_policy_history_writes_the_labels_the_model_itself_would_write(tmp_pa
 def test_on_policy_history_with_audio_writes_what_each_dialogue_alone_writes(tmp_path, tiny_model_dir):
     """With audio soft tokens, a step's on-policy rollouts are packed: the labels of each dialogue rolled out
     alone with its own turns' soft tokens."""
-    from erc_llm.config import TrainConfig, build
+    from erc_llm.config import TrainConfig
     from erc_llm.decoding import rollout
+    from erc_llm.options import build
     from erc_llm.training.loop import history_labels
     from erc_llm.training.recipe import setup
     from erc_llm.training.select import eval_mode
@@ -294,7 +296,8 @@ def test_epoch_order_short_first_sorts_only_the_first_epoch():
 
 def test_curriculum_short_first_trains_on_the_shortest_dialogues_first(tmp_path, tiny_model_dir, monkeypatch):
     """The first step of a short_first run sees the shortest transcripts; an unknown curriculum is a config error."""
-    from erc_llm.config import ConfigError, TrainConfig, build
+    from erc_llm.config import TrainConfig
+    from erc_llm.options import ConfigError, build
     from erc_llm.training import loop, recipe
 
     data = write_jsonl_dataset(tmp_path / "data", 6)
@@ -316,7 +319,8 @@ def test_contrastive_term_enters_the_loss_and_fills_the_bank(tmp_path, tiny_mode
     """With contrastive_weight the first step's loss grows by the weighted term (same data, same start), the
     bank holds every labelled slot seen and a resumed run gets it back from the checkpoint; a temperature without
     the term, or resuming without it, is an error."""
-    from erc_llm.config import ConfigError, TrainConfig, build
+    from erc_llm.config import TrainConfig
+    from erc_llm.options import ConfigError, build
     from erc_llm.training import loop, recipe
 
     data = write_jsonl_dataset(tmp_path / "data", 4)
@@ -360,7 +364,8 @@ def test_eval_mode_restores_each_modules_previous_mode_also_on_error():
 def test_lr_schedule_shapes_the_learning_rate_after_warm_up(tmp_path, tiny_model_dir):
     """Warm-up to the peak, then linear or cosine decay to 0, or a constant peak: the schedule the optimizer
     actually gets from the config."""
-    from erc_llm.config import TrainConfig, build
+    from erc_llm.config import TrainConfig
+    from erc_llm.options import build
     from erc_llm.training.recipe import setup
 
     data = write_jsonl_dataset(tmp_path / "data", 4)
@@ -385,7 +390,8 @@ def test_lr_schedule_shapes_the_learning_rate_after_warm_up(tmp_path, tiny_model
 
 
 def test_unknown_lr_schedule_is_a_config_error_naming_the_choices():
-    from erc_llm.config import TrainConfig, build
+    from erc_llm.config import TrainConfig
+    from erc_llm.options import build
 
     with pytest.raises(ValueError, match=r"lr_schedule: 'step' is not valid; expected one of \['linear', 'cosine'"):
         build(TrainConfig, None, {"lr_schedule": "step"})
@@ -410,7 +416,8 @@ def test_run_prompts_are_the_custom_folder_completed_by_the_packaged_support_tem
 
 
 def _init_config(tmp_path, tiny_model_dir, init: Path, **kw):
-    from erc_llm.config import TrainConfig, build
+    from erc_llm.config import TrainConfig
+    from erc_llm.options import build
 
     data = tmp_path / "data" if (tmp_path / "data").is_dir() else write_jsonl_dataset(tmp_path / "data", 4)
     return build(TrainConfig, None, {
@@ -485,7 +492,8 @@ def test_ema_run_saves_the_averaged_weights_and_a_resumed_run_continues_the_aver
                                                                                     monkeypatch):
     """ema_decay: dev evaluates, and run/adapter holds, the moving average, while the optimizer goes on with the
     live weights; a run stopped after a checkpoint and resumed ends with the same average as an uninterrupted one."""
-    from erc_llm.config import TrainConfig, build
+    from erc_llm.config import TrainConfig
+    from erc_llm.options import build
     from erc_llm.training import loop
     from erc_llm.training.loop import fit
     from erc_llm.training.recipe import setup
@@ -535,7 +543,8 @@ def test_ema_run_saves_the_averaged_weights_and_a_resumed_run_continues_the_aver
 def test_a_dialogue_longer_than_max_tokens_is_trained_on_every_turn(tmp_path, tiny_model_dir, caplog):
     """A 30-turn dialogue with a 128-token budget is trained as several transcripts: one step over it and a
     3-turn dialogue trains all 33 labelled turns (not only the last window), and the log says so."""
-    from erc_llm.config import TrainConfig, build
+    from erc_llm.config import TrainConfig
+    from erc_llm.options import build
     from erc_llm.training import loop, recipe
     from tests.conftest import toy_dialogue, write_dialogues
 
@@ -603,8 +612,9 @@ def test_epoch_order_draws_a_fraction_of_the_joint_corpus_afresh_every_epoch():
 def test_joint_training_scores_each_corpus_over_its_own_label_set(tmp_path, tiny_model_dir, monkeypatch, caplog):
     """A joint corpus with another label set: its dialogues are prompted with their own labels and their loss is
     over those labels' columns with their own class weights; dev, the run's label set and test stay the dataset's."""
-    from erc_llm.config import ConfigError, TrainConfig, build
+    from erc_llm.config import TrainConfig
     from erc_llm.data.schema import Dialogue, Utterance
+    from erc_llm.options import ConfigError, build
     from erc_llm.training import loop, recipe
     from tests.conftest import write_dialogues
 
