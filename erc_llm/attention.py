@@ -26,6 +26,7 @@ short sequences, dropout) goes to transformers' own ``sdpa`` unchanged.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -138,11 +139,11 @@ class RoutedCache(DynamicCache):
     def __init__(self, caches: list, rows: Rows):
         super().__init__()
         self.caches, self.rows = caches, rows
+        self.ends = list(itertools.accumulate(rows.widths))  # where each dialogue's new tokens end in the pack
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        ends = torch.tensor(self.rows.widths).cumsum(0).tolist()
         self.rows.kv[layer_idx] = [c.update(key_states[:, :, e - n:e], value_states[:, :, e - n:e], layer_idx)
-                                   for c, e, n in zip(self.caches, ends, self.rows.widths)]
+                                   for c, e, n in zip(self.caches, self.ends, self.rows.widths)]
         return key_states, value_states
 
 

@@ -325,6 +325,11 @@ class StreamingTagger:
             self.speakers.observe(dialogue, written)
         return preds
 
+    def tag_stream(self, dialogues: list[Dialogue]) -> Iterator[tuple[int, list[TurnPrediction]]]:
+        """``(index, predictions)`` of every dialogue, one at a time, in order (a speaker memory needs it)."""
+        for k, d in enumerate(dialogues):
+            yield k, self.tag(d)
+
 
 @dataclass
 class _InFlight:

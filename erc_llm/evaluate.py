@@ -147,7 +147,7 @@ def predict(tagger, dialogues, partial: Path, fingerprint: str, batch: int = 1, 
 
             finish(d, single.tag(d, resume=resume, on_turn=on_turn))
 
-        streamed = batch > 1 and hasattr(tagger, "tag_stream")
+        streamed = batch > 1
         for d in dialogues:
             if d.id in done:
                 if speakers is not None:

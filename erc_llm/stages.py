@@ -499,12 +499,9 @@ def slot_inputs(p, dialogues: list[Dialogue], desc: str) -> SplitInputs:
 
 def _slot_inputs(p, dialogues: list[Dialogue], desc: str) -> SplitInputs:
     tagger = p.tagger("predicted", batch=DECODE_BATCH)
-    if hasattr(tagger, "tag_stream"):
-        preds: list = [None] * len(dialogues)
-        for k, ps in progress(tagger.tag_stream(dialogues), total=len(dialogues), desc=desc, unit="dialogue"):
-            preds[k] = ps
-    else:
-        preds = [tagger.tag(d) for d in progress(dialogues, desc=desc, unit="dialogue")]
+    preds: list = [None] * len(dialogues)
+    for k, ps in progress(tagger.tag_stream(dialogues), total=len(dialogues), desc=desc, unit="dialogue"):
+        preds[k] = ps
     turns = [t for ts in preds for t in ts]
     gold = np.array([p.labels.index(u.emotion) if u.emotion is not None else -1 for d in dialogues for u in d.utterances])
     states = None if any(t.state is None for t in turns) else np.stack([t.state for t in turns]).astype(np.float32)
