@@ -7,8 +7,10 @@ Shared by the inference benchmark (``erc_llm.bench.inference``), the training be
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,6 +89,14 @@ def run_child(cmd: list[str]) -> tuple[float, int]:
             err.seek(0)
             raise RuntimeError(f"{' '.join(cmd)} failed ({child.returncode}): {err.read()[-2000:]}")
     return time.perf_counter() - t, hwm
+
+
+def evaluate_in_child(flags: list[str], out: Path) -> tuple[dict, float, float, list[str]]:
+    """``erc-llm evaluate FLAGS --out OUT`` in a child process: its ``metrics.json``, wall seconds, peak RSS in GB
+    (the child's own ``VmHWM``) and the command that ran."""
+    cmd = [sys.executable, "-m", "erc_llm.cli", "evaluate", *flags, "--out", str(out)]
+    wall, hwm = run_child(cmd)
+    return json.loads((out / "metrics.json").read_text()), wall, hwm / 1024**2, cmd
 
 
 def write_results(out: Path, result: dict, title: str, note: str, table: str) -> int:

@@ -17,10 +17,8 @@ matmul peak, time against dialogue length, and (``--full-test``) MELD test end t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from pathlib import Path
 import torch
 
 from erc_llm.backbone import DEFAULT_MODEL, load_for_training
-from erc_llm.bench.harness import forward_flops, machine, matmul_peak, run_child, synthetic, write_results
+from erc_llm.bench.harness import evaluate_in_child, forward_flops, machine, matmul_peak, synthetic, write_results
 from erc_llm.config import TrainConfig
 from erc_llm.data import MELD_LABELS, load_split
 from erc_llm.data.schema import Dialogue
@@ -139,13 +137,13 @@ def full_test(args, dtype: str, out: Path, dataset: str = "meld") -> dict:
 
     Peak RSS is the child's own high-water mark (``VmHWM`` in /proc, polled): ``getrusage`` of children
     would count the pages a forked child shares with this (large) process before it execs."""
-    cmd = [sys.executable, "-m", "erc_llm.cli", "evaluate", "--dataset", dataset, "--split", "test", "--data-dir",
-           args.data_dir, "--dtype", dtype, "--out", str(out)] + (["--run", args.run] if args.run else []) + (
-           ["--zero-shot", "true", "--model", args.model or "gemma-3-270m"] if args.zero_shot else [])
-    wall, hwm = run_child(cmd)
-    m = json.loads((out / "metrics.json").read_text())
-    return {"dtype": dtype, "ran_as": m.get("dtype", dtype), "wall_seconds": wall, "utterances": m["utterances"], "utterances_per_second": m["utterances_per_second"],
-            "weighted_f1": m.get("weighted_f1"), "peak_rss_gb": hwm / 1024**2, "command": " ".join(cmd[2:])}
+    m, wall, peak, cmd = evaluate_in_child(
+        ["--dataset", dataset, "--split", "test", "--data-dir", args.data_dir, "--dtype", dtype]
+        + (["--run", args.run] if args.run else [])
+        + (["--zero-shot", "true", "--model", args.model or "gemma-3-270m"] if args.zero_shot else []), out)
+    return {"dtype": dtype, "ran_as": m.get("dtype", dtype), "wall_seconds": wall, "utterances": m["utterances"],
+            "utterances_per_second": m["utterances_per_second"], "weighted_f1": m.get("weighted_f1"),
+            "peak_rss_gb": peak, "command": " ".join(cmd[2:])}
 
 
 def threads() -> int:
@@ -302,13 +300,12 @@ def main(argv: list[str]) -> int:
 def _timed_evaluation(args, stages: str, folder: Path) -> dict:
     """One ``erc-llm evaluate`` of ``args.run`` in a child process, with its stages on or off: figures, wall
     time and peak RSS."""
-    cmd = [sys.executable, "-m", "erc_llm.cli", "evaluate", "--dataset", args.dataset, "--split", args.split,
-           "--data-dir", args.data_dir, "--run", args.run, "--stages", stages, "--dtype", args.dtype,
-           "--out", str(folder)] + (["--audio-dir", args.audio_dir] if args.audio_dir else [])
-    wall, hwm = run_child(cmd)
-    m = json.loads((folder / "metrics.json").read_text())
+    m, wall, peak, cmd = evaluate_in_child(
+        ["--dataset", args.dataset, "--split", args.split, "--data-dir", args.data_dir, "--run", args.run,
+         "--stages", stages, "--dtype", args.dtype] + (["--audio-dir", args.audio_dir] if args.audio_dir else []),
+        folder)
     return {"wall_seconds": wall, "utterances_per_second": m["utterances_per_second"], "weighted_f1": m["weighted_f1"],
-            "ece": m.get("ece"), "peak_rss_gb": hwm / 1024**2, "dtype": m.get("dtype"), "stages": m.get("stages"),
+            "ece": m.get("ece"), "peak_rss_gb": peak, "dtype": m.get("dtype"), "stages": m.get("stages"),
             "command": " ".join(cmd[2:])}
 
 

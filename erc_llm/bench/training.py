@@ -28,7 +28,7 @@ import yaml
 
 from erc_llm.attention import register
 from erc_llm.backbone import load_backbone, load_for_training, resolve_dtype
-from erc_llm.bench.harness import forward_flops, machine, matmul_peak, run_child, synthetic
+from erc_llm.bench.harness import evaluate_in_child, forward_flops, machine, matmul_peak, run_child, synthetic
 from erc_llm.config import TrainConfig
 from erc_llm.data import load_split
 from erc_llm.decoding import StreamingTagger
@@ -145,11 +145,9 @@ def evaluate_child(args: list[str], out: Path) -> dict:
     """``erc-llm evaluate ARGS --out OUT --dtype bfloat16`` as a child process: the model it scored, wall time,
     utterances/s, weighted F1, peak RSS (the child's ``VmHWM``)."""
 
-    cmd = [sys.executable, "-m", "erc_llm.cli", "evaluate", *args, "--dtype", "bfloat16", "--out", str(out)]
-    wall, hwm = run_child(cmd)
-    m = json.loads((out / "metrics.json").read_text())
-    return {"model": m["model"], "utterances": m["utterances"], "seconds": wall, "utterances_per_second": m["utterances_per_second"],
-            "weighted_f1": m.get("weighted_f1"), "peak_rss_gb": hwm / 1024**2,
+    m, wall, peak, _ = evaluate_in_child([*args, "--dtype", "bfloat16"], out)
+    return {"model": m["model"], "utterances": m["utterances"], "seconds": wall,
+            "utterances_per_second": m["utterances_per_second"], "weighted_f1": m.get("weighted_f1"), "peak_rss_gb": peak,
             "command": "erc-llm evaluate " + " ".join(args) + " --dtype bfloat16 --out OUT"}
 
 
