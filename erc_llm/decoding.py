@@ -4,15 +4,17 @@ There is no free-text generation and no parsing: each label is a token sequence;
 model's log-probability of that sequence at the slot (a trie shares common prefixes, so multi-token
 labels are exact). A softmax over the label scores gives a probability for every label.
 
-The :class:`StreamingTagger` walks a dialogue turn by turn over one KV cache: every turn costs
-only its own tokens. What is written into an earlier turn's slot is the model's own prediction
-(``history="predicted"``, the default and the honest setting) or, as a clearly marked diagnostic,
-the gold label (``history="gold"``).
+The :class:`StreamingTagger` walks a dialogue turn by turn over one KV cache: every turn costs only its own
+tokens, and every dialogue's cache starts from the headers' shared first tokens (task line, label list:
+:class:`SharedPrefix`), read once per decoder. What is written into an earlier turn's slot is the model's own
+prediction (``history="predicted"``, the default and the honest setting) or, as a clearly marked diagnostic, the
+gold label (``history="gold"``).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -100,6 +102,39 @@ def score_slot(model, trie: LabelTrie, slot_logprobs: torch.Tensor, cache) -> to
     return trie.sequence_scores(logprobs)
 
 
+class SharedPrefix:
+    """The keys and values of the tokens every dialogue's header starts with (``PromptBuilder.shared_header_ids``:
+    BOS, the task line, the label list), computed once and given to every dialogue a decoder starts, so a
+    dialogue's first forward carries only its participants and first turn. The tensors are shared, never written:
+    a cache grows by concatenation. Valid while the weights do not change (a decoder lives within one dev pass,
+    one evaluation or one server)."""
+
+    def __init__(self, model, ids: list[int]):
+        window = getattr(model.config, "sliding_window", None)
+        self.model, self.ids = model, ids[:window - 1] if window else ids  # a sliding layer keeps window - 1 keys
+        self.kv: list = []
+        if self.ids:
+            with torch.inference_mode():
+                cache = DynamicCache(config=model.config)
+                decoder_hidden(model, torch.tensor([self.ids], device=model.device), **{CACHE_ARG: cache},
+                               use_cache=True)
+            self.kv = [_cached(cache, layer) for layer in range(len(cache.layers))]
+
+    def start(self, header: list[int]) -> tuple[DynamicCache | None, int]:
+        """A new cache holding the longest run of ``header``'s first tokens this prefix has, and its length."""
+        n = 0
+        for a, b in zip(self.ids, header):
+            if a != b:
+                break
+            n += 1
+        if not n:
+            return None, 0
+        cache = DynamicCache(config=self.model.config)
+        for layer, (k, v) in enumerate(self.kv):
+            cache.update(k[:, :, :n], v[:, :, :n], layer)
+        return cache, n
+
+
 class StreamState:
     """One dialogue in progress: the KV cache of the transcript so far and what is still to feed.
 
@@ -107,15 +142,15 @@ class StreamState:
     chosen for that turn into the transcript. Used by batch evaluation and by chat sessions.
     """
 
-    def __init__(self, model, builder: PromptBuilder, trie: LabelTrie, header: list[int]):
+    def __init__(self, model, builder: PromptBuilder, trie: LabelTrie, header: list[int],
+                 prefix: SharedPrefix | None = None):
+        """``prefix``: the header's shared first tokens, already in a cache (the forward starts after them)."""
         self.model, self.builder, self.trie = model, builder, trie
-        self.header = header
+        self.header, self.prefix = header, prefix
         self.segments: list[list[int]] = []  # per committed turn: turn tokens + answer tokens
         self.soft: list[torch.Tensor | None] = []  # per committed turn: its audio soft tokens
         self.first_kept = 0  # index into segments of the oldest turn still in the cache
-        self.cache = None
-        self.cache_len = 0
-        self.pending: list[int] = list(header)
+        self.pending: list[int] = self._fresh_cache()
         self.pending_soft: list[torch.Tensor] = []  # soft tokens of audio placeholders in ``pending``
         self.backlog: list[int] = []  # replayed tokens counted in ``cache_len`` but not fed yet
         self.backlog_soft: list[torch.Tensor] = []
@@ -169,8 +204,12 @@ class StreamState:
         kept = self.segments[self.first_kept:]
         lens = [len(s) for s in kept] + [len(turn) + self.max_answer]
         self.first_kept += fit_window(len(self.header), lens, self.builder.max_tokens * 3 // 4)
-        self.cache, self.cache_len = None, 0
-        return self.header + [t for s in self.segments[self.first_kept:] for t in s] + turn
+        return self._fresh_cache() + [t for s in self.segments[self.first_kept:] for t in s] + turn
+
+    def _fresh_cache(self) -> list[int]:
+        """Start the cache again (holding the shared prefix, if any); returns the header tokens still to feed."""
+        self.cache, self.cache_len = self.prefix.start(self.header) if self.prefix is not None else (None, 0)
+        return self.header[self.cache_len:]
 
     def replay(self, utt: Utterance, label: str, note: str = "", soft: torch.Tensor | None = None) -> None:
         """Append an already-labelled turn without scoring it (resuming a dialogue): its tokens join what the
@@ -197,9 +236,9 @@ class StreamState:
         with the next ``score``."""
         if self._turn is not None:
             raise RuntimeError("restart() between score() and commit()")
-        self.header, self.cache, self.cache_len = header, None, 0
+        self.header = header
         self.backlog, self.backlog_soft = [], []
-        self.pending = header + [t for s in self.segments[self.first_kept:] for t in s]
+        self.pending = self._fresh_cache() + [t for s in self.segments[self.first_kept:] for t in s]
         self.pending_soft = [s for s in self.soft[self.first_kept:] if s is not None]
 
 
@@ -297,8 +336,14 @@ class StreamingTagger:
         self.trie = LabelTrie(builder.label_ids)
         self.labels = builder.labels
 
+    @functools.cached_property
+    def prefix(self) -> SharedPrefix:
+        """The headers' shared first tokens in a cache, computed with the first dialogue (the weights do not change
+        while a tagger is in use)."""
+        return SharedPrefix(self.model, self.builder.shared_header_ids())
+
     def new_state(self, dialogue: Dialogue) -> StreamState:
-        return StreamState(self.model, self.builder, self.trie, self.builder.header_ids(dialogue))
+        return StreamState(self.model, self.builder, self.trie, self.builder.header_ids(dialogue), self.prefix)
 
     @torch.inference_mode()
     def tag(self, dialogue: Dialogue, resume: list[TurnPrediction] = (), on_turn=None) -> list[TurnPrediction]:
@@ -406,7 +451,8 @@ class PackedTagger:
                 if not encoded[k][1]:
                     yield k, [], []
                     continue
-                live.append(_InFlight(k, StreamState(self.model, self.builder, self.single.trie, encoded[k][0])))
+                state = StreamState(self.model, self.builder, self.single.trie, encoded[k][0], self.single.prefix)
+                live.append(_InFlight(k, state))
             if not live:
                 return
             turns = [encoded[x.k][1][x.t] for x in live]

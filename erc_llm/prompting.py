@@ -152,6 +152,13 @@ class PromptBuilder:
                                             conversation=conversation)
         return self.bos + self._encode(text)
 
+    def shared_header_ids(self) -> list[int]:
+        """The tokens every dialogue's header starts with: BOS and the header text before its first per-dialogue
+        field (the task line and the label list). A tokenizer may merge the last of them with what follows, so a
+        user of this prefix keeps only the tokens a header really shares (``decoding.SharedPrefix``)."""
+        text = self.templates.header.format(labels=", ".join(self.labels.labels), speakers="\0", conversation="\0")
+        return self.bos + self._encode(text.split("\0")[0])
+
     def _cap(self, text: str, limit: int) -> str:
         ids = self._encode(text)
         return self.tokenizer.decode(ids[:limit]) + " ..." if len(ids) > limit else text

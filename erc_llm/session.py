@@ -31,7 +31,7 @@ from erc_llm import audio as A
 from erc_llm.data.jsonl import parse_dialogue
 from erc_llm.data.schema import DataError, Dialogue, LabelSet, Utterance
 from erc_llm.data.text import normalize_speaker, normalize_text
-from erc_llm.decoding import LabelTrie, StreamState, score_batch
+from erc_llm.decoding import LabelTrie, SharedPrefix, StreamState, score_batch
 from erc_llm.projector import model_input, speaker_normalizer
 from erc_llm.run import SHIPPED, load
 from erc_llm.stages import combine
@@ -124,6 +124,7 @@ class Engine:
     dtype: str = "float32"  # the compute dtype the backbone runs in
     lock: threading.Lock = field(default_factory=threading.Lock)  # one forward at a time on the shared model
     batcher: Batcher | None = None  # set by ``start_batching``: concurrent sessions' turns share forwards
+    prefix: SharedPrefix | None = None  # the headers' shared first tokens, in a cache every new dialogue starts from
 
     @classmethod
     def load(cls, run: str | Path | None = None, model: str = "", labels: LabelSet | None = None,
@@ -140,7 +141,8 @@ class Engine:
             raise ValueError(f"model {p.name} was trained with {p.context} context ({seen}); a live session only knows "
                              "the turns so far: use a model trained with context: online and lookahead: 0")
         return cls(p.model, p.builder, p.labels, p.speakers, p.audio, p.name, LabelTrie(p.builder.label_ids),
-                   p.stages if stages else None, p.spec.dataset if p.spec else "", p.dtype)
+                   p.stages if stages else None, p.spec.dataset if p.spec else "", p.dtype,
+                   prefix=SharedPrefix(p.model, p.builder.shared_header_ids()))
 
     def start_batching(self, window_ms: float = 2.0, max_batch: int = 16) -> None:
         """Score the turns of concurrent sessions in batched forwards (see :class:`Batcher`); for servers."""
@@ -267,7 +269,7 @@ class ERCSession:
             if self.state is not None:
                 self.state.restart(self._header())
         if self.state is None:
-            self.state = StreamState(e.model, e.builder, e.trie, self._header())
+            self.state = StreamState(e.model, e.builder, e.trie, self._header(), e.prefix)
         probs = e.score(self.state, utt, note, soft)
         self.state.commit(e.labels.labels[int(probs.argmax())])  # what batch evaluation writes
         final, used = e.finish(probs, self.state.slot_state, self.listener, speaker, text, audio)

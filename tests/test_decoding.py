@@ -8,7 +8,16 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from erc_llm.data.schema import Dialogue, LabelSet, Utterance
-from erc_llm.decoding import CACHE_ARG, LabelTrie, PackedTagger, StreamingTagger, StreamState, rollout, score_batch
+from erc_llm.decoding import (
+    CACHE_ARG,
+    LabelTrie,
+    PackedTagger,
+    SharedPrefix,
+    StreamingTagger,
+    StreamState,
+    rollout,
+    score_batch,
+)
 from erc_llm.prompting import PromptBuilder
 from tests.conftest import LABELS, make_model, make_sharp_model, make_tokenizer, over_budget, toy_dialogue
 
@@ -193,7 +202,9 @@ def test_batched_turns_of_interleaved_dialogues_equal_each_dialogue_alone(tiny_t
     for i, d in enumerate(ds):
         d.utterances[0].text = f"variant {i} " + d.utterances[0].text
     ref = [StreamingTagger(model, builder).tag(d) for d in ds]
-    states = [StreamState(model, builder, trie, builder.header_ids(d)) for d in ds]
+    prefix = SharedPrefix(model, builder.shared_header_ids())  # half the dialogues start from the shared header
+    states = [StreamState(model, builder, trie, builder.header_ids(d), prefix if i % 2 else None)
+              for i, d in enumerate(ds)]
     states[1].replay(ds[1].utterances[0], ref[1][0].label)  # a resumed dialogue: its first turn is replayed
     done = [0, 1, 0, 0]
     got: list[list] = [[None] * len(d.utterances) for d in ds]
@@ -211,6 +222,23 @@ def test_batched_turns_of_interleaved_dialogues_equal_each_dialogue_alone(tiny_t
         assert [p.label for p in r] == [LABELS.labels[max(range(len(x)), key=x.__getitem__)] for x in g]
         for a, b in zip(r, g):
             assert a.probs == pytest.approx(b, abs=1e-4)
+
+
+def test_dialogues_start_from_the_shared_header_prefix(tiny_tokenizer, tiny_model):
+    """The task line and label list every header starts with are read once per tagger: a dialogue's first forward
+    feeds only its participants and first turn; a header that shares fewer tokens starts from only those."""
+    builder = PromptBuilder(tiny_tokenizer, LABELS)
+    tagger = StreamingTagger(tiny_model, builder)
+    d = toy_dialogue(3)
+    header, turn = builder.header_ids(d), builder.turn_ids(d.utterances[0])
+    state = tagger.new_state(d)
+    n = state.cache_len
+    assert 10 < n < len(header) and header[:n] == tagger.prefix.ids[:n] and state.pending == header[n:]
+    assert state.cache.get_seq_length() == n
+    feed, _ = state.prepare(turn)
+    assert feed == header[n:] + turn
+    assert tagger.prefix.start(header[:4] + [header[4] + 1] + header[5:])[1] == 4
+    assert tagger.prefix.start([header[0] + 1] + header[1:]) == (None, 0)
 
 
 def test_a_batch_takes_one_turn_per_dialogue(tiny_tokenizer, tiny_model):

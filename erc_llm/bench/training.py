@@ -2,6 +2,8 @@
 measured matmul peak, peak memory, and cost per token against dialogue length (training and decoding).
 
     python eval/bench.py training --meld-dir ../shared/data/meld --iemocap-dir ../shared/data/iemocap
+    python eval/bench.py training --meld-dir ../shared/data/meld --iemocap-dir ../shared/data/iemocap \
+        --model gemma-3-270m,qwen2.5-coder-0.5b --paths after --lengths "" --out eval/results/bench_backbones
 
 *Before* is the original loop (float32 weights, masked sdpa attention, one forward per dialogue:
 ``--dtype float32 --attention sdpa --pack-tokens 0``); *after* is the recipe as configured (``--dtype auto``:
@@ -10,7 +12,8 @@ dialogues packed into one forward; the vectorised LoRA dropout of ``erc_llm.trai
 where the recipe turns it on). Each
 recipe runs as a real ``erc_llm/train.py`` child process for the same steps on the same dialogues;
 tokens/s is the optimisation time only (as ``train_summary.json`` reports it) and peak RSS is the child's
-``VmHWM``. Writes ``bench.json`` and ``bench.md``.
+``VmHWM``. ``--model`` takes several backbones (each recipe as configured, with that ``--model``), measured
+in one run against the same matmul peak. Writes ``bench.json`` and ``bench.md``.
 """
 
 from __future__ import annotations
@@ -46,11 +49,12 @@ PATHS = {"before": ["--dtype", "float32", "--attention", "sdpa", "--pack-tokens"
 RECIPES = {"meld": ("configs/meld.yaml", "meld_dir"), "iemocap": ("configs/iemocap.yaml", "iemocap_dir")}
 
 
-def recipe_run(config: str, data_dir: str, path: str, steps: int, work: Path, threads: int) -> dict:
+def recipe_run(config: str, data_dir: str, path: str, steps: int, work: Path, threads: int, model: str) -> dict:
     """One training child process for ``steps`` optimizer steps; tokens/s, labels/s, seconds, peak RSS."""
 
     out = work / f"{Path(config).stem}_{path}"
     cmd = [sys.executable, str(REPO / "erc_llm" / "train.py"), "--config", str(REPO / config), "--data-dir", data_dir,
+           "--model", model,
            "--out", str(out), "--overwrite", "true", "--max-steps", str(steps), "--eval-every", str(10 * steps),
            "--eval-dialogues", "1", "--save-every", str(10 * steps), "--test-eval", "false",
            "--threads", str(threads), *PATHS[path]]
@@ -116,28 +120,39 @@ def length_scaling(model_name: str, data_dir: str, lengths: list[int], reps: int
     return rows[1:]
 
 
+def backbone_rows(name: str, args, paths: list[str], threads: int, work: Path) -> dict:
+    """Every recipe on one backbone, each path a training child; GFLOP/s from the backbone's FLOPs per token."""
+    model, tok, _ = load_backbone(name)
+    rows = {}
+    for recipe, (config, attr) in RECIPES.items():
+        data_dir = getattr(args, attr)
+        per_token = train_flops_per_token(model, int(avg_tokens(config, data_dir, tok)))
+        r = {path: recipe_run(config, data_dir, path, args.steps, work / name, threads, name) for path in paths}
+        for path in paths:
+            r[path]["gflop_per_second"] = r[path]["tokens_per_second"] * per_token / 1e9
+        if len(paths) == 2:
+            r["speedup"] = r["after"]["tokens_per_second"] / r["before"]["tokens_per_second"]
+        r["peak_rss_gb"] = r[paths[-1]]["peak_rss_gb"]
+        r["train_gflop_per_token"] = per_token / 1e9
+        rows[recipe] = r
+    return rows
+
+
 def run(args) -> dict:
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    model, tok, manifest = load_backbone(args.model)
+    models = [m for m in args.model.split(",") if m]
+    paths = [p for p in PATHS if p in args.paths.split(",")]
     result = {"command": "python eval/bench.py training " + " ".join(args.argv), "threads": threads,
-              "machine": machine(), "model": manifest.get("name"),
+              "machine": machine(), "models": models, "paths": paths,
               "hardware": {"matmul_fp32_gflops": matmul_peak(torch.float32),
                            "matmul_bf16_gflops": matmul_peak(torch.bfloat16)},
               "training": {}}
     with tempfile.TemporaryDirectory(prefix="erc_llm_bench_") as work:
-        for name, (config, attr) in RECIPES.items():
-            data_dir = getattr(args, attr)
-            per_token = train_flops_per_token(model, int(avg_tokens(config, data_dir, tok)))
-            r = {path: recipe_run(config, data_dir, path, args.steps, Path(work), threads) for path in PATHS}
-            for path in PATHS:
-                r[path]["gflop_per_second"] = r[path]["tokens_per_second"] * per_token / 1e9
-            r["speedup"] = r["after"]["tokens_per_second"] / r["before"]["tokens_per_second"]
-            r["peak_rss_gb"] = r["after"]["peak_rss_gb"]
-            r["train_gflop_per_token"] = per_token / 1e9
-            result["training"][name] = r
-    del model
-    result["length_scaling"] = length_scaling(args.model, args.iemocap_dir, [int(x) for x in args.lengths.split(",")])
+        for name in models:
+            result["training"][name] = backbone_rows(name, args, paths, threads, Path(work))
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    result["length_scaling"] = length_scaling(models[0], args.iemocap_dir, lengths) if lengths else []
     return result
 
 
@@ -206,22 +221,27 @@ def render_decoding(r: dict) -> str:
 
 def render(r: dict) -> str:
     hw = r["hardware"]
-    lines = [f"# Training throughput ({r['model']})", "", f"Command: `{r['command']}` — {r['machine']}, "
+    lines = [f"# Training throughput ({', '.join(r['models'])})", "", f"Command: `{r['command']}` — {r['machine']}, "
              f"{r['threads']} threads. Measured matmul peak: fp32 {hw['matmul_fp32_gflops']:.0f} GFLOP/s, bf16 "
              f"{hw['matmul_bf16_gflops']:.0f} GFLOP/s.", "",
              "Before: float32 weights, masked sdpa attention, one forward per dialogue. After: the recipe's "
              "config (bfloat16 weights where native with the adapters under bf16 autocast, block attention, "
              "packed dialogues, vectorised LoRA dropout; `activation_checkpointing` as the recipe sets it).", "",
-             "| recipe | path | weights | tokens/s | labels/s | GFLOP/s | % of fp32 peak | % of bf16 peak | peak RSS GB | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, t in r["training"].items():
-        for path in PATHS:
-            s = t[path]
-            weights = s["dtype"] + (" + activation checkpointing" if s.get("activation_checkpointing") else "")
-            lines.append(f"| {name} | {path} | {weights} | {s['tokens_per_second']:.0f} | {s['labels_per_second']:.1f} | "
-                         f"{s['gflop_per_second']:.0f} | {100 * s['gflop_per_second'] / hw['matmul_fp32_gflops']:.0f}% | "
-                         f"{100 * s['gflop_per_second'] / hw['matmul_bf16_gflops']:.0f}% | {s['peak_rss_gb']:.2f} | "
-                         + (f"**{t['speedup']:.2f}x** |" if path == "after" else "1.00x |"))
+             "| backbone | recipe | path | weights | GFLOP/token | tokens/s | labels/s | GFLOP/s | % of fp32 peak | "
+             "% of bf16 peak | peak RSS GB | speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model, recipes in r["training"].items():
+        for name, t in recipes.items():
+            for path in r["paths"]:
+                s = t[path]
+                weights = s["dtype"] + (" + activation checkpointing" if s.get("activation_checkpointing") else "")
+                speedup = "1.00x" if path == "before" else f"**{t['speedup']:.2f}x**" if "speedup" in t else "-"
+                lines.append(f"| {model} | {name} | {path} | {weights} | {t['train_gflop_per_token']:.2f} | "
+                             f"{s['tokens_per_second']:.0f} | {s['labels_per_second']:.1f} | {s['gflop_per_second']:.0f} | "
+                             f"{100 * s['gflop_per_second'] / hw['matmul_fp32_gflops']:.0f}% | "
+                             f"{100 * s['gflop_per_second'] / hw['matmul_bf16_gflops']:.0f}% | {s['peak_rss_gb']:.2f} | "
+                             f"{speedup} |")
+    if not r["length_scaling"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "## Cost per token against dialogue length (synthetic dialogues of real IEMOCAP utterances, "
               "no truncation)", "", "| turns | tokens | train before tok/s | train after tok/s | decode tok/s |",
               "|---|---|---|---|---|"]
@@ -258,11 +278,16 @@ def decoding_main(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     p = _parser("eval/bench.py training", __doc__.split("\n\n")[0])
-    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--model", default="gemma-3-270m", help="backbone(s), comma-separated: each runs every recipe")
+    p.add_argument("--paths", default="before,after", help="which of before,after to run")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per recipe and path")
     p.add_argument("--lengths", default="10,50,100,200")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
+    unknown = set(args.paths.split(",")) - set(PATHS)
+    if unknown or not args.model.strip(","):
+        p.error(f"--paths {args.paths!r} / --model {args.model!r}: expected paths from {list(PATHS)} and one or "
+                "more backbones")
     args.argv = argv
     result = run(args)
     return _save(args.out, "bench", result, render(result))

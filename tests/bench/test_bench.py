@@ -108,3 +108,20 @@ def test_stages_bench_times_the_adapter_alone_and_the_stages_on_the_same_split(t
     assert result["speed_ratio"] == pytest.approx(staged["utterances_per_second"] / alone["utterances_per_second"])
     assert sorted(p.name for p in out.iterdir()) == [".erc-llm-output.json", "results.json", "table.md"]
     assert "of the adapter's utterances/s" in (out / "table.md").read_text()
+
+
+def test_training_bench_table_has_a_row_per_backbone_recipe_and_path():
+    """Several backbones in one run share the machine's measured peak: each gets its own rows and % of peak."""
+    from erc_llm.bench.training import main as training_main
+    from erc_llm.bench.training import render
+
+    row = {"dtype": "bfloat16", "tokens_per_second": 300.0, "labels_per_second": 10.0, "gflop_per_second": 420.0,
+           "peak_rss_gb": 3.0}
+    recipes = {"meld": {"after": row, "peak_rss_gb": 3.0, "train_gflop_per_token": 1.4}}
+    r = {"models": ["small", "large"], "paths": ["after"], "command": "c", "machine": "m", "threads": 2,
+         "hardware": {"matmul_fp32_gflops": 210.0, "matmul_bf16_gflops": 840.0},
+         "training": {"small": recipes, "large": recipes}, "length_scaling": []}
+    rows = [line for line in render(r).splitlines() if line.startswith("| small") or line.startswith("| large")]
+    assert len(rows) == 2 and all("| 50% |" in line and "| 200% |" in line for line in rows)
+    with pytest.raises(SystemExit):
+        training_main(["--meld-dir", ".", "--iemocap-dir", ".", "--paths", "during"])
