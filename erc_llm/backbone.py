@@ -300,13 +300,19 @@ def clean_stale_work(models: Path) -> None:
             continue
 
 
-ONEDNN_CACHE_CAPACITY = 16  # see load_for_training
+ONEDNN_CACHE_CAPACITY = 16  # see load_backbone
 
 
 def load_backbone(name: str = DEFAULT_MODEL, dtype: str = "float32", cache: Path | None = None):
     """Load ``(model, tokenizer, manifest)`` for inference; ``dtype`` is auto (:func:`resolve_dtype`), float32 or
     bfloat16; the manifest's ``compute_dtype`` says which one runs."""
     dtype = resolve_dtype(dtype)
+    # oneDNN keeps one bf16 matmul primitive (with its scratch memory) per distinct shape, up to 1,024 by default;
+    # decoding changes the token count every step, so the cache grows into the peak memory (MELD test, bfloat16:
+    # 1.55 GB with the default, 1.38 GB at 16, no slower). Training keeps the default: a step's forward and backward
+    # use more than 16 shapes, and re-creating them costs 15% of MELD training tokens/s. A value the user set is
+    # kept; read before oneDNN's first primitive in the process.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
     model, tok, manifest = load_for_training(name, dtype, "none", cache)
     model.eval()
     return model, tok, {**manifest, "compute_dtype": dtype}
@@ -320,11 +326,6 @@ def load_for_training(name: str, dtype: str = "float32", quant: str = "none", ca
     import torch  # loads torch; importing this module must not
     from transformers import AutoModelForCausalLM, AutoTokenizer  # loads torch; importing this module must not
 
-    # oneDNN keeps one bf16 matmul primitive (with its scratch memory) per distinct shape, up to 1,024 by default;
-    # decoding changes the token count every step, so the cache grows into the peak memory (MELD test, bfloat16:
-    # 1.55 GB with the default, 1.38 GB at 16, no slower). A value the user set is kept; read before oneDNN's
-    # first primitive in the process.
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
     path, manifest = prepare_model(name, cache)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     tok = AutoTokenizer.from_pretrained(path)

@@ -112,12 +112,15 @@ def test_auto_dtype_follows_the_cpu(monkeypatch):
     assert backbone.resolve_dtype("auto") == "float32"
 
 
-def test_loading_bounds_onednn_primitive_cache_unless_the_user_set_it(tiny_model_dir, monkeypatch):
+def test_inference_loading_bounds_onednn_primitive_cache_unless_the_user_set_it(tiny_model_dir, monkeypatch):
     """Decoding changes the token count every step; oneDNN's default cache of one bf16 primitive per shape then
-    grows into the peak memory. Loading sets a small capacity for the process, and keeps a value the user set."""
-    from erc_llm.backbone import ONEDNN_CACHE_CAPACITY, load_backbone
+    grows into the peak memory. Loading for inference sets a small capacity for the process, and keeps a value the
+    user set; loading for training keeps oneDNN's default (a training step uses more shapes than 16)."""
+    from erc_llm.backbone import ONEDNN_CACHE_CAPACITY, load_backbone, load_for_training
 
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    load_for_training(str(tiny_model_dir))
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
     load_backbone(str(tiny_model_dir))
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE_CAPACITY)
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")

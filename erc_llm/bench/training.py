@@ -12,8 +12,9 @@ dialogues packed into one forward; the vectorised LoRA dropout of ``erc_llm.trai
 where the recipe turns it on). Each
 recipe runs as a real ``erc_llm/train.py`` child process for the same steps on the same dialogues;
 tokens/s is the optimisation time only (as ``train_summary.json`` reports it) and peak RSS is the child's
-``VmHWM``. ``--model`` takes several backbones (each recipe as configured, with that ``--model``), measured
-in one run against the same matmul peak. Writes ``bench.json`` and ``bench.md``.
+``VmHWM``. ``--model`` takes several backbones (each recipe as configured, with that ``--model``; a recipe that
+starts from an adapter of another backbone starts from a fresh one), measured in one run against the same matmul
+peak. The stages (memory, fusion) are not training and are switched off. Writes ``bench.json`` and ``bench.md``.
 """
 
 from __future__ import annotations
@@ -53,10 +54,13 @@ def recipe_run(config: str, data_dir: str, path: str, steps: int, work: Path, th
     """One training child process for ``steps`` optimizer steps; tokens/s, labels/s, seconds, peak RSS."""
 
     out = work / f"{Path(config).stem}_{path}"
+    recipe = yaml.safe_load((REPO / config).read_text())
+    other = model != recipe.get("model") and recipe.get("init_adapter")  # a start adapter fits its own backbone only
     cmd = [sys.executable, str(REPO / "erc_llm" / "train.py"), "--config", str(REPO / config), "--data-dir", data_dir,
-           "--model", model,
+           "--model", model, *(["--init-adapter", ""] if other else []),
            "--out", str(out), "--overwrite", "true", "--max-steps", str(steps), "--eval-every", str(10 * steps),
            "--eval-dialogues", "1", "--save-every", str(10 * steps), "--test-eval", "false",
+           "--memory", "false", "--memory-codec", "fp16", "--fusion", "false",  # the stages are not training
            "--threads", str(threads), *PATHS[path]]
     wall, hwm = run_child(cmd)
     summary = json.loads((out / "train_summary.json").read_text())
