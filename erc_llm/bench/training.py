@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from erc_llm.attention import register
-from erc_llm.backbone import load_backbone, load_for_training, resolve_dtype
+from erc_llm.backbone import load_for_training, resolve_dtype
 from erc_llm.bench.harness import evaluate_in_child, forward_flops, machine, matmul_peak, run_child, synthetic
 from erc_llm.config import TrainConfig
 from erc_llm.data import load_split
@@ -100,7 +100,8 @@ def length_scaling(model_name: str, data_dir: str, lengths: list[int], reps: int
         if attn == "block":
             m.set_attn_implementation(register())
         models[path] = (wrap_lora(m, TrainConfig(data_dir=".").lora_options()).train(), tok)
-    dec, tok, _ = load_backbone(model_name, resolve_dtype("auto"))
+    dec, tok, _ = load_for_training(model_name, resolve_dtype("auto"))  # load_backbone would bound oneDNN's cache
+    dec.eval()
     for n in [lengths[0], *lengths]:  # the first pass warms up (allocator, kernels) and is not reported
         d = synthetic(dialogues, n)
         b = PromptBuilder(tok, labels, max_tokens=1_000_000)
@@ -126,7 +127,7 @@ def length_scaling(model_name: str, data_dir: str, lengths: list[int], reps: int
 
 def backbone_rows(name: str, args, paths: list[str], threads: int, work: Path) -> dict:
     """Every recipe on one backbone, each path a training child; GFLOP/s from the backbone's FLOPs per token."""
-    model, tok, _ = load_backbone(name)
+    model, tok, _ = load_for_training(name)  # not load_backbone: its oneDNN setting would reach the children
     rows = {}
     for recipe, (config, attr) in RECIPES.items():
         data_dir = getattr(args, attr)
