@@ -20,10 +20,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from erc_llm.bench.harness import machine, write_results
+from erc_llm.bench.harness import machine, matmul_peak, write_results
 from erc_llm.bench.inference import full_test
 from erc_llm.io import claim_output
 
@@ -77,10 +78,13 @@ def main() -> int:
     for c in corpora:
         for r in c["rows"]:
             r["command"] = r["command"].replace(str(work), "OUT")
+    peaks = {"matmul_fp32_gflops": matmul_peak(torch.float32), "matmul_bf16_gflops": matmul_peak(torch.bfloat16)}
     res = {"command": "python eval/dtype_compare.py " + " ".join(sys.argv[1:]), "corpora": corpora,
-           "machine": machine()}
+           "machine": machine(), "hardware": peaks}
     return write_results(out, res, "float32 and --dtype auto, whole test splits",
-                         f"Machine: {res['machine']}; one evaluation after another in one run.", table(res))
+                         f"Machine: {res['machine']}; one evaluation after another in one run; measured matmul peak "
+                         f"fp32 {peaks['matmul_fp32_gflops']:.0f} / bf16 {peaks['matmul_bf16_gflops']:.0f} GFLOP/s "
+                         "(the bound on the bf16 speed-up).", table(res))
 
 
 if __name__ == "__main__":
