@@ -20,11 +20,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from erc_llm.bench.harness import machine, matmul_peak, write_results
+from erc_llm.bench.harness import machine, matmul_peaks, write_results
 from erc_llm.bench.inference import full_test
 from erc_llm.io import claim_output
 
@@ -78,7 +77,7 @@ def main() -> int:
     for c in corpora:
         for r in c["rows"]:
             r["command"] = r["command"].replace(str(work), "OUT")
-    peaks = {"matmul_fp32_gflops": matmul_peak(torch.float32), "matmul_bf16_gflops": matmul_peak(torch.bfloat16)}
+    peaks = matmul_peaks()
     res = {"command": "python eval/dtype_compare.py " + " ".join(sys.argv[1:]), "corpora": corpora,
            "machine": machine(), "hardware": peaks}
     return write_results(out, res, "float32 and --dtype auto, whole test splits",

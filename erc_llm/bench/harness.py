@@ -34,6 +34,11 @@ def matmul_peak(dtype=torch.float32, n: int = 2048, reps: int = 8) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def matmul_peaks() -> dict:
+    """The machine's measured fp32 and bf16 matmul peaks (GFLOP/s), as every benchmark record reports them."""
+    return {"matmul_fp32_gflops": matmul_peak(torch.float32), "matmul_bf16_gflops": matmul_peak(torch.bfloat16)}
+
+
 def forward_flops(model, tokens: int) -> float:
     """FLOPs of one prefill of ``tokens`` tokens through the body (linear layers + attention; no LM head)."""
     cfg = model.config

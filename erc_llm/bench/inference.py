@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from erc_llm.backbone import DEFAULT_MODEL, load_for_training
-from erc_llm.bench.harness import evaluate_in_child, forward_flops, machine, matmul_peak, synthetic, write_results
+from erc_llm.bench.harness import evaluate_in_child, forward_flops, machine, matmul_peaks, synthetic, write_results
 from erc_llm.config import TrainConfig
 from erc_llm.data import MELD_LABELS, load_split
 from erc_llm.data.schema import Dialogue
@@ -276,8 +276,7 @@ def main(argv: list[str]) -> int:
         "command": "python eval/bench.py " + " ".join(argv),
         "machine": machine(), "threads": torch.get_num_threads(),
         "model": manifest.get("name"), "run": args.run or None,
-        "hardware": {"matmul_fp32_gflops": matmul_peak(torch.float32), "matmul_bf16_gflops": matmul_peak(torch.bfloat16),
-                     "forward": {"fp32": forward_rate(m32, ids), "bf16": forward_rate(m16, ids)}},
+        "hardware": {**matmul_peaks(), "forward": {"fp32": forward_rate(m32, ids), "bf16": forward_rate(m16, ids)}},
         "eval": compare_eval(models, sample),
         "scaling": scaling(models, test, [int(x) for x in args.lengths.split(",")]),
     }

@@ -32,7 +32,7 @@ import yaml
 
 from erc_llm.attention import register
 from erc_llm.backbone import load_for_training, resolve_dtype
-from erc_llm.bench.harness import evaluate_in_child, forward_flops, machine, matmul_peak, run_child, synthetic
+from erc_llm.bench.harness import evaluate_in_child, forward_flops, machine, matmul_peaks, run_child, synthetic
 from erc_llm.config import TrainConfig
 from erc_llm.data import load_split
 from erc_llm.decoding import StreamingTagger
@@ -150,8 +150,7 @@ def run(args) -> dict:
     paths = [p for p in PATHS if p in args.paths.split(",")]
     result = {"command": "python eval/bench.py training " + " ".join(args.argv), "threads": threads,
               "machine": machine(), "models": models, "paths": paths,
-              "hardware": {"matmul_fp32_gflops": matmul_peak(torch.float32),
-                           "matmul_bf16_gflops": matmul_peak(torch.bfloat16)},
+              "hardware": matmul_peaks(),
               "training": {}}
     with tempfile.TemporaryDirectory(prefix="erc_llm_bench_") as work:
         for name in models:
