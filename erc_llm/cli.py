@@ -24,6 +24,7 @@ from erc_llm.backbone import (
     verify_cache,
 )
 from erc_llm.config import BaselineConfig, EvalConfig, StagesConfig
+from erc_llm.constants import SERVE_MAX_BATCH
 from erc_llm.data import label_counts, load_split
 from erc_llm.data.meld import download_meld
 from erc_llm.errors import run_command
@@ -305,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in LIMIT_FLAGS.items():
         sv.add_argument(f"--{name}", type=float if name == "idle-minutes" else int, default=None,
                         help=f"{field[1]} (default {field[2]})")
-    sv.add_argument("--max-batch", type=int, default=16, help="turns of different dialogues scored in one forward "
+    sv.add_argument("--max-batch", type=int, default=SERVE_MAX_BATCH, help="turns of different dialogues scored in one forward "
                     "(1 = one turn at a time)")
     sv.add_argument("--batch-window-ms", type=float, default=2.0, help="how long the first waiting turn waits for "
                     "others to join its forward (under load turns queue anyway)")

@@ -12,6 +12,7 @@ FINETUNE_MODES = ("lora", "full")  # erc_llm.training.finetune: a PEFT adapter, 
 FULL_WEIGHTS = "finetuned.safetensors"  # a fully fine-tuned run's weights, in its adapter/ folder
 HISTORY_MODES = ("predicted", "gold")  # what a decoder writes into earlier turns' slots
 DECODE_BATCH = 16  # dialogues in flight in batch decoding (evaluate's --batch default, dev passes, stages)
+SERVE_MAX_BATCH = 64  # turns per batched forward in serve: a full round of 50 concurrent dialogues fits one
 CHECKPOINT_DIR = "checkpoint"  # a training run's resumable state (erc_llm.training.checkpoint)
 
 

@@ -37,6 +37,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from erc_llm.constants import SERVE_MAX_BATCH
 from erc_llm.data.schema import DataError
 from erc_llm.palette import colours
 from erc_llm.session import Engine, ERCSession
@@ -357,7 +358,7 @@ def json_errors_protocol():
 
 def serve(run: str | None, host: str, port: int, model: str = "", threads: int = 0, dtype: str = "auto",
           zero_shot: bool = False, stages: bool = True, limits: Limits | None = None, batch_window_ms: float = 2.0,
-          max_batch: int = 16) -> None:
+          max_batch: int = SERVE_MAX_BATCH) -> None:
     """``max_batch`` 1 scores one turn per forward (serialised); more lets concurrent dialogues share forwards."""
     engine = Engine.load(run or None, model=model, threads=threads, dtype=dtype, zero_shot=zero_shot, stages=stages)
     if max_batch > 1:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from erc_llm import audio as A
+from erc_llm.constants import SERVE_MAX_BATCH
 from erc_llm.data.jsonl import parse_dialogue
 from erc_llm.data.schema import DataError, Dialogue, LabelSet, Utterance
 from erc_llm.data.text import normalize_speaker, normalize_text
@@ -58,7 +59,7 @@ class Batcher:
     for the answer), so every dialogue's turns keep their order. Under load the window costs nothing: turns
     queue while a forward runs and go together in the next one."""
 
-    def __init__(self, window_ms: float = 2.0, max_batch: int = 16):
+    def __init__(self, window_ms: float = 2.0, max_batch: int = SERVE_MAX_BATCH):
         if window_ms < 0 or max_batch < 1:
             raise ValueError(f"batching window {window_ms} ms / max batch {max_batch}: expected >= 0 ms and >= 1 turn")
         self.window, self.max_batch = window_ms / 1000, max_batch
@@ -144,7 +145,7 @@ class Engine:
                    p.stages if stages else None, p.spec.dataset if p.spec else "", p.dtype,
                    prefix=SharedPrefix(p.model, p.builder.shared_header_ids()))
 
-    def start_batching(self, window_ms: float = 2.0, max_batch: int = 16) -> None:
+    def start_batching(self, window_ms: float = 2.0, max_batch: int = SERVE_MAX_BATCH) -> None:
         """Score the turns of concurrent sessions in batched forwards (see :class:`Batcher`); for servers."""
         if self.batcher is None:
             self.batcher = Batcher(window_ms, max_batch)

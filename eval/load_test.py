@@ -1,7 +1,7 @@
 """Load test of `erc-llm serve` on loopback: for each server setting, concurrent clients replay MELD test dialogues
 turn by turn over HTTP for a fixed time; reports turn requests/s, p50/p95/p99 latency per turn and failures.
 
-    python eval/load_test.py --data-dir ../shared/data/meld --clients 1,10,50 --max-batch 1,16 --think-ms 0,2460
+    python eval/load_test.py --data-dir ../shared/data/meld --clients 1,10,50 --max-batch 1,64 --think-ms 0,2460
 
 ``--max-batch 1`` is the serialised server (one turn per forward), larger values let concurrent dialogues share
 forwards (``erc_llm.session.Batcher``). Each setting starts its own server in a child process on a free port,
@@ -124,7 +124,7 @@ def main() -> int:
     p.add_argument("--run", default="", help="run folder or shipped name (default: the shipped model)")
     p.add_argument("--dialogues", type=int, default=200, help="MELD test dialogues the clients replay")
     p.add_argument("--clients", default="1,10,50", help="comma-separated client counts")
-    p.add_argument("--max-batch", default="1,16", help="comma-separated server settings (1 = serialised)")
+    p.add_argument("--max-batch", default="1,64", help="comma-separated server settings (1 = serialised)")
     p.add_argument("--window-ms", type=float, default=2.0, help="the server's --batch-window-ms")
     p.add_argument("--dtype", default="auto", help="the server's --dtype")
     p.add_argument("--seconds", type=float, default=30.0, help="how long each client count runs")

@@ -90,7 +90,7 @@ def test_serve_flags_set_every_limit(monkeypatch):
     main(["serve", "--max-dialogues-per-client", "3", "--turns-per-minute", "7", "--idle-minutes", "2"])
     assert (seen["limits"].max_dialogues_per_client, seen["limits"].turns_per_minute) == (3, 7)
     assert seen["limits"].idle_seconds == 120 and seen["limits"].max_dialogues == 200
-    assert seen["batching"] == (2.0, 16) and seen["dtype"] == "auto"  # batched, fast path by default
+    assert seen["batching"] == (2.0, 64) and seen["dtype"] == "auto"  # batched, fast path by default
     main(["serve", "--max-batch", "1", "--batch-window-ms", "0", "--dtype", "float32"])
     assert seen["batching"] == (0.0, 1) and seen["dtype"] == "float32"
     with pytest.raises(SystemExit, match="--max-batch 0"):
