@@ -25,9 +25,11 @@ import secrets
 import threading
 import time
 from collections import deque
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import anyio.to_thread
 import h11
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
@@ -45,6 +47,7 @@ from erc_llm.stages import describe
 from erc_llm.uploads import parse, to_csv, to_jsonl
 
 STATIC = Path(__file__).parent / "static"
+OTHER_WORKERS = 40  # worker threads for requests other than waiting turns (anyio's default pool size)
 
 
 @dataclass
@@ -195,7 +198,17 @@ class BodyLimit:
 
 def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
-    app = FastAPI(title="erc-llm", description="Emotion recognition in conversation: label turns as they arrive.")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # a turn waiting for its batched forward holds a worker thread: with anyio's default pool (40 threads) no
+        # forward could take more than 40 turns, however many dialogues are waiting
+        if engine.batcher is not None:
+            anyio.to_thread.current_default_thread_limiter().total_tokens = engine.batcher.max_batch + OTHER_WORKERS
+        yield
+
+    app = FastAPI(title="erc-llm", description="Emotion recognition in conversation: label turns as they arrive.",
+                  lifespan=lifespan)
     store = Dialogues(engine, limits)
     app.state.dialogues = store
 

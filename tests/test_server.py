@@ -304,3 +304,18 @@ def test_any_speaker_name_round_trips_through_its_id(client):
     r = client.post(f"/dialogues/{key}/turns", json={"speaker": "AC/DC", "text": "Highway!"}).json()
     got = client.get(f"/dialogues/{key}/speakers/{r['speaker_id']}").json()
     assert got["speaker"] == "AC/DC" and got["turns"] == 1
+
+
+def test_one_forward_takes_more_turns_than_the_default_worker_pool(tiny_model_dir):
+    """50 dialogues each send a turn at once to a server batching up to 50: all 50 go into one forward. With the
+    framework's default pool of 40 worker threads, 10 turns could not even reach the batching engine."""
+    engine = Engine.load(None, model=str(tiny_model_dir), labels=LABELS, zero_shot=True)
+    engine.start_batching(window_ms=20_000, max_batch=50)  # the forward starts when 50 turns are waiting
+    with TestClient(create_app(engine, Limits(max_dialogues=60, max_dialogues_per_client=60))) as c:
+        keys = [c.post("/dialogues", json={}).json()["id"] for _ in range(50)]
+        with ThreadPoolExecutor(50) as pool:
+            codes = list(pool.map(lambda k: c.post(f"/dialogues/{k}/turns", json={"speaker": "Ann", "text": "hi"})
+                                  .status_code, keys))
+        sizes = c.get("/health").json()["batching"]["forwards_by_batch_size"]
+    engine.batcher.close()
+    assert codes == [200] * 50 and sizes == {"50": 1}
