@@ -242,6 +242,7 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
                 "dtype": engine.dtype, "batching": None if b is None else {
                     "window_ms": b.window * 1000, "max_batch": b.max_batch,
                     "forwards_by_batch_size": {str(k): v for k, v in sorted(b.sizes.items())}},
+                "forward_seconds": round(engine.forward_seconds, 3),
                 "open_dialogues": len(store.items), "stages": describe(st.settings if st is not None else None),
                 "calibrated": st is not None and st.settings.get("temperature", 1.0) != 1.0,
                 "audio_features": list(spec.names) if spec is not None else None,

@@ -65,6 +65,7 @@ class Batcher:
         self.window, self.max_batch = window_ms / 1000, max_batch
         self.queue: queue.Queue = queue.Queue()
         self.sizes: Counter = Counter()  # batch size -> forwards run (what /health reports)
+        self.busy = 0.0  # seconds spent in forwards
         self.thread = threading.Thread(target=self._run, name="erc-llm-batcher", daemon=True)
         self.thread.start()
 
@@ -99,12 +100,15 @@ class Batcher:
     def _run(self) -> None:
         while (batch := self._take()) is not None:
             self.sizes[len(batch)] += 1
+            t = time.perf_counter()
             try:
                 probs = score_batch([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch])
             except BaseException as e:  # every waiting caller gets the error, the worker keeps serving
                 for *_, done in batch:
                     done.set_exception(e)
                 continue
+            finally:
+                self.busy += time.perf_counter() - t
             for (*_, done), p in zip(batch, probs):
                 done.set_result(p)
 
@@ -126,6 +130,7 @@ class Engine:
     lock: threading.Lock = field(default_factory=threading.Lock)  # one forward at a time on the shared model
     batcher: Batcher | None = None  # set by ``start_batching``: concurrent sessions' turns share forwards
     prefix: SharedPrefix | None = None  # the headers' shared first tokens, in a cache every new dialogue starts from
+    busy: float = 0.0  # seconds spent in one-turn forwards under the lock (the batcher counts its own)
 
     @classmethod
     def load(cls, run: str | Path | None = None, model: str = "", labels: LabelSet | None = None,
@@ -155,7 +160,16 @@ class Engine:
         if self.batcher is not None:
             return self.batcher.score(state, self.builder.turn_ids(utt, note), soft)
         with self.lock:
-            return state.score(utt, note, soft)
+            t = time.perf_counter()
+            try:
+                return state.score(utt, note, soft)
+            finally:
+                self.busy += time.perf_counter() - t
+
+    @property
+    def forward_seconds(self) -> float:
+        """Seconds the model has spent scoring turns since it loaded: over a load, how busy the model was."""
+        return self.busy + (self.batcher.busy if self.batcher is not None else 0.0)
 
     def soft_tokens(self, audio, heard: list | None = None) -> torch.Tensor | None:
         """Soft tokens of one turn: ``audio`` = a wav path (features extracted as in training), a feature

@@ -6,7 +6,8 @@ turn by turn over HTTP for a fixed time; reports turn requests/s, p50/p95/p99 la
 ``--max-batch 1`` is the serialised server (one turn per forward), larger values let concurrent dialogues share
 forwards (``erc_llm.session.Batcher``). Each setting starts its own server in a child process on a free port,
 waits for /health, runs every client count (client *i* starts at dialogue *i* and moves on to the next one when a
-dialogue ends), and stops the server. Writes eval/results/http_load/{results.json,table.md}.
+dialogue ends), and stops the server. Writes eval/results/http_load/{results.json,table.md}. "model busy" is the share of the row's time the model spent
+scoring turns (the server's ``forward_seconds``): near 100%, the forward itself bounds the throughput.
 """
 
 from __future__ import annotations
@@ -106,13 +107,14 @@ def server(args, port: int, max_batch: int) -> subprocess.Popen:
 
 
 def table(res: dict) -> str:
-    lines = ["| server | think ms | clients | turn requests | failed | requests/s | p50 ms | p95 ms | p99 ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| server | think ms | clients | turn requests | failed | requests/s | p50 ms | p95 ms | p99 ms | model busy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         name = "serialised (--max-batch 1)" if r["max_batch"] == 1 else f"batched (--max-batch {r['max_batch']})"
         lines.append(f"| {name} | {r.get('think_ms', 0):.0f} | {r['clients']} | {r['turn_requests']} | {r['failed']} "
                      f"| {r['requests_per_second']:.2f} "
-                     f"| {r.get('p50_ms', 0):.0f} | {r.get('p95_ms', 0):.0f} | {r.get('p99_ms', 0):.0f} |")
+                     f"| {r.get('p50_ms', 0):.0f} | {r.get('p95_ms', 0):.0f} | {r.get('p99_ms', 0):.0f} "
+                     f"| {100 * r['model_busy']:.0f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,8 +151,10 @@ def main() -> int:
             measure(base, dialogues, 1, 3.0)  # warm-up: first forwards allocate and tune kernels
             for think in [float(x) for x in args.think_ms.split(",")]:
                 for n in [int(x) for x in args.clients.split(",")]:
-                    rows.append({"max_batch": mb, "think_ms": think,
-                                 **measure(base, dialogues, n, args.seconds, args.participants, think / 1000)})
+                    busy = httpx.get(base + "/health", timeout=10).json()["forward_seconds"]
+                    row = measure(base, dialogues, n, args.seconds, args.participants, think / 1000)
+                    busy = httpx.get(base + "/health", timeout=10).json()["forward_seconds"] - busy
+                    rows.append({"max_batch": mb, "think_ms": think, **row, "model_busy": busy / row["wall_seconds"]})
                     print(table({"rows": rows[-1:]}).splitlines()[-1], flush=True)
             health[str(mb)] = httpx.get(base + "/health", timeout=10).json().get("batching")
         finally:

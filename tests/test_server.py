@@ -39,7 +39,9 @@ def test_happy_path(client):
     body = r.json()
     assert body["label"] in LABELS.labels and set(body["probabilities"]) == set(LABELS.labels)
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    busy = client.get("/health").json()["forward_seconds"]
     client.post(f"/dialogues/{key}/turns", json={"speaker": "Monica", "text": "Why?"})
+    assert client.get("/health").json()["forward_seconds"] > busy > 0  # how long the model has spent scoring
     t = client.get(f"/dialogues/{key}").json()
     assert [x["speaker"] for x in t["turns"]] == ["Ross", "Monica"] and t["participants"] == ["Ross", "Rachel", "Monica"]
     assert client.get(f"/dialogues/{key}/speakers/0").json()["turns"] == 1  # Ross: the first participant
@@ -316,6 +318,7 @@ def test_one_forward_takes_more_turns_than_the_default_worker_pool(tiny_model_di
         with ThreadPoolExecutor(50) as pool:
             codes = list(pool.map(lambda k: c.post(f"/dialogues/{k}/turns", json={"speaker": "Ann", "text": "hi"})
                                   .status_code, keys))
-        sizes = c.get("/health").json()["batching"]["forwards_by_batch_size"]
+        health = c.get("/health").json()
     engine.batcher.close()
-    assert codes == [200] * 50 and sizes == {"50": 1}
+    assert codes == [200] * 50 and health["batching"]["forwards_by_batch_size"] == {"50": 1}
+    assert health["forward_seconds"] > 0
