@@ -1,9 +1,12 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from erc_llm.cli import main
-from tests.conftest import write_jsonl_dataset
+from tests.conftest import REPO, write_jsonl_dataset
 
 
 def test_evaluate_command_end_to_end(tmp_path, tiny_model_dir, capsys):
@@ -115,3 +118,17 @@ def test_evaluate_and_chat_print_no_warnings(tmp_path, tiny_model_dir):
         said = (r.stdout + r.stderr).lower()
         assert not [ln for ln in said.splitlines() if "warn" in ln or "deprecat" in ln or "traceback" in ln], said
     assert "weighted f1" in runs[0].stdout.lower() and "ross" in runs[1].stdout.lower()
+
+
+@pytest.mark.parametrize("argv, preset, expected", [
+    (["serve"], None, "PASSIVE"),  # request threads get the cycles OpenMP workers would spin away
+    (["evaluate"], None, None),  # batch decoding keeps OpenMP's default: it is faster there
+    (["serve"], "ACTIVE", "ACTIVE"),  # a user's own setting wins
+])
+def test_serve_stops_openmp_workers_spinning_before_torch_loads(argv, preset, expected):
+    code = ("import os, sys; sys.argv = ['erc-llm'] + sys.argv[1:]; import erc_llm.cli; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": preset} if preset else {})
+    out = subprocess.run([sys.executable, "-c", code, *argv], env=env, cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [str(expected), "False"]  # set (or left alone) before torch, and with it OpenMP, has loaded
