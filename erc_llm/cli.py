@@ -12,9 +12,9 @@ from pathlib import Path
 
 if sys.argv[1:2] == ["serve"]:
     # A server's request threads share the cores with torch's OpenMP workers, which by default spin between
-    # parallel regions and take the cycles that reading requests and writing answers need (measured: about 1.5x the
-    # throughput of either server at 50 clients without the spinning; batch evaluation is faster with it, so only
-    # serve changes it). GNU OpenMP reads this once, when torch loads it: here, before anything imports torch.
+    # parallel regions and take the cycles that reading requests and writing answers need (docs/benchmarks.md: 1.4x
+    # the batched server's throughput at 50 clients without the spinning; batch evaluation is faster with it, so
+    # only serve changes it). GNU OpenMP reads this once, when torch loads it: here, before anything imports torch.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from erc_llm.audio import extract_dir
