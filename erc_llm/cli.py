@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-if sys.argv[1:2] == ["serve"]:
+if next((a for a in sys.argv[1:] if not a.startswith("-")), "") == "serve":  # the command, after any -v
     # A server's request threads share the cores with torch's OpenMP workers, which by default spin between
     # parallel regions and take the cycles that reading requests and writing answers need (docs/benchmarks.md: 1.4x
     # the batched server's throughput at 50 clients without the spinning; batch evaluation is faster with it, so
@@ -313,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in LIMIT_FLAGS.items():
         sv.add_argument(f"--{name}", type=float if name == "idle-minutes" else int, default=None,
                         help=f"{field[1]} (default {field[2]})")
-    sv.add_argument("--max-batch", type=int, default=SERVE_MAX_BATCH, help="turns of different dialogues scored in one forward "
-                    "(1 = one turn at a time)")
+    sv.add_argument("--max-batch", type=int, default=SERVE_MAX_BATCH,
+                    help="turns of different dialogues scored in one forward (1 = one turn at a time)")
     sv.add_argument("--batch-window-ms", type=float, default=2.0, help="how long the first waiting turn waits for "
                     "others to join its forward (under load turns queue anyway)")
     sv.set_defaults(func=_serve)

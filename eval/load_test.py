@@ -6,8 +6,9 @@ turn by turn over HTTP for a fixed time; reports turn requests/s, p50/p95/p99 la
 ``--max-batch 1`` is the serialised server (one turn per forward), larger values let concurrent dialogues share
 forwards (``erc_llm.session.Batcher``). Each setting starts its own server in a child process on a free port,
 waits for /health, runs every client count (client *i* starts at dialogue *i* and moves on to the next one when a
-dialogue ends), and stops the server. Writes eval/results/http_load/{results.json,table.md}. "model busy" is the share of the row's time the model spent
-scoring turns (the server's ``forward_seconds``): near 100%, the forward itself bounds the throughput.
+dialogue ends), and stops the server. Writes eval/results/http_load/{results.json,table.md}. "model busy" is the
+share of the row's time the model spent scoring turns (the server's ``forward_seconds``): near 100%, the forward
+itself bounds the throughput.
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def server(args, port: int, max_batch: int) -> subprocess.Popen:
 
 
 def table(res: dict) -> str:
-    lines = ["| server | think ms | clients | turn requests | failed | requests/s | p50 ms | p95 ms | p99 ms | model busy |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| server | think ms | clients | turn requests | failed | requests/s | p50 ms | p95 ms | p99 ms "
+             "| model busy |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         name = "serialised (--max-batch 1)" if r["max_batch"] == 1 else f"batched (--max-batch {r['max_batch']})"
         lines.append(f"| {name} | {r.get('think_ms', 0):.0f} | {r['clients']} | {r['turn_requests']} | {r['failed']} "

@@ -124,11 +124,13 @@ def test_evaluate_and_chat_print_no_warnings(tmp_path, tiny_model_dir):
     (["serve"], None, "PASSIVE"),  # request threads get the cycles OpenMP workers would spin away
     (["evaluate"], None, None),  # batch decoding keeps OpenMP's default: it is faster there
     (["serve"], "ACTIVE", "ACTIVE"),  # a user's own setting wins
+    (["-v", "serve", "--port", "9000"], None, "PASSIVE"),
 ])
 def test_serve_stops_openmp_workers_spinning_before_torch_loads(argv, preset, expected):
     code = ("import os, sys; sys.argv = ['erc-llm'] + sys.argv[1:]; import erc_llm.cli; "
             "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": preset} if preset else {})
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env |= {"OMP_WAIT_POLICY": preset} if preset else {}
     out = subprocess.run([sys.executable, "-c", code, *argv], env=env, cwd=REPO, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == [str(expected), "False"]  # set (or left alone) before torch, and with it OpenMP, has loaded
