@@ -27,6 +27,7 @@ from erc_llm.attention import NAME, RoutedCache, Rows, register
 from erc_llm.constants import HISTORY_MODES
 from erc_llm.data.schema import Dialogue, Utterance
 from erc_llm.heads import decoder_hidden, first_token_ids, label_head, pack, packed_slot_logits
+from erc_llm.kvcache import new_cache
 from erc_llm.projector import embed_ids
 from erc_llm.prompting import Piece, PromptBuilder, fit_window
 
@@ -106,7 +107,7 @@ class SharedPrefix:
     """The keys and values of the tokens every dialogue's header starts with (``PromptBuilder.shared_header_ids``:
     BOS, the task line, the label list), computed once and given to every dialogue a decoder starts, so a
     dialogue's first forward carries only its participants and first turn. The tensors are shared, never written:
-    a cache grows by concatenation. Valid while the weights do not change (a decoder lives within one dev pass,
+    every new cache copies them into its own buffers. Valid while the weights do not change (a decoder lives within one dev pass,
     one evaluation or one server)."""
 
     def __init__(self, model, ids: list[int]):
@@ -115,7 +116,7 @@ class SharedPrefix:
         self.kv: list = []
         if self.ids:
             with torch.inference_mode():
-                cache = DynamicCache(config=model.config)
+                cache = new_cache(model.config)
                 decoder_hidden(model, torch.tensor([self.ids], device=model.device), **{CACHE_ARG: cache},
                                use_cache=True)
             self.kv = [_cached(cache, layer) for layer in range(len(cache.layers))]
@@ -129,7 +130,7 @@ class SharedPrefix:
             n += 1
         if not n:
             return None, 0
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(self.model.config)
         for layer, (k, v) in enumerate(self.kv):
             cache.update(k[:, :, :n], v[:, :, :n], layer)
         return cache, n
@@ -208,7 +209,8 @@ class StreamState:
 
     def _fresh_cache(self) -> list[int]:
         """Start the cache again (holding the shared prefix, if any); returns the header tokens still to feed."""
-        self.cache, self.cache_len = self.prefix.start(self.header) if self.prefix is not None else (None, 0)
+        cache, self.cache_len = self.prefix.start(self.header) if self.prefix is not None else (None, 0)
+        self.cache = cache if cache is not None else new_cache(self.model.config)
         return self.header[self.cache_len:]
 
     def replay(self, utt: Utterance, label: str, note: str = "", soft: torch.Tensor | None = None) -> None:
@@ -272,7 +274,7 @@ def score_batch(states: list["StreamState"], turns: list[list[int]], softs: list
     prepared = [st.prepare(t, s) for st, t, s in zip(states, turns, softs)]
     for st in states:
         if st.cache is None:
-            st.cache = DynamicCache(config=model.config)
+            st.cache = new_cache(model.config)
     cfg, dev = model.config, model.device
     types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
     widths = [len(f) for f, _ in prepared]

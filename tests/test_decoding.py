@@ -252,7 +252,7 @@ def test_a_batch_takes_one_turn_per_dialogue(tiny_tokenizer, tiny_model):
     state.score_ids(turns[0])  # scored, not committed
     with pytest.raises(RuntimeError, match="without commit"):
         score_batch([other, state], turns)
-    assert other._turn is None and other.cache is None  # refused before anything changed
+    assert other._turn is None and other.cache.get_seq_length() == 0  # refused before anything changed
 
 
 def test_continuous_batching_keeps_the_forward_full_and_yields_dialogues_as_they_finish(tiny_tokenizer, tiny_model,
