@@ -16,7 +16,7 @@ LAYERS = [
     ("data", {"erc_llm.data", "erc_llm.data.schema", "erc_llm.data.jsonl", "erc_llm.data.meld", "erc_llm.data.iemocap"}),
     ("config", {"erc_llm.config"}),
     ("inputs", {"erc_llm.prompting", "erc_llm.audio", "erc_llm.backbone", "erc_llm.speakers", "erc_llm.uploads"}),
-    ("model", {"erc_llm.projector", "erc_llm.attention", "erc_llm.heads"}),
+    ("model", {"erc_llm.projector", "erc_llm.attention", "erc_llm.heads", "erc_llm.kvcache"}),
     ("decoding and stages", {"erc_llm.decoding", "erc_llm.stages"}),
     ("run", {"erc_llm.run", "erc_llm.metrics"}),
     ("use", {"erc_llm.evaluate", "erc_llm.session", "erc_llm.export"}),
