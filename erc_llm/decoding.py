@@ -107,8 +107,8 @@ class SharedPrefix:
     """The keys and values of the tokens every dialogue's header starts with (``PromptBuilder.shared_header_ids``:
     BOS, the task line, the label list), computed once and given to every dialogue a decoder starts, so a
     dialogue's first forward carries only its participants and first turn. The tensors are shared, never written:
-    every new cache copies them into its own buffers. Valid while the weights do not change (a decoder lives within one dev pass,
-    one evaluation or one server)."""
+    every new cache copies them into its own buffers. Valid while the weights do not change (a decoder lives within
+    one dev pass, one evaluation or one server)."""
 
     def __init__(self, model, ids: list[int]):
         window = getattr(model.config, "sliding_window", None)
@@ -246,8 +246,6 @@ class StreamState:
 
 def _cached(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The keys and values a state's cache holds for ``layer`` (None while empty)."""
-    if cache is None:
-        return None
     c = cache.layers[layer]
     return (c.keys, c.values) if getattr(c, "is_initialized", False) and c.keys.numel() else None
 
@@ -272,9 +270,6 @@ def score_batch(states: list["StreamState"], turns: list[list[int]], softs: list
     if model.config._attn_implementation != NAME:
         model.set_attn_implementation(register())
     prepared = [st.prepare(t, s) for st, t, s in zip(states, turns, softs)]
-    for st in states:
-        if st.cache is None:
-            st.cache = new_cache(model.config)
     cfg, dev = model.config, model.device
     types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
     widths = [len(f) for f, _ in prepared]
