@@ -1,8 +1,7 @@
 """What turns an adapter's slot state into the final label distribution: a nearest-neighbour memory of the
 training slots, late fusion with a classical text + audio classifier, and a calibration temperature.
 
-Each stage is fitted on a run's train split after the adapter is selected, its settings chosen on dev only
-(the memory's and the fusion's together, over every combination of the grids; the temperature after them),
+Each stage is fitted on a run's train split after the adapter is selected, its settings chosen on dev only,
 and saved in the run folder (``stages/``, no pickle: a faiss index, ``.npz`` arrays and JSON) with the settings
 in ``run.json`` (``RunSpec.stages``). For one turn, with ``p_llm`` the constrained decoder's distribution:
 
@@ -414,27 +413,24 @@ def fit_classifier(train: list[Dialogue], gold: np.ndarray, table, spec, audio_c
                       encoder_name)
 
 
-def choose_settings(dev: SplitInputs, memory: Memory | None, clf: np.ndarray | None,
-                    grid=(NEIGHBOURS, MEMORY_TEMPERATURES, LAMBDAS, FUSION_WEIGHTS)) -> tuple[dict, list]:
-    """The memory's (k, temperature, λ) and the fusion weight w with the best dev weighted F1 of the fused
-    distribution, chosen together: the memory settings that are best alone are often not the best under fusion.
-    Ties: smaller λ, smaller w, larger k, smaller temperature. Returns the choice and every scored row."""
+def choose_memory(memory: Memory, dev: SplitInputs, grid=(NEIGHBOURS, MEMORY_TEMPERATURES, LAMBDAS)) -> tuple[dict, list]:
+    """(k, temperature, λ) with the best dev weighted F1 (ties: smaller λ, larger k, smaller temperature)."""
     scored = dev.gold >= 0
-    gold = dev.gold[scored]
-    neighbours = [(None, None, None)] if memory is None else [
-        (k, t, memory.distribution(dev.states, k, t)[scored]) for k, t in itertools.product(grid[0], grid[1])]
-    llm = dev.llm[scored]
-    fused = log_clip(clf[scored]) if clf is not None else None
     rows = []
-    for k, t, knn in neighbours:
-        for lam in grid[2] if memory is not None else (0.0,):
-            base = log_clip(llm if knn is None else (1 - lam) * llm + lam * knn)
-            for w in grid[3] if clf is not None else (0.0,):
-                f1 = weighted_f1(gold, base if fused is None else base + w * fused)  # argmax of the log-mixture
-                rows.append({"k": k, "temperature": t, "lambda": lam, "weight": w, "dev_weighted_f1": f1})
-    best = max(rows, key=lambda g: (g["dev_weighted_f1"], -g["lambda"], -g["weight"], g["k"] or 0,
-                                    -(g["temperature"] or 0)))
-    return best, rows
+    for k, t in itertools.product(grid[0], grid[1]):
+        knn = memory.distribution(dev.states, k, t)
+        for lam in grid[2]:
+            f1 = weighted_f1(dev.gold[scored], ((1 - lam) * dev.llm + lam * knn)[scored])
+            rows.append({"k": k, "temperature": t, "lambda": lam, "dev_weighted_f1": f1})
+    best = max(rows, key=lambda g: (g["dev_weighted_f1"], -g["lambda"], g["k"], -g["temperature"]))
+    return {"k": best["k"], "temperature": best["temperature"], "lambda": best["lambda"]}, rows
+
+
+def choose_fusion_weight(gold: np.ndarray, base: np.ndarray, clf: np.ndarray, weights=FUSION_WEIGHTS) -> tuple[float, list]:
+    scored = gold >= 0
+    curve = [{"weight": w, "dev_weighted_f1": weighted_f1(gold[scored], softmax(log_clip(base) + w * log_clip(clf))[scored])}
+             for w in weights]
+    return max(curve, key=lambda c: (c["dev_weighted_f1"], -c["weight"]))["weight"], curve
 
 
 def stage_report(gold: np.ndarray, steps: dict[str, np.ndarray]) -> dict:
@@ -528,21 +524,20 @@ def fit(p, data: dict[str, list[Dialogue]], opts) -> tuple[Stages, dict]:
     settings: dict = {"chosen_on": "dev"}
     report: dict = {}
     stages = Stages(settings)
+    mem = {s: None for s in inputs}
     if opts.memory:
         train = inputs["train"]
         keep = train.gold >= 0
         stages.memory = Memory.fit(train.states[keep], train.gold[keep], n_labels, opts.memory_codec)
+        chosen, report["memory_grid"] = choose_memory(stages.memory, inputs["dev"])
+        settings["memory"] = {**chosen, "slots": int(keep.sum()), "codec": opts.memory_codec}
+        mem = {s: stages.memory_probs(i.states) for s, i in inputs.items()}
     clf = {s: None for s in inputs}
     if opts.fusion:
         clf, report["classifier"] = _fit_fusion(stages, data, inputs, opts)
-    chosen, report["grid"] = choose_settings(inputs["dev"], stages.memory, clf["dev"])
-    mem = {s: None for s in inputs}
-    if opts.memory:
-        settings["memory"] = {"k": chosen["k"], "temperature": chosen["temperature"], "lambda": chosen["lambda"],
-                              "slots": int(keep.sum()), "codec": opts.memory_codec}
-        mem = {s: stages.memory_probs(i.states) for s, i in inputs.items()}
-    if opts.fusion:
-        settings["fusion"] = {"weight": chosen["weight"], "audio_source": opts.fusion_audio_source,
+        base = combine(inputs["dev"].llm, mem["dev"], None, settings)["memory"]
+        weight, report["fusion_curve"] = choose_fusion_weight(inputs["dev"].gold, base, clf["dev"])
+        settings["fusion"] = {"weight": weight, "audio_source": opts.fusion_audio_source,
                               "audio_dir": str(Path(opts.fusion_audio_dir).resolve()) if opts.fusion_audio_dir else "",
                               "audio_context": opts.fusion_audio_context, "text_encoder": opts.fusion_text_encoder,
                               "stage_stats": opts.stage_stats}

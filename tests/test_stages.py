@@ -68,41 +68,6 @@ def test_combine_mixes_memory_then_fuses_then_calibrates():
     assert S.combine(llm, None, None, {})["calibrated"][0] == pytest.approx(llm[0])
 
 
-def _dev_fixture(seed: int = 0):
-    """A memory of 400 training slots and a dev split whose adapter, memory and classifier each carry some signal."""
-    rng = np.random.default_rng(seed)
-    n_labels, hidden = 4, 16
-    centres = rng.normal(size=(n_labels, hidden))
-
-    def split(n):
-        gold = rng.integers(0, n_labels, n)
-        states = centres[gold] + 1.5 * rng.normal(size=(n, hidden))
-        llm = rng.dirichlet(np.ones(n_labels), n) * 0.7 + 0.3 * np.eye(n_labels)[gold] * rng.random((n, 1))
-        clf = rng.dirichlet(np.ones(n_labels), n) * 0.8 + 0.2 * np.eye(n_labels)[gold]
-        return gold, states, llm / llm.sum(1, keepdims=True), clf
-
-    gold, states, _, _ = split(400)
-    memory = S.Memory.fit(states, gold, n_labels)
-    gold, states, llm, clf = split(200)
-    return memory, S.SplitInputs(gold, llm, states), clf
-
-
-def test_memory_and_fusion_settings_are_chosen_together_on_what_combine_gives():
-    memory, dev, clf = _dev_fixture()
-    chosen, rows = S.choose_settings(dev, memory, clf)
-    assert len(rows) == len(S.NEIGHBOURS) * len(S.MEMORY_TEMPERATURES) * len(S.LAMBDAS) * len(S.FUSION_WEIGHTS)
-    assert chosen["dev_weighted_f1"] == max(r["dev_weighted_f1"] for r in rows)
-    settings = {"memory": {"lambda": chosen["lambda"]}, "fusion": {"weight": chosen["weight"]}}
-    final = S.combine(dev.llm, memory.distribution(dev.states, chosen["k"], chosen["temperature"]), clf, settings)
-    assert S.weighted_f1(dev.gold, final["fusion"]) == pytest.approx(chosen["dev_weighted_f1"])  # what runs is what was scored
-    # memory first and the fusion weight after it, as the best memory alone would have it, scores lower here
-    alone = max((r for r in rows if r["weight"] == 0.0), key=lambda r: r["dev_weighted_f1"])
-    after = max(r["dev_weighted_f1"] for r in rows if all(r[x] == alone[x] for x in ("k", "temperature", "lambda")))
-    assert chosen["dev_weighted_f1"] > after + 1.0
-    assert S.choose_settings(dev, None, None)[1] == [{"k": None, "temperature": None, "lambda": 0.0, "weight": 0.0,
-                                                       "dev_weighted_f1": S.weighted_f1(dev.gold, dev.llm)}]
-
-
 def test_listener_uses_only_turns_heard_so_far():
     from erc_llm.projector import AudioSpec
 
