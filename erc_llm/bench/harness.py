@@ -68,6 +68,7 @@ def vm_hwm_kb(pid: int) -> int:
 
 
 def machine() -> str:
+    """The CPU, its cores, the vector kernels torch runs on it (AVX2, AVX512, ...) and its native bf16, if any."""
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
@@ -75,7 +76,7 @@ def machine() -> str:
         cpu = "unknown CPU"
 
     bf16 = {"amx_bf16": "AMX", "avx512_bf16": "avx512_bf16"}.get(native_bf16_cpu(), "no native bf16")
-    return f"{cpu}, {os.cpu_count()} cores, {bf16}"
+    return f"{cpu}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()} kernels, {bf16}"
 
 
 def synthetic(dialogues: list[Dialogue], length: int) -> Dialogue:

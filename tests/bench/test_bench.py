@@ -125,3 +125,15 @@ def test_training_bench_table_has_a_row_per_backbone_recipe_and_path():
     assert len(rows) == 2 and all("| 50% |" in line and "| 200% |" in line for line in rows)
     with pytest.raises(SystemExit):
         training_main(["--meld-dir", ".", "--iemocap-dir", ".", "--paths", "during"])
+
+
+def test_matmul_peaks_measure_emulated_bf16_on_a_small_product(monkeypatch):
+    from erc_llm.bench import harness
+
+    calls = []
+    monkeypatch.setattr(harness, "matmul_peak", lambda dtype, n=2048, reps=8: calls.append((dtype, n)) or 1.0)
+    monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: False)
+    for native in (None, "avx512_bf16"):
+        monkeypatch.setattr(harness, "native_bf16_cpu", lambda native=native: native)
+        harness.matmul_peaks()
+    assert calls == [(torch.float32, 2048), (torch.bfloat16, 512), (torch.float32, 2048), (torch.bfloat16, 2048)]
