@@ -40,7 +40,8 @@ def matmul_peaks() -> dict:
     seconds instead of minutes."""
     native = native_bf16_cpu() is not None or torch.cuda.is_available()
     return {"matmul_fp32_gflops": matmul_peak(torch.float32),
-            "matmul_bf16_gflops": matmul_peak(torch.bfloat16, n=2048 if native else 512, reps=8 if native else 2)}
+            "matmul_bf16_gflops": matmul_peak(torch.bfloat16, n=2048 if native else 512, reps=8 if native else 2),
+            "bf16_native": native}
 
 
 def forward_flops(model, tokens: int) -> float:

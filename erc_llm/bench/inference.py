@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from erc_llm.backbone import DEFAULT_MODEL, load_for_training
+from erc_llm.backbone import DEFAULT_MODEL, load_for_training, native_bf16_cpu
 from erc_llm.bench.harness import evaluate_in_child, forward_flops, machine, matmul_peaks, synthetic, write_results
 from erc_llm.config import TrainConfig
 from erc_llm.data import MELD_LABELS, load_split
@@ -264,6 +265,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--full-test", action="store_true", help="also evaluate all of MELD test (fp32 and bf16) end to end")
     p.add_argument("--out", default="eval/results/bench")
     args = p.parse_args(argv)
+    if native_bf16_cpu() is None:
+        print("warning: this CPU has no native bf16 (no AMX / avx512_bf16): the bf16 rows run emulated, about 100x "
+              "slower than float32, and on a real backbone take hours; `erc-llm evaluate` (--dtype auto = float32 "
+              "here) gives this machine's speed", file=sys.stderr)
     torch.set_num_threads(threads())
     test, _, _ = load_split("meld", "test", args.data_dir)
     train, _, _ = load_split("meld", "train", args.data_dir)

@@ -161,13 +161,13 @@ def run(args) -> dict:
 
 
 def evaluate_child(args: list[str], out: Path) -> dict:
-    """``erc-llm evaluate ARGS --out OUT --dtype bfloat16`` as a child process: the model it scored, wall time,
-    utterances/s, weighted F1, peak RSS (the child's ``VmHWM``)."""
+    """``erc-llm evaluate ARGS --out OUT`` (``--dtype auto``, what a user runs) as a child process: the model it
+    scored, the dtype it ran in, wall time, utterances/s, weighted F1, peak RSS (the child's ``VmHWM``)."""
 
-    m, wall, peak, _ = evaluate_in_child([*args, "--dtype", "bfloat16"], out)
-    return {"model": m["model"], "utterances": m["utterances"], "seconds": wall,
+    m, wall, peak, _ = evaluate_in_child(args, out)
+    return {"model": m["model"], "dtype": m["dtype"], "utterances": m["utterances"], "seconds": wall,
             "utterances_per_second": m["utterances_per_second"], "weighted_f1": m.get("weighted_f1"), "peak_rss_gb": peak,
-            "command": "erc-llm evaluate " + " ".join(args) + " --dtype bfloat16 --out OUT"}
+            "command": "erc-llm evaluate " + " ".join(args) + " --out OUT"}
 
 
 def long_dialogue_dir(data_dir: str, turns: int, work: Path) -> Path:
@@ -185,7 +185,7 @@ def long_dialogue_dir(data_dir: str, turns: int, work: Path) -> Path:
 
 def decoding(args) -> dict:
     """Batch evaluation speed: MELD test (the shipped model) and IEMOCAP test (``--iemocap-run``) through
-    ``erc-llm evaluate`` in bf16, and one synthetic dialogue per ``--turns`` length (IEMOCAP utterances, the
+    ``erc-llm evaluate`` at ``--dtype auto``, and one synthetic dialogue per ``--turns`` length (IEMOCAP utterances, the
     IEMOCAP run; transcripts truncated at the run's token budget) to show time proportional to length."""
     result = {"command": "python eval/bench.py decoding " + " ".join(args.argv), "machine": machine(), "corpora": {}}
     with tempfile.TemporaryDirectory(prefix="erc_llm_bench_") as tmp:
@@ -210,7 +210,9 @@ def decoding(args) -> dict:
 
 def render_decoding(r: dict) -> str:
     c = r["corpora"]
-    lines = ["# Batch evaluation speed", "", f"Command: `{r['command']}` — {r['machine']}; bf16, packed, one process.", "",
+    dtypes = sorted({x.get("dtype", "bfloat16") for x in [*c.values(), *r["long_dialogue"]]})
+    lines = ["# Batch evaluation speed", "", f"Command: `{r['command']}` — {r['machine']}; {' / '.join(dtypes)}, "
+             "packed, one process.", "",
              "| corpus | model | utterances | seconds | utterances/s | weighted F1 | peak RSS GB |",
              "|---|---|---|---|---|---|---|"]
     for name, x in c.items():
@@ -221,6 +223,11 @@ def render_decoding(r: dict) -> str:
     for x in r["long_dialogue"]:
         lines.append(f"| {x['turns']} | {x['seconds']:.0f} | {x['seconds_per_turn']:.3f} | {x['peak_rss_gb']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def bf16_share(gflops: float, hw: dict) -> str:
+    """Achieved GFLOP/s as a share of the bf16 matmul peak; '-' where bf16 is emulated (the share would mislead)."""
+    return f"{100 * gflops / hw['matmul_bf16_gflops']:.0f}%" if hw.get("bf16_native", True) else "- (no native bf16)"
 
 
 def render(r: dict) -> str:
@@ -242,7 +249,7 @@ def render(r: dict) -> str:
                 lines.append(f"| {model} | {name} | {path} | {weights} | {t['train_gflop_per_token']:.2f} | "
                              f"{s['tokens_per_second']:.0f} | {s['labels_per_second']:.1f} | {s['gflop_per_second']:.0f} | "
                              f"{100 * s['gflop_per_second'] / hw['matmul_fp32_gflops']:.0f}% | "
-                             f"{100 * s['gflop_per_second'] / hw['matmul_bf16_gflops']:.0f}% | {s['peak_rss_gb']:.2f} | "
+                             f"{bf16_share(s['gflop_per_second'], hw)} | {s['peak_rss_gb']:.2f} | "
                              f"{speedup} |")
     if not r["length_scaling"]:
         return "\n".join(lines) + "\n"

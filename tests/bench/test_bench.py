@@ -123,6 +123,9 @@ def test_training_bench_table_has_a_row_per_backbone_recipe_and_path():
          "training": {"small": recipes, "large": recipes}, "length_scaling": []}
     rows = [line for line in render(r).splitlines() if line.startswith("| small") or line.startswith("| large")]
     assert len(rows) == 2 and all("| 50% |" in line and "| 200% |" in line for line in rows)
+    r["hardware"] = {"matmul_fp32_gflops": 210.0, "matmul_bf16_gflops": 2.5, "bf16_native": False}  # AVX2 only
+    emulated = [line for line in render(r).splitlines() if line.startswith("| small")][0]
+    assert "| 200% |" in emulated and "| - (no native bf16) |" in emulated
     with pytest.raises(SystemExit):
         training_main(["--meld-dir", ".", "--iemocap-dir", ".", "--paths", "during"])
 
