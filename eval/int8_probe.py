@@ -95,7 +95,7 @@ def main() -> int:
     out = claim_output(args.out, "results", inputs=[args.data_dir])
     if args.threads:
         torch.set_num_threads(args.threads)
-    dialogues, labels, _ = load_split("meld", "test", args.data_dir)
+    dialogues, _, _ = load_split("meld", "test", args.data_dir)
     dialogues = dialogues[:args.dialogues] if args.dialogues else dialogues
     gold = [u.emotion for d in dialogues for u in d.utterances]
     predictor = load(SHIPPED, dtype="float32")

@@ -135,7 +135,6 @@ def test_matmul_peaks_measure_emulated_bf16_on_a_small_product(monkeypatch):
 
     calls = []
     monkeypatch.setattr(harness, "matmul_peak", lambda dtype, n=2048, reps=8: calls.append((dtype, n)) or 1.0)
-    monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: False)
     for native in (None, "avx512_bf16"):
         monkeypatch.setattr(harness, "native_bf16_cpu", lambda native=native: native)
         harness.matmul_peaks()
